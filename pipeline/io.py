@@ -1,0 +1,125 @@
+"""File helpers shared by every stage: atomic writes, guarded output folders, image reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; raise :class:`PipelineError` naming the file when it is missing or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found (expected a JSON file)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+
+
+def check_can_write(path: Path, *, force: bool) -> None:
+    """Refuse to replace an existing, non-empty output without ``force``."""
+    path = Path(path)
+    if path.exists() and (path.is_file() or any(path.iterdir())) and not force:
+        raise PipelineError(f"{path}: output already exists; pass --force to replace it")
+
+
+@contextmanager
+def staged_dir(final: Path, *, force: bool) -> Iterator[Path]:
+    """Build a folder's content in a temporary sibling and move it into place at the end.
+
+    Yields the temporary folder. On success the previous ``final`` (if any, allowed only with
+    ``force``) is replaced as a whole; on any exception the temporary folder is removed and
+    ``final`` is untouched, so an interrupted or failed stage leaves no partial output.
+    """
+    final = Path(final)
+    check_can_write(final, force=force)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def read_image(path: Path, *, flags: int | None = None) -> np.ndarray:
+    """Read an image with OpenCV, failing with one line when the file is missing or not decodable.
+
+    Args:
+        path: image file (PNG, JPEG, ...).
+        flags: OpenCV imread flags; default ``IMREAD_UNCHANGED``.
+
+    Returns:
+        ``HxW`` (grey) or ``HxWxC`` (BGR/BGRA) uint8 array, as stored.
+
+    Raises:
+        PipelineError: the file is missing, unreadable or truncated.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found (expected an image)")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED if flags is None else flags) if data.size else None
+    if img is None or not _png_complete(path, data):
+        raise PipelineError(f"{path}: unreadable or truncated image (expected a valid PNG/JPEG)")
+    return img
+
+
+def _png_complete(path: Path, data: np.ndarray) -> bool:
+    """A PNG must end with its IEND chunk; OpenCV decodes some truncated PNGs without error."""
+    if data[:8].tobytes() != b"\x89PNG\r\n\x1a\n":
+        return True
+    return data[-12:].tobytes()[4:8] == b"IEND"
+
+
+def image_size_hw(path: Path) -> tuple[int, int]:
+    """Height and width in pixels of an image file, read from its header (PIL, no decode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable image ({exc})") from None
+    return h, w
