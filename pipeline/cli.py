@@ -32,7 +32,7 @@ _STATE = {"debug": False}
 def echo(msg: str) -> None:
     from rich.console import Console
 
-    Console(highlight=False).print(msg)
+    Console(highlight=False, soft_wrap=True).print(msg)
 
 
 @app.callback()
@@ -106,6 +106,62 @@ def convert_masks(
 
 # ----------------------------------------------------------------------------- YOLO-World (issue 2)
 
+
+def _default_device() -> str:
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+@finetune_app.command("yolo")
+def finetune_yolo(
+    data: Path = typer.Option(..., help="YOLO data.yaml written by convert-masks (annotations/<cat>/yolo/data.yaml)."),
+    model: str = typer.Option("yolov8s-worldv2.pt", help="Weights (path or yolov8s-worldv2.pt) or a model YAML (random init)."),
+    out: Path = typer.Option(Path("runs/yolo"), help="Run folder."),
+    epochs: int = typer.Option(30, help="Training epochs."),
+    imgsz: int = typer.Option(640, help="Training image size (pixels, longest side)."),
+    batch: int = typer.Option(8, help="Batch size."),
+    device: Optional[str] = typer.Option(None, help="cpu, 0, 0,1 ... [default: GPU 0 when present, else cpu]."),
+    seed: int = typer.Option(0, help="Random seed."),
+    workers: int = typer.Option(0, help="Data-loader workers."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow downloading known weights."),
+    resume: bool = typer.Option(False, "--resume", help="Resume an interrupted run from its last.pt."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+) -> None:
+    """Fine-tune YOLO-World (ultralytics) to localise defects; works offline."""
+    from pipeline.detection import train_yolo_world
+
+    run = train_yolo_world(data_yaml=data, model=model, out_dir=out, epochs=epochs, imgsz=imgsz, batch=batch,
+                           device=device, seed=seed, workers=workers, allow_download=allow_download,
+                           resume=resume, force=force)
+    echo(f"run folder: {run} (weights in {run}/weights, metrics in {run}/metrics.json)")
+
+
+@predict_app.command("yolo")
+def predict_yolo(
+    weights: Path = typer.Option(..., help="Trained weights (run folder's weights/best.pt)."),
+    gt: Path = typer.Option(..., help="COCO ground truth of the split to predict (annotations/<cat>/coco/test.json)."),
+    out: Path = typer.Option(..., help="COCO results JSON to write."),
+    imgsz: int = typer.Option(640, help="Inference image size (use the training size)."),
+    conf: float = typer.Option(0.001, help="Minimum score kept (low, so mAP sees the whole PR curve)."),
+    device: Optional[str] = typer.Option(None, help="cpu, 0, ... [default: GPU 0 when present, else cpu]."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+) -> None:
+    """Detect defects on every image of a split; write COCO results (image_id, category_id, bbox, score)."""
+    from pipeline.coco_results import class_index_to_category, detections_to_results, split_images
+    from pipeline.detection import load_class_names, predict_yolo_world
+    from pipeline.io import atomic_write_json, check_can_write, read_json
+
+    check_can_write(out, force=force)
+    gt_data = read_json(gt)
+    images = split_images(gt_data)
+    index_to_cat = class_index_to_category(load_class_names(weights), gt_data, source=weights)
+    dets = predict_yolo_world(weights=weights, images=[p for _, p, _ in images], imgsz=imgsz, conf=conf, device=device)
+    results = detections_to_results(dets, images, index_to_cat)
+    atomic_write_json(out, results, indent=None)
+    echo(f"wrote {len(results)} detections on {len(images)} images to {out}")
+
+
 # ----------------------------------------------------------------------------- SAM (issue 3)
 
 # ----------------------------------------------------------------------------- classifier (issue 4)
@@ -113,6 +169,47 @@ def convert_masks(
 # ----------------------------------------------------------------------------- anomaly (issue 5)
 
 # ----------------------------------------------------------------------------- evaluate / review
+
+
+@app.command("evaluate")
+def evaluate(
+    predictions: List[Path] = typer.Argument(..., help="Prediction files: COCO results JSON, classifier or anomaly JSON."),
+    gt: Optional[Path] = typer.Option(None, help="COCO ground truth of the same split (needed for COCO results)."),
+    out: Path = typer.Option(Path("runs/evaluate"), help="Folder for metrics JSON and plots."),
+) -> None:
+    """Score predictions: COCO mAP (bbox, segm), mask IoU/Dice, classifier and anomaly metrics."""
+    from pipeline.evaluation import evaluate_file
+
+    for pred in predictions:
+        metrics = evaluate_file(pred, gt=gt, out_dir=out)
+        echo(metrics.pop("_summary", ""))
+    echo(f"metrics and plots in {out}")
+
+
+@export_app.command("labelstudio")
+def export_labelstudio(
+    predictions: Path = typer.Argument(..., help="COCO results JSON (a detector's or SAM's predictions)."),
+    gt: Path = typer.Option(..., help="COCO ground truth of the split: image list, sizes, class names."),
+    out: Path = typer.Option(Path("runs/labelstudio"), help="Folder for tasks.json and labeling_config.xml."),
+    min_score: float = typer.Option(0.25, help="Leave out predictions scoring lower."),
+    model_version: str = typer.Option("pipeline", help="Model version shown in Label Studio."),
+    document_root: Optional[Path] = typer.Option(None, help="Label Studio local-files document root [default: parent of the category folder]."),
+    url_prefix: Optional[str] = typer.Option(None, help="Serve images from this URL prefix instead of local files."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output."),
+) -> None:
+    """Write Label Studio tasks with the predictions as pre-annotations, and the matching labeling config."""
+    from pipeline.review import export_tasks
+
+    info = export_tasks(predictions, gt_path=gt, out_dir=out, min_score=min_score, model_version=model_version,
+                        document_root=document_root, url_prefix=url_prefix, force=force)
+    echo(f"wrote {info['n_tasks']} tasks ({info['n_results']} predicted regions) to {info['tasks']}")
+    echo(f"labeling config: {info['config']}")
+    if info.get("document_root"):
+        echo("Label Studio settings: start it with\n"
+             f"  LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={info['document_root']} label-studio start\n"
+             f"then in the project: Settings > Labeling Interface > Code: paste {info['config']}; "
+             f"Settings > Cloud Storage > Add Source Storage > Local files, absolute path {info['storage_path']}; "
+             f"Import: {info['tasks']}")
 
 
 def main() -> None:

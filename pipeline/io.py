@@ -104,6 +104,7 @@ def read_image(path: Path, *, flags: int | None = None) -> np.ndarray:
     """
     import cv2
 
+    _quiet_opencv(cv2)
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: file not found (expected an image)")
@@ -112,6 +113,14 @@ def read_image(path: Path, *, flags: int | None = None) -> np.ndarray:
     if img is None or not _png_complete(path, data):
         raise PipelineError(f"{path}: unreadable or truncated image (expected a valid PNG/JPEG)")
     return img
+
+
+def _quiet_opencv(cv2) -> None:
+    """Silence OpenCV's own warnings (a truncated PNG is reported once, by us, as one line)."""
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # builds without the logging module
+        pass
 
 
 def _png_complete(path: Path, data: np.ndarray) -> bool:
