@@ -54,13 +54,19 @@ def search_dirs() -> list[Path]:
         dirs.append(Path(os.environ["PIPELINE_WEIGHTS"]).expanduser())
     torch_home = Path(os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch"))
     dirs.append(torch_home.expanduser() / "hub" / "checkpoints")
-    try:
-        from ultralytics.utils import SETTINGS  # light enough; only read when resolving
-
-        dirs.append(Path(SETTINGS["weights_dir"]).expanduser())
-    except Exception:  # ultralytics missing or settings unreadable: skip that cache
-        pass
+    dirs.append(_ultralytics_weights_dir())
     return dirs
+
+
+def _ultralytics_weights_dir() -> Path:
+    """ultralytics' ``weights_dir`` setting, read from its settings JSON (no ultralytics import)."""
+    import json
+
+    cfg = Path(os.environ.get("YOLO_CONFIG_DIR", Path.home() / ".config" / "Ultralytics")).expanduser()
+    try:
+        return Path(json.loads((cfg / "settings.json").read_text())["weights_dir"]).expanduser()
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path("weights").resolve()
 
 
 def resolve_weights(name_or_path: str | os.PathLike, *, allow_download: bool = False) -> Path:
