@@ -124,6 +124,8 @@ def finetune_yolo(
     device: Optional[str] = typer.Option(None, help="cpu, 0, 0,1 ... [default: GPU 0 when present, else cpu]."),
     seed: int = typer.Option(0, help="Random seed."),
     workers: int = typer.Option(0, help="Data-loader workers."),
+    optimizer: str = typer.Option("auto", help="auto (ultralytics chooses, ignores --lr0), SGD, AdamW, ..."),
+    lr0: float = typer.Option(0.01, help="Initial learning rate (unless --optimizer auto)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow downloading known weights."),
     resume: bool = typer.Option(False, "--resume", help="Resume an interrupted run from its last.pt."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -132,7 +134,8 @@ def finetune_yolo(
     from pipeline.detection import train_yolo_world
 
     run = train_yolo_world(data_yaml=data, model=model, out_dir=out, epochs=epochs, imgsz=imgsz, batch=batch,
-                           device=device, seed=seed, workers=workers, allow_download=allow_download,
+                           device=device, seed=seed, workers=workers, optimizer=optimizer, lr0=lr0,
+                           allow_download=allow_download,
                            resume=resume, force=force)
     echo(f"run folder: {run} (weights in {run}/weights, metrics in {run}/metrics.json)")
 
@@ -164,9 +167,189 @@ def predict_yolo(
 
 # ----------------------------------------------------------------------------- SAM (issue 3)
 
+
+@finetune_app.command("sam")
+def finetune_sam_cmd(
+    annotations: Path = typer.Argument(..., help="Folder written by convert-masks (annotations/<cat>): reads sam/train.jsonl, sam/val.jsonl."),
+    out: Path = typer.Option(Path("runs/sam"), help="Run folder."),
+    model_type: str = typer.Option("vit_b", help="tiny (random init, smoke runs) | vit_b | vit_l | vit_h."),
+    checkpoint: Optional[str] = typer.Option(None, help="Full SAM checkpoint, name or path (sam_vit_b_01ec64.pth); required for vit_*."),
+    epochs: int = typer.Option(10, help="Epochs."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (cosine schedule to lr * 0.01)."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
+    box_jitter: float = typer.Option(0.0, help="Jitter each box coordinate by up to this many original pixels (0: off)."),
+    mask_loss: str = typer.Option("focal", help="focal (x20) or bce (x1), plus Dice and IoU-head MSE."),
+    loss_resolution: str = typer.Option("lowres", help="lowres (decoder's 256x256 frame, area-pooled soft target) or native (original pixels)."),
+    train_prompt_encoder: bool = typer.Option(False, "--train-prompt-encoder", help="Also train the prompt encoder."),
+    train_image_encoder: bool = typer.Option(False, "--train-image-encoder", help="Also train the image encoder (slow: no embedding cache)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Image-embedding cache [default: $PIPELINE_CACHE/sam-embeddings or ~/.cache/pipeline/sam-embeddings]."),
+    seed: int = typer.Option(0, help="Random seed (order, jitter; tiny model init)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda when present]."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow downloading the official checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt (its stored config)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+) -> None:
+    """Fine-tune SAM's mask decoder on defect components (box -> mask), image embeddings cached on disk."""
+    from pipeline.sam_train import SamTrainConfig, finetune_sam
+
+    train = ("mask_decoder",) + (("prompt_encoder",) if train_prompt_encoder else ()) + (("image_encoder",) if train_image_encoder else ())
+    cfg = SamTrainConfig(
+        train_records=str(Path(annotations) / "sam" / "train.jsonl"), val_records=str(Path(annotations) / "sam" / "val.jsonl"),
+        model_type=model_type, checkpoint=checkpoint, tiny_seed=seed, train=train, epochs=epochs, lr=lr,
+        weight_decay=weight_decay, seed=seed, box_jitter_px=box_jitter, mask_loss=mask_loss, loss_resolution=loss_resolution,
+        cache_dir=str(cache_dir) if cache_dir else None, device=device, allow_download=allow_download)
+    run = finetune_sam(cfg, out, resume=resume, force=force)
+    echo(f"run folder: {run} (best.pt, last.pt, metrics.json, curves.png)")
+
+
+@predict_app.command("sam")
+def predict_sam_cmd(
+    gt: Path = typer.Option(..., help="COCO ground truth of the split (annotations/<cat>/coco/test.json): images, and boxes unless --boxes."),
+    out: Path = typer.Option(Path("runs/sam-predict"), help="Run folder: predictions.json, overlays/, config.yaml."),
+    boxes: Optional[Path] = typer.Option(None, help="A detector's COCO results to prompt with [default: the ground-truth boxes]."),
+    weights: Optional[Path] = typer.Option(None, help="Fine-tuned checkpoint (runs/sam/best.pt); omit for the zero-shot baseline."),
+    model_type: Optional[str] = typer.Option(None, help="tiny | vit_b | vit_l | vit_h (zero-shot; taken from --weights otherwise)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Full SAM checkpoint, name or path [default: the one --weights was trained from]."),
+    min_score: float = typer.Option(0.0, help="Skip detector boxes scoring lower."),
+    overlays: int = typer.Option(8, help="Number of images drawn with predicted (red) vs true (green) masks."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Image-embedding cache [default: as finetune sam]."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda when present]."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Allow downloading the official checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+) -> None:
+    """Predict one mask per box with SAM; write COCO results with RLE masks at the original size."""
+    from pipeline.segmentation import predict_sam
+
+    run = predict_sam(gt=gt, out=out, boxes=boxes, weights=weights, model_type=model_type, checkpoint=checkpoint,
+                      cache_dir=cache_dir, device=device, min_score=min_score, n_overlays=overlays,
+                      allow_download=allow_download, force=force)
+    echo(f"wrote {run}/predictions.json (overlays in {run}/overlays); score it with: pipeline evaluate {run}/predictions.json --gt {gt}")
+
+
 # ----------------------------------------------------------------------------- classifier (issue 4)
 
+
+@finetune_app.command("classifier")
+def finetune_classifier(
+    config: str = typer.Option(..., "--config", "-c", help="YAML path or attempt name (attempt1_resnet18, attempt2_selfattention, attempt3_dropblock, attempt4_gem)."),
+    split: Path = typer.Option(..., "--split", help="Split manifest annotations/<category>/split.json."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/classifier/<config name>)."),
+    task: str = typer.Option("multiclass", "--task", help="multiclass (good + each defect type) or binary (good vs defect)."),
+    weights: str = typer.Option("none", "--weights", help="imagenet (torchvision resnet18-f37072fd.pth from the caches), none (from scratch) or a state-dict path."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Download the ImageNet file when it is nowhere on disk."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Override train.batch_size."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override train.device (auto, cpu, cuda, cuda:N)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Override train.seed."),
+    imgsz: Optional[int] = typer.Option(None, "--imgsz", help="Override data.input_size_hw with a square size."),
+    balance: Optional[str] = typer.Option(None, "--balance", help="Override longtail.balance: none, reweight, resample (Cui et al. 2019)."),
+    feature_rebalance: Optional[bool] = typer.Option(None, "--feature-rebalance/--no-feature-rebalance", help="Override longtail.feature_rebalance (after Xu et al. 2022)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Any other override, dotted: --set model.dropout=0.2 (repeatable)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Category folder, when the data moved since the split was written."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from weights/last.pt."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+) -> None:
+    """Train a ResNet-18 image classifier (one of the four published attempts) on a split manifest."""
+    from pipeline.classification import train_classifier
+    from pipeline.classifier_config import load_config, parse_override
+
+    overrides: dict = {}
+    for text in set_ or []:
+        k, v = parse_override(text)
+        overrides[k] = v
+    for key, value in (("train.epochs", epochs), ("train.batch_size", batch), ("train.device", device), ("train.seed", seed),
+                       ("longtail.balance", balance), ("longtail.feature_rebalance", feature_rebalance)):
+        if value is not None:
+            overrides[key] = value
+    if imgsz is not None:
+        overrides["data.input_size_hw"] = [imgsz, imgsz]
+    cfg = load_config(config, overrides)
+    run_dir = out or Path("runs") / "classifier" / cfg.name
+    result = train_classifier(cfg, split, run_dir, task=task, weights=weights, allow_download=allow_download,
+                              force=force, resume=resume, root=root)
+    val = result.metrics.get("val") or {}
+    if val:
+        echo(f"val accuracy {val.get('accuracy'):.4f}, balanced accuracy {val.get('balanced_accuracy'):.4f} (weights: {result.metrics['weights']})")
+    echo(f"wrote {result.run_dir}")
+
+
+@predict_app.command("classifier")
+def predict_classifier_cmd(
+    run: Path = typer.Option(..., "--run", help="Run folder of 'finetune classifier' or a checkpoint .pt."),
+    split: Path = typer.Option(..., "--split", help="Split manifest annotations/<category>/split.json."),
+    subset: str = typer.Option("test", "--subset", help="Manifest subset to predict: train, val or test."),
+    out: Path = typer.Option(..., "--out", "-o", help="Prediction JSON to write (kind: classification)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Category folder, when the data moved since the split was written."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing prediction file."),
+) -> None:
+    """Predict image-level labels with a trained classifier; writes per-image image/label/scores JSON."""
+    from pipeline.classification import predict_classifier
+
+    path = predict_classifier(run, split, out, subset=subset, device=device, force=force, root=root)
+    echo(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- anomaly (issue 5)
+
+
+@finetune_app.command("anomaly")
+def finetune_anomaly_cmd(
+    category: Optional[Path] = typer.Argument(None, help="Category folder (MVTec AD layout); train/good is the training set."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Split manifest annotations/<category>/split.json (its val split sets the threshold); default: a seed-0 60/20/20 split drawn from CATEGORY."),
+    out: Path = typer.Option(Path("runs/anomaly"), "--out", "-o", help="Run folder to write (model.pt, config.yaml, metrics.json, log.txt)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="wide_resnet50_2, resnet18, efficientnet_lite0 or mobilenet_v2; default the best one whose weights are on disk."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (default: torch cache / $PIPELINE_WEIGHTS, or the installed weights package)."),
+    imgsz: int = typer.Option(224, "--imgsz", help="Square network input side; every image is resized to it (aspect ratio not kept)."),
+    coreset_ratio: float = typer.Option(0.01, "--coreset-ratio", help="Fraction of training patches kept in the memory bank (0.01 default for CPU; the paper uses 0.01-0.25)."),
+    feature_dim: Optional[int] = typer.Option(None, "--feature-dim", help="Reduce patch features to this many channels (adaptive average pooling)."),
+    neighbors: int = typer.Option(9, "--neighbors", help="b of the image-score re-weighting."),
+    batch: int = typer.Option(16, "--batch", help="Images per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random projection and the first coreset centre."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+) -> None:
+    """Fit PatchCore (Roth et al., CVPR 2022) on good images only; choose the threshold on the val split."""
+    from pipeline.anomaly import PatchCoreConfig, fit_run
+
+    if category is None and split is None:
+        raise PipelineError("give the category folder (and optionally --split annotations/<category>/split.json)")
+    if backbone is not None:
+        from pipeline.backbones import SPECS
+
+        if backbone not in SPECS:
+            raise PipelineError(f"unknown backbone {backbone!r} (expected one of {', '.join(SPECS)})")
+    cfg = PatchCoreConfig(backbone=backbone, weights=str(weights) if weights else None, image_size=imgsz,
+                          coreset_ratio=coreset_ratio, feature_dim=feature_dim, num_neighbors=neighbors,
+                          batch_size=batch, seed=seed)
+    m = fit_run(category, out=out, config=cfg, split_path=split, force=force, echo=echo)
+    v = m["val"]
+    echo(f"backbone {m['backbone']}: memory bank {m['memory_bank'][0]} x {m['memory_bank'][1]}, fit {m['fit_seconds']:.1f} s; "
+         f"val image AUROC {v['image_auroc']:.4f}, F1 {v['image_f1']:.4f}")
+    echo(f"wrote {out}")
+
+
+@predict_app.command("anomaly")
+def predict_anomaly_cmd(
+    model: Path = typer.Argument(..., help="model.pt of 'finetune anomaly' (or its run folder)."),
+    category: Optional[Path] = typer.Option(None, "--category", help="Category folder (default: the split's root)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Split manifest; default the split.json saved in the run folder."),
+    subset: str = typer.Option("test", "--subset", help="train, val, test or all."),
+    out: Path = typer.Option(Path("runs/anomaly_predict"), "--out", "-o", help="Folder for predictions.json, maps/, overlays/, coco_results.json."),
+    maps: bool = typer.Option(True, "--maps/--no-maps", help="Save raw float maps (.npy, needed for pixel metrics)."),
+    overlays: int = typer.Option(8, "--overlays", help="Heat-map overlay PNGs to write (0 for none)."),
+    coco: bool = typer.Option(True, "--coco/--no-coco", help="Also write maps thresholded into COCO results (boxes + RLE masks)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Score images with a PatchCore artefact: image score, good/defect decision and anomaly map per image."""
+    from pipeline.anomaly import predict_run
+
+    artefact = model / "model.pt" if model.is_dir() else model
+    if split is None and category is None and (artefact.parent / "split.json").is_file():
+        split = artefact.parent / "split.json"
+    path = predict_run(artefact, out=out, category_dir=category, split_path=split, subset=subset, save_maps=maps,
+                       overlays=overlays, coco=coco, force=force, echo=echo)
+    echo(f"wrote {path}")
+
 
 # ----------------------------------------------------------------------------- evaluate / review
 
@@ -188,28 +371,74 @@ def evaluate(
 
 @export_app.command("labelstudio")
 def export_labelstudio(
-    predictions: Path = typer.Argument(..., help="COCO results JSON (a detector's or SAM's predictions)."),
+    predictions: List[Path] = typer.Argument(..., help="Prediction files: COCO results JSON (detector, SAM; masks from 'segmentation'); classifier/anomaly JSON feed the review order."),
     gt: Path = typer.Option(..., help="COCO ground truth of the split: image list, sizes, class names."),
     out: Path = typer.Option(Path("runs/labelstudio"), help="Folder for tasks.json and labeling_config.xml."),
-    min_score: float = typer.Option(0.25, help="Leave out predictions scoring lower."),
+    min_score: float = typer.Option(0.25, help="Leave out predictions scoring lower; also the threshold of the uncertainty score."),
     model_version: str = typer.Option("pipeline", help="Model version shown in Label Studio."),
-    document_root: Optional[Path] = typer.Option(None, help="Label Studio local-files document root [default: parent of the category folder]."),
+    polygons: bool = typer.Option(False, "--polygons", help="Also give predicted masks as polygons (besides brush masks)."),
+    order: str = typer.Option("image", help="Task order: 'image' (ground-truth order) or 'uncertainty' (least sure first)."),
+    document_root: Optional[Path] = typer.Option(None, help="Label Studio local-files document root (default: parent of the category folder)."),
     url_prefix: Optional[str] = typer.Option(None, help="Serve images from this URL prefix instead of local files."),
+    push: bool = typer.Option(False, "--push", help="Also create/update a project on a Label Studio server (--url) and import the tasks."),
+    url: Optional[str] = typer.Option(None, help="Label Studio server for --push, e.g. http://127.0.0.1:8080."),
+    project: Optional[str] = typer.Option(None, help="Project title for --push (default: 'review <category> <split>')."),
+    token_env: str = typer.Option("LABEL_STUDIO_API_KEY", help="Environment variable holding the API token (never pass the token itself)."),
     force: bool = typer.Option(False, "--force", help="Replace existing output."),
 ) -> None:
-    """Write Label Studio tasks with the predictions as pre-annotations, and the matching labeling config."""
+    """Write Label Studio tasks with the predictions as pre-annotations (boxes, brush masks), and the matching labeling config."""
     from pipeline.review import export_tasks
 
+    if push and not url:
+        raise PipelineError("--push needs --url (the Label Studio server, e.g. http://127.0.0.1:8080)")
+    pushed: dict = {}
+
+    def _push(tasks: list, config_xml: str, title: str) -> None:  # runs before anything is written
+        from pipeline.io import check_can_write
+        from pipeline.labelstudio_client import push_tasks
+
+        check_can_write(out, force=force)
+        pushed.update(push_tasks(tasks, config_xml, url=url, title=project or title, token_env=token_env,
+                                 storage_path=None if url_prefix else _storage_path(gt), source=str(predictions[0])))
+
     info = export_tasks(predictions, gt_path=gt, out_dir=out, min_score=min_score, model_version=model_version,
-                        document_root=document_root, url_prefix=url_prefix, force=force)
-    echo(f"wrote {info['n_tasks']} tasks ({info['n_results']} predicted regions) to {info['tasks']}")
+                        document_root=document_root, url_prefix=url_prefix, polygons=polygons, order=order, force=force,
+                        before_write=_push if push else None)
+    echo(f"wrote {info['n_tasks']} tasks ({info['n_results']} predicted regions, {info['n_masks']} with masks, "
+         f"order: {order}) to {info['tasks']}")
     echo(f"labeling config: {info['config']}")
-    if info.get("document_root"):
+    if pushed:
+        echo(f"{'created' if pushed['created'] else 'updated'} project {pushed['project_url']}: "
+             f"{pushed['n_imported']} tasks imported, {pushed['n_updated']} updated")
+    elif info.get("document_root"):
         echo("Label Studio settings: start it with\n"
              f"  LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={info['document_root']} label-studio start\n"
              f"then in the project: Settings > Labeling Interface > Code: paste {info['config']}; "
              f"Settings > Cloud Storage > Add Source Storage > Local files, absolute path {info['storage_path']}; "
              f"Import: {info['tasks']}")
+
+
+def _storage_path(gt: Path) -> Path:
+    """The category folder of a COCO ground truth (its ``info.image_root``): the Local Storage path."""
+    import json
+
+    return Path(json.loads(Path(gt).read_text()).get("info", {}).get("image_root", "."))
+
+
+@import_app.command("labelstudio")
+def import_labelstudio(
+    export: Path = typer.Argument(..., help="Label Studio JSON export of the reviewed project (Export > JSON)."),
+    config: Path = typer.Option(..., help="The project's labeling config (labeling_config.xml written by 'export labelstudio')."),
+    out: Path = typer.Option(..., help="COCO ground truth file to write, e.g. annotations/bottle/coco/reviewed.json."),
+    image_root: Optional[Path] = typer.Option(None, help="Category folder the images are relative to (default: the tasks' data.image_root)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Turn reviewed Label Studio tasks into COCO ground truth (rectangles -> boxes, brush/polygons -> RLE masks)."""
+    from pipeline.review import import_export
+
+    info = import_export(export, config_path=config, out_path=out, image_root=image_root, force=force)
+    echo(f"wrote {info['n_images']} reviewed images, {info['n_annotations']} annotations to {info['out']}"
+         + (f" ({info['n_unreviewed']} tasks without a submitted annotation left out)" if info["n_unreviewed"] else ""))
 
 
 def main() -> None:

@@ -526,6 +526,8 @@ def train_yolo_world(
     device: str | None = None,
     seed: int = 0,
     workers: int = 0,
+    optimizer: str = "auto",
+    lr0: float = 0.01,
     allow_download: bool = False,
     resume: bool = False,
     force: bool = False,
@@ -548,6 +550,10 @@ def train_yolo_world(
         device: ``"cpu"``, ``"0"``/``"cuda:0"``; ``None`` picks the first GPU, else the CPU.
         seed: seeds Python, NumPy and torch; ultralytics' deterministic mode is on.
         workers: dataloader processes (ultralytics forces 0 on CPU).
+        optimizer: ultralytics optimizer name (``auto``, ``SGD``, ``AdamW``, ...). With ``auto``
+            ultralytics picks the optimizer and learning rate itself and ignores ``lr0``; short
+            fine-tunes from real weights are steadier with e.g. ``AdamW`` and a small ``lr0``.
+        lr0: initial learning rate (used unless ``optimizer="auto"``).
         allow_download: let missing weights (and CLIP weights, when ``clip`` is installed) download.
         resume: continue ``out_dir/weights/last.pt`` with its stored arguments (ultralytics resume).
         force: delete a non-empty ``out_dir`` first.
@@ -574,7 +580,8 @@ def train_yolo_world(
         config = {
             "data_yaml": str(Path(data_yaml).resolve()), "model": str(model), "model_resolved": model_ref,
             "out_dir": str(out_dir), "epochs": int(epochs), "imgsz": int(imgsz), "batch": int(batch),
-            "device": device, "seed": int(seed), "workers": int(workers), "allow_download": bool(allow_download),
+            "device": device, "seed": int(seed), "workers": int(workers), "optimizer": str(optimizer),
+            "lr0": float(lr0), "allow_download": bool(allow_download),
             "resume": bool(resume), "force": bool(force), "names": list(data["names"].values()),
         }
         _write_config(out_dir, config, data, resume=resume)
@@ -612,6 +619,7 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
             "model": config["model_resolved"], "data": str(out_dir / "data.yaml"), "epochs": config["epochs"],
             "imgsz": config["imgsz"], "batch": config["batch"], "device": config["device"],
             "workers": config["workers"], "seed": config["seed"], "deterministic": True,
+            "optimizer": config["optimizer"], "lr0": config["lr0"],
             "project": str(out_dir.parent), "name": out_dir.name, "exist_ok": True,
             "amp": config["device"] != "cpu", "plots": True, "val": True, "cache": False, "verbose": True,
         }

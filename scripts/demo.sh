@@ -6,19 +6,21 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 OUT=runs/demo
-EPOCHS="${EPOCHS:-3}"
+EPOCHS="${EPOCHS:-30}"
 IMGSZ="${IMGSZ:-160}"
-MODEL="${MODEL:-yolov8s-worldv2.yaml}"
+BATCH="${BATCH:-16}"
+# Random init from the model YAML (no weights needed); MODEL=yolov8s-worldv2.pt uses real weights when present.
+MODEL="${MODEL:-yolov8n-worldv2.yaml}"
 if [ $# -ge 1 ]; then
   CATEGORY="$1"
 else
   CATEGORY="$OUT/data/synth"
-  pipeline synth-mvtec "$CATEGORY" --height 192 --width 256 --n-per-defect 12 --n-test-good 10 --force
+  pipeline synth-mvtec "$CATEGORY" --height 120 --width 160 --n-per-defect 40 --n-test-good 20 --force
 fi
 NAME="$(basename "$CATEGORY")"
 pipeline convert-masks "$CATEGORY" --out "$OUT/annotations/$NAME" --force
 pipeline finetune yolo --data "$OUT/annotations/$NAME/yolo/data.yaml" --model "$MODEL" \
-  --epochs "$EPOCHS" --imgsz "$IMGSZ" --batch 8 --out "$OUT/yolo" --force
+  --epochs "$EPOCHS" --imgsz "$IMGSZ" --batch "$BATCH" --out "$OUT/yolo" --force
 pipeline predict yolo --weights "$OUT/yolo/weights/best.pt" --gt "$OUT/annotations/$NAME/coco/test.json" \
   --imgsz "$IMGSZ" --out "$OUT/predictions/yolo_test.json" --force
 pipeline evaluate "$OUT/predictions/yolo_test.json" --gt "$OUT/annotations/$NAME/coco/test.json" --out "$OUT/evaluation"
