@@ -6,7 +6,11 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "pipeline"
 MODEL_MODULES = {"detection", "segmentation", "classification", "anomaly"}
 # a heavy library and the modules allowed to import it
-OWNERS = {"ultralytics": {"detection"}, "segment_anything": {"segmentation", "sam_model", "sam_train"}}
+OWNERS = {
+    "ultralytics": {"detection"},
+    "segment_anything": {"segmentation", "sam_model", "sam_train"},
+    "label_studio_sdk": {"labelstudio_client"},
+}
 
 
 def _imports(path: Path) -> set[str]:
