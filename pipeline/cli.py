@@ -69,7 +69,7 @@ def synth_mvtec(
 @app.command("convert-masks")
 def convert_masks(
     category: Path = typer.Argument(..., help="MVTec AD category folder, e.g. $MVTEC_ROOT/bottle."),
-    out: Optional[Path] = typer.Option(None, help="Output folder [default: annotations/<category>]."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: annotations/<category>)."),
     ratios: str = typer.Option("0.6,0.2,0.2", help="train,val,test fractions of test/ images (stratified)."),
     seed: int = typer.Option(0, help="Split seed."),
     connectivity: int = typer.Option(8, help="Connected-component connectivity: 8 or 4."),
@@ -121,7 +121,7 @@ def finetune_yolo(
     epochs: int = typer.Option(30, help="Training epochs."),
     imgsz: int = typer.Option(640, help="Training image size (pixels, longest side)."),
     batch: int = typer.Option(8, help="Batch size."),
-    device: Optional[str] = typer.Option(None, help="cpu, 0, 0,1 ... [default: GPU 0 when present, else cpu]."),
+    device: Optional[str] = typer.Option(None, help="cpu, 0, 0,1 ... (default: GPU 0 when present, else cpu)."),
     seed: int = typer.Option(0, help="Random seed."),
     workers: int = typer.Option(0, help="Data-loader workers."),
     optimizer: str = typer.Option("auto", help="auto (ultralytics chooses, ignores --lr0), SGD, AdamW, ..."),
@@ -147,7 +147,7 @@ def predict_yolo(
     out: Path = typer.Option(..., help="COCO results JSON to write."),
     imgsz: int = typer.Option(640, help="Inference image size (use the training size)."),
     conf: float = typer.Option(0.001, help="Minimum score kept (low, so mAP sees the whole PR curve)."),
-    device: Optional[str] = typer.Option(None, help="cpu, 0, ... [default: GPU 0 when present, else cpu]."),
+    device: Optional[str] = typer.Option(None, help="cpu, 0, ... (default: GPU 0 when present, else cpu)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing file."),
 ) -> None:
     """Detect defects on every image of a split; write COCO results (image_id, category_id, bbox, score)."""
@@ -182,9 +182,9 @@ def finetune_sam_cmd(
     loss_resolution: str = typer.Option("lowres", help="lowres (decoder's 256x256 frame, area-pooled soft target) or native (original pixels)."),
     train_prompt_encoder: bool = typer.Option(False, "--train-prompt-encoder", help="Also train the prompt encoder."),
     train_image_encoder: bool = typer.Option(False, "--train-image-encoder", help="Also train the image encoder (slow: no embedding cache)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Image-embedding cache [default: $PIPELINE_CACHE/sam-embeddings or ~/.cache/pipeline/sam-embeddings]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Image-embedding cache (default: $PIPELINE_CACHE/sam-embeddings or ~/.cache/pipeline/sam-embeddings)."),
     seed: int = typer.Option(0, help="Random seed (order, jitter; tiny model init)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda when present]."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow downloading the official checkpoint."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt (its stored config)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -206,14 +206,14 @@ def finetune_sam_cmd(
 def predict_sam_cmd(
     gt: Path = typer.Option(..., help="COCO ground truth of the split (annotations/<cat>/coco/test.json): images, and boxes unless --boxes."),
     out: Path = typer.Option(Path("runs/sam-predict"), help="Run folder: predictions.json, overlays/, config.yaml."),
-    boxes: Optional[Path] = typer.Option(None, help="A detector's COCO results to prompt with [default: the ground-truth boxes]."),
+    boxes: Optional[Path] = typer.Option(None, help="A detector's COCO results to prompt with (default: the ground-truth boxes)."),
     weights: Optional[Path] = typer.Option(None, help="Fine-tuned checkpoint (runs/sam/best.pt); omit for the zero-shot baseline."),
     model_type: Optional[str] = typer.Option(None, help="tiny | vit_b | vit_l | vit_h (zero-shot; taken from --weights otherwise)."),
-    checkpoint: Optional[str] = typer.Option(None, help="Full SAM checkpoint, name or path [default: the one --weights was trained from]."),
+    checkpoint: Optional[str] = typer.Option(None, help="Full SAM checkpoint, name or path (default: the one --weights was trained from)."),
     min_score: float = typer.Option(0.0, help="Skip detector boxes scoring lower."),
     overlays: int = typer.Option(8, help="Number of images drawn with predicted (red) vs true (green) masks."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Image-embedding cache [default: as finetune sam]."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [default: cuda when present]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Image-embedding cache (default: as finetune sam)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... (default: cuda when present)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow downloading the official checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ) -> None:
@@ -306,6 +306,8 @@ def finetune_anomaly_cmd(
     neighbors: int = typer.Option(9, "--neighbors", help="b of the image-score re-weighting."),
     batch: int = typer.Option(16, "--batch", help="Images per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random projection and the first coreset centre."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Download a missing torchvision ImageNet file (resnet18, wide_resnet50_2)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ) -> None:
     """Fit PatchCore (Roth et al., CVPR 2022) on good images only; choose the threshold on the val split."""
@@ -321,7 +323,8 @@ def finetune_anomaly_cmd(
     cfg = PatchCoreConfig(backbone=backbone, weights=str(weights) if weights else None, image_size=imgsz,
                           coreset_ratio=coreset_ratio, feature_dim=feature_dim, num_neighbors=neighbors,
                           batch_size=batch, seed=seed)
-    m = fit_run(category, out=out, config=cfg, split_path=split, force=force, echo=echo)
+    m = fit_run(category, out=out, config=cfg, split_path=split, force=force, allow_download=allow_download,
+                device=device, echo=echo)
     v = m["val"]
     echo(f"backbone {m['backbone']}: memory bank {m['memory_bank'][0]} x {m['memory_bank'][1]}, fit {m['fit_seconds']:.1f} s; "
          f"val image AUROC {v['image_auroc']:.4f}, F1 {v['image_f1']:.4f}")
@@ -338,6 +341,7 @@ def predict_anomaly_cmd(
     maps: bool = typer.Option(True, "--maps/--no-maps", help="Save raw float maps (.npy, needed for pixel metrics)."),
     overlays: int = typer.Option(8, "--overlays", help="Heat-map overlay PNGs to write (0 for none)."),
     coco: bool = typer.Option(True, "--coco/--no-coco", help="Also write maps thresholded into COCO results (boxes + RLE masks)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Score images with a PatchCore artefact: image score, good/defect decision and anomaly map per image."""
@@ -347,7 +351,7 @@ def predict_anomaly_cmd(
     if split is None and category is None and (artefact.parent / "split.json").is_file():
         split = artefact.parent / "split.json"
     path = predict_run(artefact, out=out, category_dir=category, split_path=split, subset=subset, save_maps=maps,
-                       overlays=overlays, coco=coco, force=force, echo=echo)
+                       overlays=overlays, coco=coco, force=force, device=device, echo=echo)
     echo(f"wrote {path}")
 
 
@@ -357,16 +361,53 @@ def predict_anomaly_cmd(
 @app.command("evaluate")
 def evaluate(
     predictions: List[Path] = typer.Argument(..., help="Prediction files: COCO results JSON, classifier or anomaly JSON."),
-    gt: Optional[Path] = typer.Option(None, help="COCO ground truth of the same split (needed for COCO results)."),
+    gt: Optional[Path] = typer.Option(None, help="COCO ground truth of the same split (needed for COCO results and for the image-level decision)."),
     out: Path = typer.Option(Path("runs/evaluate"), help="Folder for metrics JSON and plots."),
+    val_predictions: Optional[List[Path]] = typer.Option(None, "--val-predictions", help="The same sources predicted on the val split, in the same order (repeat the option); turns on the image-level good/defect decision with val thresholds and fusion."),
+    val_gt: Optional[Path] = typer.Option(None, "--val-gt", help="COCO ground truth of the val split (annotations/<cat>/coco/val.json)."),
+    l2: float = typer.Option(1.0, "--l2", help="L2 penalty of the logistic-regression fusion."),
 ) -> None:
-    """Score predictions: COCO mAP (bbox, segm), mask IoU/Dice, classifier and anomaly metrics."""
+    """Score predictions: COCO mAP (bbox, segm), mask IoU/Dice, classifier and anomaly metrics.
+
+    With --val-predictions and --val-gt also the image-level good/defect decision of each source and
+    of their fusion (any-source OR, logistic regression): thresholds chosen on val, metrics on the
+    split of --gt; written to OUT/fusion.json (input of 'pipeline report')."""
     from pipeline.evaluation import evaluate_file
 
+    if val_predictions and (val_gt is None or gt is None):
+        raise PipelineError("--val-predictions needs --val-gt (val COCO ground truth) and --gt (ground truth of the evaluated split)")
     for pred in predictions:
         metrics = evaluate_file(pred, gt=gt, out_dir=out)
         echo(metrics.pop("_summary", ""))
+    if val_predictions:
+        from pipeline.fusion import format_table, fuse_files
+        from pipeline.io import atomic_write_json
+
+        result = fuse_files(val_predictions, predictions, val_gt=val_gt, test_gt=gt, l2=l2)
+        result["metrics_files"] = sorted(str(p.resolve()) for p in Path(out).glob("metrics_*.json"))
+        atomic_write_json(Path(out) / "fusion.json", result)
+        echo("image-level good/defect (thresholds from val):")
+        echo(format_table(result))
+        if result["better_fusion"]:
+            echo(f"better fusion: {result['better_fusion']}; best overall: {result['best']}")
     echo(f"metrics and plots in {out}")
+
+
+@app.command("report")
+def report(
+    runs: List[Path] = typer.Argument(..., help="Output folders of 'pipeline evaluate' (fusion.json and/or metrics_*.json), or fusion.json files."),
+    out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="Report folder: report.html, report.json, images/."),
+    gallery: int = typer.Option(6, "--gallery", help="Images per gallery group (most confident errors, least confident correct)."),
+    max_side: int = typer.Option(320, "--max-side", help="Longer side of gallery images in pixels."),
+    title: str = typer.Option("pipeline report", "--title", help="Report title."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
+) -> None:
+    """Write a self-contained HTML report (plus the same numbers as JSON): dataset counts, metrics tables,
+    ROC/PR curves, confusion matrices and a gallery with predictions drawn over the images."""
+    from pipeline.report import build_report
+
+    doc = build_report(runs, out, gallery=gallery, max_side=max_side, force=force, title=title)
+    echo(f"wrote {doc['html']} ({len(doc['images'])} images) and {Path(out) / 'report.json'}")
 
 
 @export_app.command("labelstudio")

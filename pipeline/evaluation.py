@@ -180,7 +180,7 @@ def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path) -> dict
 
     Returns:
         ``{"bbox": {...}, "segm": {...}?, "masks": {...}?}`` (also written to
-        ``out_dir/metrics_<pred stem>.json``).
+        ``out_dir/metrics_<parent>-<stem>.json``, see :func:`result_tag`).
 
     Raises:
         PipelineError: unreadable files, results naming unknown images or categories.
@@ -192,15 +192,23 @@ def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path) -> dict
     check_results(results, gt, pred_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tag = result_tag(pred_path)
     metrics: dict = {"ground_truth": str(gt_path), "predictions": str(pred_path)}
     metrics["bbox"] = coco_eval(gt, [r for r in results if "bbox" in r], iou_type="bbox")
-    plot_pr_curves(metrics["bbox"]["pr_curve_50"], out_dir / f"pr_bbox_{Path(pred_path).stem}.png", title="bbox PR @ IoU 0.5")
+    plot_pr_curves(metrics["bbox"]["pr_curve_50"], out_dir / f"pr_bbox_{tag}.png", title="bbox PR @ IoU 0.5")
     if any("segmentation" in r for r in results):
         metrics["segm"] = coco_eval(gt, results, iou_type="segm")
         metrics["masks"] = mask_iou_dice(gt, results)
-        plot_pr_curves(metrics["segm"]["pr_curve_50"], out_dir / f"pr_segm_{Path(pred_path).stem}.png", title="mask PR @ IoU 0.5")
-    atomic_write_json(out_dir / f"metrics_{Path(pred_path).stem}.json", metrics)
+        plot_pr_curves(metrics["segm"]["pr_curve_50"], out_dir / f"pr_segm_{tag}.png", title="mask PR @ IoU 0.5")
+    atomic_write_json(out_dir / f"metrics_{tag}.json", metrics)
     return metrics
+
+
+def result_tag(pred_path: Path) -> str:
+    """Name for a prediction file's outputs: ``<parent folder>-<stem>`` (``runs/sam-ft/predictions.json``
+    -> ``sam-ft-predictions``), so several runs' files can be scored into one folder."""
+    p = Path(pred_path).resolve()
+    return f"{p.parent.name}-{p.stem}"
 
 
 def prediction_kind(pred_path: Path) -> str:

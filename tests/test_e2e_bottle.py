@@ -70,7 +70,7 @@ def test_predictions_and_metrics_are_valid(run):
         x, y, w, h = p["bbox"]
         assert 0 <= x and 0 <= y and x + w <= img["width"] + 1e-6 and y + h <= img["height"] + 1e-6
         assert 0.0 <= p["score"] <= 1.0 and p["category_id"] in (1, 2, 3)
-    metrics = json.loads((run["tmp"] / "eval/metrics_pred.json").read_text())
+    metrics = json.loads((run["tmp"] / f"eval/metrics_{run['tmp'].name}-pred.json").read_text())
     for k in ("AP", "AP50", "AP75", "AR100"):
         assert 0.0 <= metrics["bbox"][k] <= 1.0
     assert set(metrics["bbox"]["per_class_AP"]) == {"broken large", "broken small", "contamination"}

@@ -34,8 +34,8 @@ def test_ground_truth_as_predictions_scores_one(gt_path, tmp_path):
         assert m[kind]["AR100"] == pytest.approx(1.0)
         assert list(m[kind]["per_class_AP"].values()) == pytest.approx([1.0, 1.0, 1.0])
     assert m["masks"]["mIoU"] == 1.0 and m["masks"]["mDice"] == 1.0 and m["masks"]["pixel_IoU"] == 1.0
-    assert (tmp_path / "ev" / "pr_bbox_gt.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "ev" / "metrics_gt.json").read_text())["bbox"]["AP"] == pytest.approx(1.0)
+    assert (tmp_path / "ev" / f"pr_bbox_{tmp_path.name}-gt.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "ev" / f"metrics_{tmp_path.name}-gt.json").read_text())["bbox"]["AP"] == pytest.approx(1.0)
 
 
 def test_no_predictions_gives_zero_without_crash(gt_path, tmp_path):
