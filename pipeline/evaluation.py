@@ -53,13 +53,16 @@ def check_results(results: list, coco_gt, source: Path) -> None:
             raise PipelineError(f"{source}: result {i} bbox {r['bbox']} (expected [x, y, w, h] with w, h >= 0)")
 
 
-def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox") -> dict:
+def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox", class_agnostic: bool = False) -> dict:
     """Run COCOeval and return its summary numbers, per-class AP and the PR curves at IoU 0.5.
 
     Args:
         coco_gt: a pycocotools ``COCO`` with the ground truth (every image of the split).
         results: COCO results; ``segmentation`` (RLE) needed for ``iou_type="segm"``.
         iou_type: ``"bbox"`` or ``"segm"``.
+        class_agnostic: match predictions to ground truth whatever their classes (pycocotools
+            ``useCats=0``), for class-less sources such as PatchCore's thresholded maps; the
+            per-class entries then hold one key, ``"all"``.
 
     Returns:
         ``{"AP", "AP50", ..., "AR100", "per_class_AP": {name: AP}, "per_class_AP50": {...},
@@ -81,6 +84,8 @@ def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox") -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         dt = coco_gt.loadRes([dict(r) for r in results])
         ev = COCOeval(coco_gt, dt, iouType=iou_type)
+        if class_agnostic:
+            ev.params.useCats = 0
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -88,8 +93,8 @@ def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox") -> dict:
     prec = ev.eval["precision"]  # [T=10 IoU, R=101 recall, K classes, A=4 areas, M=3 maxDets]
     per_ap, per_ap50, curves = {}, {}, {}
     names = {c["id"]: c["name"] for c in cats}
-    for k, cid in enumerate(ev.params.catIds):
-        name = names[int(cid)]
+    for k, cid in enumerate(ev.params.catIds if ev.params.useCats else [None]):
+        name = names[int(cid)] if cid is not None else "all"
         p = prec[:, :, k, 0, -1]
         per_ap[name] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
         p50 = prec[0, :, k, 0, -1]
@@ -99,12 +104,13 @@ def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox") -> dict:
     return out
 
 
-def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5) -> dict:
+def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5, class_agnostic: bool = False) -> dict:
     """Per-class mean IoU and Dice of predicted vs true masks at native resolution.
 
     For each image whose ground truth has class ``c``, the union of its true ``c`` masks is compared
     with the union of predicted ``c`` masks scoring ``>= score_threshold`` (empty when none):
     IoU = |P & G| / |P | G|, Dice = 2|P & G| / (|P| + |G|). Means are over those images.
+    With ``class_agnostic`` all classes are pooled into one, ``"all"``.
     ``pixel_*`` pool all pixels of all images and classes (false positives on good images count).
 
     Returns:
@@ -112,23 +118,27 @@ def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5) -> di
     """
     from pipeline.instances import decode_rle
 
+    cats = [(c["name"], [c["id"]]) for c in coco_gt.loadCats(coco_gt.getCatIds())]
+    if class_agnostic:
+        cats = [("all", coco_gt.getCatIds())]
     by_img: dict[tuple[int, int], list] = {}
     for r in results:
         if r.get("score", 1.0) >= score_threshold and "segmentation" in r:
-            by_img.setdefault((r["image_id"], r["category_id"]), []).append(r["segmentation"])
+            key = (r["image_id"], cats[0][1][0] if class_agnostic else r["category_id"])
+            by_img.setdefault(key, []).append(r["segmentation"])
     per: dict[str, dict] = {}
     inter_all = union_all = sum_all = 0
-    for cat in coco_gt.loadCats(coco_gt.getCatIds()):
+    for name, cat_ids in cats:
         ious, dices = [], []
         for img_id in coco_gt.getImgIds():
             info = coco_gt.imgs[img_id]
             h, w = info["height"], info["width"]
-            anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_id, catIds=cat["id"]))
+            anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_id, catIds=cat_ids))
             g = np.zeros((h, w), bool)
             for a in anns:
                 g |= decode_rle(a["segmentation"])
             p = np.zeros((h, w), bool)
-            for rle in by_img.get((img_id, cat["id"]), []):
+            for rle in by_img.get((img_id, cat_ids[0]), []):
                 m = decode_rle(rle)
                 if m.shape != (h, w):
                     raise PipelineError(f"prediction mask {m.shape[::-1]} for image {img_id} is not at its native size {w}x{h}")
@@ -138,7 +148,7 @@ def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5) -> di
             if anns:
                 ious.append(inter / union if union else 1.0)
                 dices.append(2 * inter / total if total else 1.0)
-        per[cat["name"]] = {"IoU": float(np.mean(ious)) if ious else float("nan"),
+        per[name] = {"IoU": float(np.mean(ious)) if ious else float("nan"),
                             "Dice": float(np.mean(dices)) if dices else float("nan"), "n_images": len(ious)}
     valid = [v for v in per.values() if v["n_images"]]
     return {
@@ -173,10 +183,12 @@ def plot_pr_curves(curves: dict[str, list[float]], path: Path, *, title: str) ->
     tmp.replace(path)
 
 
-def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path) -> dict:
+def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path, *, class_agnostic: bool = False) -> dict:
     """Score a COCO results file against COCO ground truth; write metrics JSON and PR plots.
 
     bbox metrics always; segm metrics and mask IoU/Dice when the predictions carry ``segmentation``.
+    ``class_agnostic`` scores boxes and masks whatever their class (see :func:`coco_eval`); mask
+    IoU/Dice then compare all predicted against all true defect pixels of each image.
 
     Returns:
         ``{"bbox": {...}, "segm": {...}?, "masks": {...}?}`` (also written to
@@ -194,11 +206,12 @@ def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path) -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = result_tag(pred_path)
     metrics: dict = {"ground_truth": str(gt_path), "predictions": str(pred_path)}
-    metrics["bbox"] = coco_eval(gt, [r for r in results if "bbox" in r], iou_type="bbox")
+    metrics["class_agnostic"] = class_agnostic
+    metrics["bbox"] = coco_eval(gt, [r for r in results if "bbox" in r], iou_type="bbox", class_agnostic=class_agnostic)
     plot_pr_curves(metrics["bbox"]["pr_curve_50"], out_dir / f"pr_bbox_{tag}.png", title="bbox PR @ IoU 0.5")
     if any("segmentation" in r for r in results):
-        metrics["segm"] = coco_eval(gt, results, iou_type="segm")
-        metrics["masks"] = mask_iou_dice(gt, results)
+        metrics["segm"] = coco_eval(gt, results, iou_type="segm", class_agnostic=class_agnostic)
+        metrics["masks"] = mask_iou_dice(gt, results, class_agnostic=class_agnostic)
         plot_pr_curves(metrics["segm"]["pr_curve_50"], out_dir / f"pr_segm_{tag}.png", title="mask PR @ IoU 0.5")
     atomic_write_json(out_dir / f"metrics_{tag}.json", metrics)
     return metrics
@@ -221,13 +234,18 @@ def prediction_kind(pred_path: Path) -> str:
     raise PipelineError(f"{pred_path}: unknown prediction file (expected a COCO results list or an object with kind classification/anomaly)")
 
 
-def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path) -> dict:
-    """Evaluate one prediction file by its kind; the result holds a printable ``_summary`` line."""
+def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agnostic: bool = False) -> dict:
+    """Evaluate one prediction file by its kind; the result holds a printable ``_summary`` line.
+
+    ``gt``: the split's COCO ground truth (required for COCO results; for anomaly files it selects
+    the images' masks, default the category recorded in the file). ``class_agnostic``: see
+    :func:`coco_eval`.
+    """
     kind = prediction_kind(pred_path)
     if kind == "coco":
         if gt is None:
             raise PipelineError(f"{pred_path}: COCO results need --gt (the split's COCO ground truth)")
-        m = evaluate_coco_results(gt, pred_path, out_dir)
+        m = evaluate_coco_results(gt, pred_path, out_dir, class_agnostic=class_agnostic)
         b = m["bbox"]
         line = f"{Path(pred_path).name}: bbox AP {b['AP']:.4f} AP50 {b['AP50']:.4f} AP75 {b['AP75']:.4f} AR100 {b['AR100']:.4f}"
         if "segm" in m:
@@ -241,7 +259,7 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path) -> dict:
     else:
         from pipeline.anomaly_metrics import evaluate_anomaly
 
-        m = evaluate_anomaly(pred_path, out_dir=out_dir)
+        m = evaluate_anomaly(pred_path, gt, out_dir=out_dir)
     m.setdefault("_summary", f"{Path(pred_path).name}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
     return m

@@ -86,3 +86,14 @@ def test_mask_iou_dice_known_values():
     assert m["per_class"]["d"]["Dice"] == pytest.approx(24 / 40)
     low = mask_iou_dice(coco, [{"image_id": 1, "category_id": 1, "score": 0.1, "segmentation": encode_rle(p)}])
     assert low["per_class"]["d"]["IoU"] == 0.0  # below the score threshold: nothing predicted
+
+
+def test_class_agnostic_matches_whatever_the_class(gt_path):
+    coco = load_coco_gt(gt_path)
+    # every true box predicted, but all labelled with the first class
+    results = [dict(r, category_id=1) for r in _gt_as_results(coco.dataset, masks=True)]
+    assert coco_eval(coco, results)["AP"] < 0.9
+    agnostic = coco_eval(coco, results, class_agnostic=True)
+    assert agnostic["AP"] == pytest.approx(1.0) and list(agnostic["per_class_AP"]) == ["all"]
+    m = mask_iou_dice(coco, results, class_agnostic=True)
+    assert m["per_class"]["all"]["IoU"] == 1.0 and m["pixel_IoU"] == 1.0
