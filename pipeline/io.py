@@ -137,6 +137,9 @@ def image_size_hw(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             w, h = im.size
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable image ({exc})") from None
+    # Any failure means the header is unreadable. Not only OSError/ValueError: once ultralytics is
+    # imported, its process-wide PIL.Image.open patch answers an unidentified file with an attempt to
+    # install pi-heif, which fails offline with ModuleNotFoundError.
+    except Exception as exc:  # noqa: BLE001
+        raise PipelineError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
     return h, w

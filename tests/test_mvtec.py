@@ -88,3 +88,11 @@ def test_split_is_stratified_deterministic_and_complete(synth_category, tmp_path
 def test_bad_ratios(synth_category):
     with pytest.raises(PipelineError, match="summing to 1"):
         make_split(scan_category(synth_category), ratios=(0.5, 0.5, 0.5))
+
+
+def test_unreadable_image_after_ultralytics_import(cat):
+    import ultralytics  # noqa: F401  (patches PIL.Image.open process-wide)
+
+    (cat / "test/scratch/001.png").write_bytes(b"not a png")
+    with pytest.raises(PipelineError, match="test/scratch/001.png: unreadable"):
+        scan_category(cat)
