@@ -48,6 +48,9 @@ start() {
     exit 1
   fi
   mkdir -p "$data_dir"
+  # Physical path: pipeline resolves symlinks in the storage path it registers, and Label Studio
+  # rejects a storage whose path is not under the document root as written.
+  doc_root="$(cd "$doc_root" && pwd -P)"
   export LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true
   export LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT="$doc_root"
   export LABEL_STUDIO_BASE_DATA_DIR="$data_dir"
