@@ -347,7 +347,12 @@ def fit_patchcore(train_paths: Sequence[Path], config: PatchCoreConfig = PatchCo
         allow_download: let a missing torchvision ImageNet file be downloaded (off by default).
 
     Returns:
-        A :class:`PatchCore` without thresholds (see :func:`calibrate`).
+        A :class:`PatchCore` without thresholds (see :func:`calibrate`); ``None`` on ranks other
+        than 0 of a ``torchrun`` launch.
+
+    Under ``torchrun`` (``pipeline.distributed``) the feature extraction is split over the ranks
+    (strided shards of the batches, one GPU each), the features are gathered on rank 0 in image
+    order, and rank 0 alone selects the coreset, so the bank equals a single-process fit's.
 
     Raises:
         PipelineError: no training images, bad config, backbone unknown or its weights missing.
@@ -355,11 +360,14 @@ def fit_patchcore(train_paths: Sequence[Path], config: PatchCoreConfig = PatchCo
     import torch
 
     from pipeline import backbones
+    from pipeline import distributed as D
 
     config.check()
     if not train_paths:
         raise PipelineError("no training images (expected good images in <category>/train/good)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    D.init_from_env(device)
+    device = D.local_device(device)
     name = config.backbone or backbones.default_backbone()
     config = PatchCoreConfig(**{**asdict(config), "backbone": name})
     bb = backbones.load_backbone(name, weights=config.weights, device=device, allow_download=allow_download)
@@ -367,14 +375,23 @@ def fit_patchcore(train_paths: Sequence[Path], config: PatchCoreConfig = PatchCo
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     feats, sizes, grid = [], set(), None
-    bar = _progress(progress, "features", len(train_paths))
-    for i in range(0, len(train_paths), config.batch_size):
+    starts = list(range(0, len(train_paths), config.batch_size))
+    mine = D.shard_indices(len(starts))  # all batches in a single process
+    bar = _progress(progress and D.is_main(), "features", sum(len(train_paths[starts[b]:starts[b] + config.batch_size]) for b in mine))
+    for b in mine:
+        i = starts[b]
         x, sz = load_batch(train_paths[i:i + config.batch_size], size=config.image_size, spec=bb.spec, device=device)
         f, grid = patch_features(bb, x, feature_dim=config.feature_dim)
-        feats.append(f)
+        feats.append((b, f))
         sizes.update(tuple(s) for s in sz)
         bar(len(sz))
     bar(None)
+    parts = D.gather_to_main((feats, sorted(sizes), grid))
+    if parts is None:  # not rank 0: its features went to rank 0, which builds the bank
+        return None
+    feats = [f for _, f in sorted((bf for part in parts for bf in part[0]), key=lambda bf: bf[0])]
+    sizes = {tuple(s) for part in parts for s in part[1]}
+    grid = next(part[2] for part in parts if part[2] is not None)
     if len(sizes) > 1:
         log(f"training images have {len(sizes)} different sizes; all are resized to {config.image_size}x{config.image_size}")
     feats = np.concatenate(feats)
@@ -646,6 +663,12 @@ def fit_run(category_dir: Path | None, *, out: Path, config: PatchCoreConfig = P
         lines.append(msg)
         echo(msg)
 
+    from pipeline import distributed as D
+
+    D.init_from_env(device)
+    if not D.is_main():  # under torchrun: share the feature extraction, rank 0 writes the run
+        fit_patchcore(train, config, progress=False, allow_download=allow_download, device=device)
+        return {}
     with staged_dir(out, force=force) as tmp:
         model = fit_patchcore(train, config, log=log, progress=progress, allow_download=allow_download, device=device)
         t0 = time.perf_counter()

@@ -415,20 +415,25 @@ def normalize(batch_u8, mean: Sequence[float], std: Sequence[float]):
     return (batch_u8.float() / 255.0 - m) / s
 
 
-def augment(x, aug, gen):
+def augment(x, aug, gen, *, global_n: int | None = None, rows: slice | None = None):
     """Random flips, rotation/translation, brightness/contrast on a normalised float batch.
 
     ``x``: ``B x 3 x H x W``; ``aug``: :class:`AugmentConfig`; ``gen``: CPU ``torch.Generator``
     (parameters are drawn on the CPU, so runs are reproducible on every device).
+    ``global_n``/``rows``: under DDP ``x`` is the ``rows`` part of a global batch of ``global_n``
+    images; parameters are drawn for the whole global batch (so ``gen`` advances identically on
+    every rank) and sliced, so an image gets the same augmentation whatever the world size.
     """
     import torch
     import torch.nn.functional as F
 
     b = x.shape[0]
     dev = x.device
+    n = b if global_n is None else global_n
+    rows = slice(0, b) if rows is None else rows
 
-    def rand(*shape):
-        return torch.rand(*shape, generator=gen).to(dev)
+    def rand(first, *rest):
+        return torch.rand(n, *rest, generator=gen)[rows].to(dev)
 
     if aug.hflip > 0:
         m = (rand(b) < aug.hflip).view(b, 1, 1, 1)
@@ -470,12 +475,42 @@ def batch_order(labels, cfg: ClassifierConfig, gen):
     return torch.randperm(n, generator=gen)
 
 
-def train_one_epoch(model, data: ImageSet, cfg: ClassifierConfig, optimizer, loss_fn, device: str, gen, *, progress: bool = False) -> dict:
+def _loss_weight_sum(loss_fn, y) -> float:
+    """What a mean-reduced (weighted) CrossEntropyLoss divides by for targets ``y``."""
+    w = getattr(loss_fn, "weight", None)
+    return float(len(y)) if w is None else float(w[y].sum())
+
+
+def _batch_to_device(images, idx, device: str, pinned: dict | None):
+    """``images[idx]`` on ``device``; on CUDA through a reused pinned host buffer (async copy)."""
+    import torch
+
+    if pinned is None or not device.startswith("cuda"):
+        return images[idx].to(device)
+    buf = pinned.get("buf")
+    if buf is None or buf.shape[0] < len(idx):
+        buf = pinned["buf"] = torch.empty((max(len(idx), 1), *images.shape[1:]), dtype=images.dtype).pin_memory()
+    out = buf[: len(idx)]
+    torch.index_select(images, 0, idx, out=out)
+    return out.to(device, non_blocking=True)
+
+
+def train_one_epoch(model, data: ImageSet, cfg: ClassifierConfig, optimizer, loss_fn, device: str, gen, *, progress: bool = False,
+                    amp: bool = True, channels_last: bool = False, pinned: dict | None = None) -> dict:
     """One pass over ``data``; returns ``{"train_loss", "train_accuracy", "images_per_s", "data_s", "step_s"}``.
 
-    Batches of one image are skipped when the head has BatchNorm (it cannot train on one).
+    Batches of one image are skipped when the head has BatchNorm (it cannot train on one); under
+    DDP a (last) global batch too small to give every rank one image, or two with training
+    BatchNorm, is skipped on every rank.
+
+    Distributed (``pipeline.distributed``, ``model`` wrapped in DDP): every rank draws the same
+    global order from ``gen``; each global batch of ``train.batch_size`` is sliced per rank, the
+    rank's loss is scaled so DDP's gradient average equals the global-batch mean gradient, and the
+    returned loss/accuracy/throughput are reduced over ranks. ``amp``: bf16 autocast on CUDA only.
     """
     import torch
+
+    from pipeline import distributed as D
 
     model.train()
     order = batch_order(data.labels, cfg, gen)
@@ -483,68 +518,104 @@ def train_one_epoch(model, data: ImageSet, cfg: ClassifierConfig, optimizer, los
     total, correct, seen = 0.0, 0, 0
     data_s = step_s = 0.0
     has_bn1d = any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    world = D.info().world_size
+    # BatchNorm in training mode fails on one image per rank with a 1x1 feature map (small inputs)
+    trains_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
     starts = range(0, len(order), bs)
-    if progress:
+    if progress and D.is_main():
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="train", leave=False)
     t_epoch = time.perf_counter()
     for i in starts:
         t0 = time.perf_counter()
-        idx = order[i : i + bs]
-        if len(idx) < 2 and has_bn1d:
-            continue
-        x = normalize(data.images[idx].to(device, non_blocking=True), cfg.data.mean, cfg.data.std)
-        x = augment(x, cfg.data.augment, gen)
+        gidx = order[i : i + bs]
+        if (len(gidx) < 2 and has_bn1d) or len(gidx) < world or (world > 1 and trains_bn and len(gidx) // world < 2):
+            continue  # every rank needs at least one image (two with BatchNorm); DDP steps together
+        rows = D.rank_slice(len(gidx))
+        idx = gidx[rows]
+        x = _batch_to_device(data.images, idx, device, pinned)
+        x = normalize(x, cfg.data.mean, cfg.data.std)
+        x = augment(x, cfg.data.augment, gen, global_n=len(gidx), rows=rows)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = data.labels[idx].to(device)
+        scale = 1.0
+        if world > 1:  # DDP averages over ranks: weight this rank's mean by its share of the global mean
+            if getattr(loss_fn, "weight", None) is None:
+                scale = D.ddp_loss_scale(len(idx), len(gidx))
+            else:  # class-weighted mean: the shares are sums of weights, known only after a reduction
+                local_w = _loss_weight_sum(loss_fn, y)
+                scale = world * local_w / max(D.all_reduce_sums({"w": local_w})["w"], 1e-12)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        logits = model(x)
-        loss = loss_fn(logits, y)
+        with D.autocast(device, amp):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale).backward()
         optimizer.step()
-        total += float(loss.detach()) * len(idx)
+        total += float(loss.detach()) * scale * len(gidx) / world  # summed over ranks: the global batch mean x its size
         correct += int((logits.argmax(1) == y).sum())
         seen += len(idx)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         data_s += t1 - t0
         step_s += time.perf_counter() - t1
-    wall = time.perf_counter() - t_epoch
+    wall = D.all_reduce_max(time.perf_counter() - t_epoch)
+    r = D.all_reduce_sums({"total": total, "correct": correct, "seen": seen})
     return {
-        "train_loss": total / max(seen, 1),
-        "train_accuracy": correct / max(seen, 1),
-        "images_per_s": seen / wall if wall > 0 else None,
+        "train_loss": r["total"] / max(r["seen"], 1),
+        "train_accuracy": r["correct"] / max(r["seen"], 1),
+        "images_per_s": r["seen"] / wall if wall > 0 else None,
         "data_s": data_s,
         "step_s": step_s,
     }
 
 
-def predict_probs(model, data: ImageSet, cfg: ClassifierConfig, device: str, *, batch_size: int | None = None):
-    """Softmax probabilities ``N x C`` (float32 CPU tensor) in eval mode, no augmentation."""
+def predict_probs(model, data: ImageSet, cfg: ClassifierConfig, device: str, *, batch_size: int | None = None, shard: bool = False):
+    """Softmax probabilities ``N x C`` (float32 CPU tensor) in eval mode, no augmentation.
+
+    ``shard``: under DDP every rank must call this; each scores a strided shard and all get the
+    gathered ``N x C`` in input order (a collective: never call it with ``shard`` from one rank only).
+    """
     import torch
 
+    from pipeline import distributed as D
+
+    model = D.unwrap(model)
     model.eval()
     bs = batch_size or cfg.train.batch_size
+    # under DDP each rank scores a strided shard; the shards are gathered back into input order
+    sharded = shard and D.info().world_size > 1
+    rows = torch.as_tensor(D.shard_indices(len(data)) if sharded else range(len(data)), dtype=torch.int64)
     out = []
     with torch.inference_mode():
-        for i in range(0, len(data), bs):
-            x = normalize(data.images[i : i + bs].to(device), cfg.data.mean, cfg.data.std)
+        for i in range(0, len(rows), bs):
+            x = normalize(data.images[rows[i : i + bs]].to(device), cfg.data.mean, cfg.data.std)
             out.append(torch.softmax(model(x).float(), 1).cpu())
-    if not out:
-        return torch.zeros((0, len(data.classes)))
-    return torch.cat(out)
+    local = torch.cat(out) if out else torch.zeros((0, len(data.classes)))
+    if not sharded:
+        return local
+    parts = D.all_gather_objects((rows, local))
+    probs = torch.zeros((len(data), len(data.classes)))
+    for r, p in parts:
+        probs[r] = p
+    return probs
 
 
-def evaluate(model, data: ImageSet, cfg: ClassifierConfig, loss_fn, device: str) -> dict:
-    """Loss and classification metrics of ``model`` on ``data`` (see ``pipeline.cls_metrics``)."""
+def evaluate(model, data: ImageSet, cfg: ClassifierConfig, loss_fn, device: str, *, shard: bool = False) -> dict:
+    """Loss and classification metrics of ``model`` on ``data`` (see ``pipeline.cls_metrics``).
+
+    ``shard``: score a shard per rank and gather (every rank must call; see :func:`predict_probs`)."""
     import torch
 
     from pipeline.cls_metrics import classification_metrics
 
     if len(data) == 0:
         return {"val_loss": None, "val_accuracy": None, "val_balanced_accuracy": None}
-    probs = predict_probs(model, data, cfg, device)
+    probs = predict_probs(model, data, cfg, device, shard=shard)
     loss = float(torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), data.labels))
     pred = probs.argmax(1).numpy()
     names = data.classes
@@ -564,6 +635,9 @@ def extract_features(model, data: ImageSet, cfg: ClassifierConfig, device: str, 
     """Pooled features ``N x 512`` (float32 numpy) in eval mode, no augmentation."""
     import torch
 
+    from pipeline import distributed as D
+
+    model = D.unwrap(model)
     model.eval()
     bs = batch_size or cfg.train.batch_size
     out = []
@@ -629,6 +703,10 @@ class RunResult:
 
 
 def _log(run_dir: Path, lines: list[str], msg: str, echo: bool) -> None:
+    from pipeline import distributed as D
+
+    if not D.is_main():  # one log per run, written by rank 0
+        return
     lines.append(msg)
     atomic_write_text(run_dir / "log.txt", "\n".join(lines) + "\n")
     if echo:
@@ -648,8 +726,16 @@ def train_classifier(
     root: Path | None = None,
     progress: bool = True,
     echo: bool = True,
+    amp: bool = True,
+    channels_last: bool | None = None,
+    compile: bool = False,
 ) -> RunResult:
     """Train one classifier and write a run folder.
+
+    Runs single-process, or under ``torchrun`` on several GPUs/nodes (``pipeline.distributed``:
+    DDP, NCCL on CUDA / gloo on CPU, SyncBatchNorm on CUDA, global batch ``train.batch_size`` split
+    over ranks, metrics reduced over ranks, rank 0 alone writes). ``amp`` (bf16 autocast),
+    ``channels_last`` (default: on for CUDA) and ``compile`` (``torch.compile``) act on CUDA only.
 
     Run folder ``out_dir``: ``config.yaml`` (resolved config + task + weights note), ``log.txt``,
     ``history.json`` (per-epoch metrics), ``weights/last.pt`` (every epoch, for resuming),
@@ -671,6 +757,7 @@ def train_classifier(
     import torch
     import yaml
 
+    from pipeline import distributed as D
     from pipeline.cls_metrics import evaluate_classification, plot_history
     from pipeline.mvtec import load_split
 
@@ -694,18 +781,28 @@ def train_classifier(
     val_entries = subset_entries(split, "val", classes)
     init_path, weights_note = resolve_init_weights(weights, allow_download=allow_download)
     device = pick_device(cfg.train.device)
-    if not resume and replace_old:  # only now that the inputs are known to be good
-        import shutil
+    dist = D.init_from_env(device)
+    device = D.local_device(device)
+    progress = progress and dist.rank == 0
+    on_cuda = device.startswith("cuda")
+    channels_last = on_cuda if channels_last is None else (channels_last and on_cuda)
+    D.barrier()  # every rank has checked the inputs before rank 0 replaces anything
+    if D.is_main():
+        if not resume and replace_old:  # only now that the inputs are known to be good
+            import shutil
 
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "weights").mkdir(exist_ok=True)
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "weights").mkdir(exist_ok=True)
+    D.barrier()
     log_lines: list[str] = []
     if resume and (out_dir / "log.txt").is_file():
         log_lines = (out_dir / "log.txt").read_text().splitlines()
     resolved = {**config_to_dict(cfg), "task": task, "weights": weights_note, "split": str(Path(split_path).resolve()),
-                "classes": classes, "device_resolved": device}
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+                "classes": classes, "device_resolved": device, "world_size": dist.world_size,
+                "amp_bf16": bool(amp and on_cuda), "channels_last": bool(channels_last), "compile": bool(compile and on_cuda)}
+    if D.is_main():
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     seed_everything(cfg.train.seed)
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None
@@ -718,6 +815,12 @@ def train_classifier(
          f"decode+resize {decode_s:.1f}s", echo)
 
     model = build_model(cfg.model, len(classes), init_weights=init_path).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.distributed and on_cuda:  # BatchNorm statistics over the global batch (CUDA only in torch)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # identical init on every rank (same seed); stochastic layers (dropout, DropBlock) then draw per rank
+    torch.manual_seed(cfg.train.seed + dist.rank)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
     loss_fn = make_loss(cfg, train_set.counts(), device)
@@ -735,6 +838,12 @@ def train_classifier(
         start_epoch = int(ck["epoch"]) + 1
         best_value, best_epoch = ck.get("best_value"), ck.get("best_epoch")
         _log(out_dir, log_lines, f"resumed from {last_path} at epoch {start_epoch}", echo)
+    net = model  # the module that is trained: DDP and/or torch.compile around ``model``
+    if dist.distributed:
+        net = D.wrap_ddp(model, device)
+    if compile and on_cuda:
+        net = torch.compile(net)
+    pinned: dict | None = {} if on_cuda else None
 
     def better(v: float | None) -> bool:
         if v is None:
@@ -745,8 +854,9 @@ def train_classifier(
 
     meta = {"config": config_to_dict(cfg), "classes": classes, "task": task, "weights": weights_note}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        tr = train_one_epoch(model, train_set, cfg, optimizer, loss_fn, device, gen, progress=progress)
-        ev = evaluate(model, val_set, cfg, loss_fn, device)
+        tr = train_one_epoch(net, train_set, cfg, optimizer, loss_fn, device, gen, progress=progress, amp=amp,
+                             channels_last=channels_last, pinned=pinned)
+        ev = evaluate(model, val_set, cfg, loss_fn, device, shard=True)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, **tr, **ev}
@@ -760,11 +870,14 @@ def train_classifier(
         improved = better(value)
         if improved:
             best_value, best_epoch = value, epoch
-            save_checkpoint(out_dir / "weights" / "best.pt", model=model.state_dict(), epoch=epoch, **meta)
-        save_checkpoint(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        generator=gen.get_state(), epoch=epoch, history=json.dumps(history), best_value=best_value,
-                        best_epoch=best_epoch, **meta)
-        atomic_write_json(out_dir / "history.json", history)
+        with D.main_only() as main:  # rank 0 writes; the others wait until the files exist
+            if main:
+                if improved:
+                    save_checkpoint(out_dir / "weights" / "best.pt", model=model.state_dict(), epoch=epoch, **meta)
+                save_checkpoint(last_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict(), generator=gen.get_state(), epoch=epoch,
+                                history=json.dumps(history), best_value=best_value, best_epoch=best_epoch, **meta)
+                atomic_write_json(out_dir / "history.json", history)
         va = ev.get("val_accuracy")
         vb = ev.get("val_balanced_accuracy")
         _log(out_dir, log_lines,
@@ -772,6 +885,10 @@ def train_classifier(
              f"val acc {va if va is None else round(va, 4)} bal {vb if vb is None else round(vb, 4)} "
              f"{tr['images_per_s'] or 0:.1f} img/s{' *' if improved else ''}", echo)
 
+    if not D.is_main():  # the final evaluation and files are rank 0's (other nodes may not see them); the others get its metrics
+        metrics = D.broadcast_object(None)
+        D.barrier()
+        return RunResult(out_dir, metrics)
     best = torch.load(out_dir / "weights" / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
     metrics: dict = {"name": cfg.name, "task": task, "weights": weights_note, "classes": classes, "best_epoch": best["epoch"],
@@ -793,8 +910,11 @@ def train_classifier(
                           subset="val", weights_note=weights_note, run_dir=out_dir)
         metrics["val"] = evaluate_classification(pred_path, out_dir / "val_eval")
     plot_history(history, out_dir / "training_curves.png", title=f"{cfg.name} (weights: {weights_note.split(' ')[0]})")
+    metrics["world_size"] = dist.world_size
     atomic_write_json(out_dir / "metrics.json", metrics)
     _log(out_dir, log_lines, f"wrote {out_dir}", echo)
+    D.broadcast_object(metrics)
+    D.barrier()
     return RunResult(out_dir, metrics)
 
 

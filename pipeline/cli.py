@@ -120,8 +120,8 @@ def finetune_yolo(
     out: Path = typer.Option(Path("runs/yolo"), help="Run folder."),
     epochs: int = typer.Option(30, help="Training epochs."),
     imgsz: int = typer.Option(640, help="Training image size (pixels, longest side)."),
-    batch: int = typer.Option(8, help="Batch size."),
-    device: Optional[str] = typer.Option(None, help="cpu, 0, 0,1 ... (default: GPU 0 when present, else cpu)."),
+    batch: int = typer.Option(8, help="Batch size (global: split over the GPUs of a multi-GPU --device)."),
+    device: Optional[str] = typer.Option(None, help="cpu, 0, or several GPUs 0,1,2,3 (ultralytics DDP, one process per GPU; default: GPU 0 when present, else cpu)."),
     seed: int = typer.Option(0, help="Random seed."),
     workers: int = typer.Option(0, help="Data-loader workers."),
     optimizer: str = typer.Option("auto", help="auto (ultralytics chooses, ignores --lr0), SGD, AdamW, ..."),
@@ -184,7 +184,9 @@ def finetune_sam_cmd(
     train_image_encoder: bool = typer.Option(False, "--train-image-encoder", help="Also train the image encoder (slow: no embedding cache)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Image-embedding cache (default: $PIPELINE_CACHE/sam-embeddings or ~/.cache/pipeline/sam-embeddings)."),
     seed: int = typer.Option(0, help="Random seed (order, jitter; tiny model init)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda when present; under torchrun each process takes GPU LOCAL_RANK)."),
+    images_per_step: int = typer.Option(1, "--images-per-step", help="Images per optimizer step (global batch, split over torchrun processes; keep it fixed to get the same result on any number of GPUs)."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast for the decoder on CUDA (ignored on CPU)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Allow downloading the official checkpoint."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt (its stored config)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
@@ -197,9 +199,13 @@ def finetune_sam_cmd(
         train_records=str(Path(annotations) / "sam" / "train.jsonl"), val_records=str(Path(annotations) / "sam" / "val.jsonl"),
         model_type=model_type, checkpoint=checkpoint, tiny_seed=seed, train=train, epochs=epochs, lr=lr,
         weight_decay=weight_decay, seed=seed, box_jitter_px=box_jitter, mask_loss=mask_loss, loss_resolution=loss_resolution,
-        cache_dir=str(cache_dir) if cache_dir else None, device=device, allow_download=allow_download)
+        cache_dir=str(cache_dir) if cache_dir else None, device=device, allow_download=allow_download,
+        images_per_step=images_per_step, amp=amp)
     run = finetune_sam(cfg, out, resume=resume, force=force)
-    echo(f"run folder: {run} (best.pt, last.pt, metrics.json, curves.png)")
+    from pipeline import distributed
+
+    if distributed.is_main():
+        echo(f"run folder: {run} (best.pt, last.pt, metrics.json, curves.png)")
 
 
 @predict_app.command("sam")
@@ -248,8 +254,13 @@ def finetune_classifier(
     root: Optional[Path] = typer.Option(None, "--root", help="Category folder, when the data moved since the split was written."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from weights/last.pt."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast on CUDA (ignored on CPU)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default: on with CUDA)."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA only)."),
 ) -> None:
-    """Train a ResNet-18 image classifier (one of the four published attempts) on a split manifest."""
+    """Train a ResNet-18 image classifier (one of the four published attempts) on a split manifest.
+
+    Several GPUs or nodes: launch with torchrun (--batch stays the global batch)."""
     from pipeline.classification import train_classifier
     from pipeline.classifier_config import load_config, parse_override
 
@@ -266,7 +277,11 @@ def finetune_classifier(
     cfg = load_config(config, overrides)
     run_dir = out or Path("runs") / "classifier" / cfg.name
     result = train_classifier(cfg, split, run_dir, task=task, weights=weights, allow_download=allow_download,
-                              force=force, resume=resume, root=root)
+                              force=force, resume=resume, root=root, amp=amp, channels_last=channels_last, compile=compile_)
+    from pipeline import distributed
+
+    if not distributed.is_main():
+        return
     val = result.metrics.get("val") or {}
     if val:
         echo(f"val accuracy {val.get('accuracy'):.4f}, balanced accuracy {val.get('balanced_accuracy'):.4f} (weights: {result.metrics['weights']})")
@@ -325,6 +340,8 @@ def finetune_anomaly_cmd(
                           batch_size=batch, seed=seed)
     m = fit_run(category, out=out, config=cfg, split_path=split, force=force, allow_download=allow_download,
                 device=device, echo=echo)
+    if not m:  # a torchrun rank other than 0: it shared the feature extraction, rank 0 reports
+        return
     v = m["val"]
     echo(f"backbone {m['backbone']}: memory bank {m['memory_bank'][0]} x {m['memory_bank'][1]}, fit {m['fit_seconds']:.1f} s; "
          f"val image AUROC {v['image_auroc']:.4f}, F1 {v['image_f1']:.4f}")
@@ -366,18 +383,17 @@ def evaluate(
     val_predictions: Optional[List[Path]] = typer.Option(None, "--val-predictions", help="The same sources predicted on the val split, in the same order (repeat the option); turns on the image-level good/defect decision with val thresholds and fusion."),
     val_gt: Optional[Path] = typer.Option(None, "--val-gt", help="COCO ground truth of the val split (annotations/<cat>/coco/val.json)."),
     l2: float = typer.Option(1.0, "--l2", help="L2 penalty of the logistic-regression fusion."),
+    class_agnostic: bool = typer.Option(False, "--class-agnostic", help="Match COCO results whatever their class (for class-less sources such as PatchCore's regions)."),
 ) -> None:
     """Score predictions: COCO mAP (bbox, segm), mask IoU/Dice, classifier and anomaly metrics.
 
-    With --val-predictions and --val-gt also the image-level good/defect decision of each source and
-    of their fusion (any-source OR, logistic regression): thresholds chosen on val, metrics on the
-    split of --gt; written to OUT/fusion.json (input of 'pipeline report')."""
+    With --val-predictions and --val-gt also the image-level good/defect decision of each source and of their fusion (any-source OR, logistic regression): thresholds chosen on val, metrics on the split of --gt; written to OUT/fusion.json (input of 'pipeline report')."""
     from pipeline.evaluation import evaluate_file
 
     if val_predictions and (val_gt is None or gt is None):
         raise PipelineError("--val-predictions needs --val-gt (val COCO ground truth) and --gt (ground truth of the evaluated split)")
     for pred in predictions:
-        metrics = evaluate_file(pred, gt=gt, out_dir=out)
+        metrics = evaluate_file(pred, gt=gt, out_dir=out, class_agnostic=class_agnostic)
         echo(metrics.pop("_summary", ""))
     if val_predictions:
         from pipeline.fusion import format_table, fuse_files
@@ -400,13 +416,15 @@ def report(
     gallery: int = typer.Option(6, "--gallery", help="Images per gallery group (most confident errors, least confident correct)."),
     max_side: int = typer.Option(320, "--max-side", help="Longer side of gallery images in pixels."),
     title: str = typer.Option("pipeline report", "--title", help="Report title."),
+    gallery_method: Optional[List[str]] = typer.Option(None, "--gallery-method", help="Source or fusion (fusion:or, fusion:logistic) to show a gallery for (repeat; default: the best on test)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ) -> None:
     """Write a self-contained HTML report (plus the same numbers as JSON): dataset counts, metrics tables,
     ROC/PR curves, confusion matrices and a gallery with predictions drawn over the images."""
     from pipeline.report import build_report
 
-    doc = build_report(runs, out, gallery=gallery, max_side=max_side, force=force, title=title)
+    doc = build_report(runs, out, gallery=gallery, max_side=max_side, force=force, title=title,
+                       gallery_methods=gallery_method or None)
     echo(f"wrote {doc['html']} ({len(doc['images'])} images) and {Path(out) / 'report.json'}")
 
 

@@ -274,6 +274,7 @@ def _offline_ultralytics() -> Iterator[None]:
             stack.enter_context(_patched(module, "check_font", _local_font))
         stack.enter_context(_patched(engine_trainer, "check_amp", _amp_check_without_download(checks.check_amp)))
         stack.enter_context(_patched(data_dataset, "save_dataset_cache_file", _no_label_cache))
+        stack.enter_context(_patched(engine_trainer, "generate_ddp_command", _ddp_command))
         yield
 
 
@@ -375,6 +376,7 @@ def _trainer_class() -> type:
             table = self.text_table()
             return {t: table[t] for t in texts}
 
+    OfflineWorldTrainer.__module__ = __name__  # importable as pipeline.detection.OfflineWorldTrainer
     return OfflineWorldTrainer
 
 
@@ -483,15 +485,27 @@ def _resolve_model(model: str, *, allow_download: bool) -> str:
     return str(resolve_weights(model, allow_download=allow_download))
 
 
-def _resolve_device(device: str | None) -> str:
-    """``None`` -> ``"0"`` (first CUDA GPU) when CUDA is available, else ``"cpu"``; one device only."""
+def _resolve_device(device: str | None, *, multi: bool = False) -> str:
+    """``None`` -> ``"0"`` (first CUDA GPU) when CUDA is available, else ``"cpu"``.
+
+    ``multi`` (training): a comma list of CUDA indices (``"0,1,2,3"``) selects ultralytics' DDP,
+    one process per GPU (see :func:`_ddp_command`); prediction takes one device only.
+    """
     import torch
 
     if device is None:
         return "0" if torch.cuda.is_available() else "cpu"
-    device = str(device).strip().lower().removeprefix("cuda:")
+    device = str(device).strip().lower().replace("cuda:", "").replace(" ", "")
     if "," in device:
-        raise PipelineError(f"device {device!r}: one device only (multi-GPU training is not supported here)")
+        if not multi:
+            raise PipelineError(f"device {device!r}: one device only (prediction runs on one GPU)")
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device {device!r}: CUDA is not available on this machine, so one device only (use 'cpu')")
+        parts = device.split(",")
+        n = torch.cuda.device_count()
+        if not all(p.isdigit() and int(p) < n for p in parts) or len(set(parts)) != len(parts):
+            raise PipelineError(f"device {device!r}: expected distinct CUDA indices below {n} (this machine has {n} GPU(s))")
+        return ",".join(parts)
     if device not in {"cpu", "mps"} and not torch.cuda.is_available():
         raise PipelineError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
     return device
@@ -547,7 +561,10 @@ def train_yolo_world(
             ``weights/class_embeddings.pt`` and ``metrics.json`` (val mAP50, mAP50-95, precision,
             recall of ``best.pt``).
         epochs, imgsz, batch: training length, square input size in pixels, images per batch.
-        device: ``"cpu"``, ``"0"``/``"cuda:0"``; ``None`` picks the first GPU, else the CPU.
+        device: ``"cpu"``, ``"0"``/``"cuda:0"``, or several GPUs ``"0,1,2,3"`` (ultralytics' own DDP:
+            it launches ``torch.distributed.run`` with one process per GPU; ``batch`` is the global
+            batch, a multiple of the GPU count; the offline patches and text embeddings reach the
+            worker processes through :func:`run_ddp_worker`); ``None`` picks the first GPU, else the CPU.
         seed: seeds Python, NumPy and torch; ultralytics' deterministic mode is on.
         workers: dataloader processes (ultralytics forces 0 on CPU).
         optimizer: ultralytics optimizer name (``auto``, ``SGD``, ``AdamW``, ...). With ``auto``
@@ -575,7 +592,10 @@ def train_yolo_world(
         for split in ("train", "val"):
             _check_labels(_split_images(root, data[split], Path(data_yaml)), data["nc"])
         model_ref = _resolve_model(model, allow_download=allow_download)
-        device = _resolve_device(device)
+        device = _resolve_device(device, multi=True)
+        n_gpu = len(device.split(",")) if "," in device else 1
+        if n_gpu > 1 and int(batch) % n_gpu:
+            raise PipelineError(f"batch={batch}: expected a multiple of the {n_gpu} GPUs in device {device!r} (one share per GPU)")
         _prepare_run_dir(out_dir, force=force, resume=resume)
         config = {
             "data_yaml": str(Path(data_yaml).resolve()), "model": str(model), "model_resolved": model_ref,
@@ -588,8 +608,14 @@ def train_yolo_world(
         with _run_log(out_dir / "train.log"), _torch_determinism_restored():
             trainer = _build_trainer(config, out_dir, resume=resume, allow_download=allow_download)
             _train(trainer, out_dir)
-            metrics = _final_metrics(trainer)
-            atomic_write_json(out_dir / "metrics.json", metrics)
+            worker_metrics = out_dir / "metrics.json"
+            if getattr(trainer, "ddp", False) and worker_metrics.is_file():  # written by rank 0 of the DDP workers
+                from pipeline.io import read_json
+
+                metrics = read_json(worker_metrics)
+            else:
+                metrics = _final_metrics(trainer)
+                atomic_write_json(out_dir / "metrics.json", metrics)
             LOG.info("run folder %s: mAP50 %.4f, mAP50-95 %.4f", out_dir, metrics["mAP50"], metrics["mAP50-95"])
     return out_dir
 
@@ -630,10 +656,12 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
     trainer.use_clip = _clip_usable(allow_download)
     trainer.embedding_source = CLIP_VARIANT if trainer.use_clip else HASH_SOURCE
     stored = out_dir / "weights" / EMBEDDINGS_FILE
+    trainer.embeddings_path = str(stored)
     if resume and stored.is_file():  # same prompts as the interrupted run, whatever is installed now
         payload = _load_embeddings(stored)
         trainer.preset_table = dict(zip(payload["texts"], payload["text_embeddings"]))
         trainer.embedding_source = payload.get("source", HASH_SOURCE)
+        trainer.preset_path = str(stored)
     elif not trainer.use_clip:
         msg = (
             f"CLIP is not available (package 'clip' or {_clip_weights_path()} missing): class prompts get "
@@ -646,7 +674,10 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
 
 
 def _save_trainer_embeddings(trainer: Any, path: Path) -> None:
-    """Callback: store the prompts before the first epoch, so a resumed run finds the same ones."""
+    """Callback: store the prompts before the first epoch, so a resumed run finds the same ones
+    (rank 0 only under DDP)."""
+    if os.environ.get("RANK", "-1") not in ("-1", "0"):
+        return
     names = list(trainer.data["names"].values())
     _save_embeddings(path, names=names, table=trainer.text_table(), source=trainer.embedding_source)
 
@@ -680,6 +711,105 @@ def _final_metrics(trainer: Any) -> dict:
         "epochs": int(trainer.epochs),
         "embedding_source": trainer.embedding_source,
     }
+
+
+# ----------------------------------------------------------------------------- multi-GPU (ultralytics DDP)
+
+
+def _plain_arg(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain_arg(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain_arg(x) for k, x in v.items()}
+    return str(v)
+
+
+def _ddp_command(trainer: Any) -> tuple[list[str], str]:
+    """Stand-in for ``ultralytics.utils.dist.generate_ddp_command`` (patched in by :func:`_offline_ultralytics`).
+
+    Upstream pickles the trainer class and launches a generated script that rebuilds it in each
+    worker, without our offline patches, text-embedding table or run-log, and first deletes the
+    save folder (our ``data.yaml`` lives there). This writes, into the run folder,
+    ``ddp_launch_<id>.pt`` (the trainer arguments as plain values, the embedding settings) and
+    ``ddp_launch_<id>.py`` (calls :func:`run_ddp_worker`); ultralytics' ``ddp_cleanup`` deletes both.
+
+    Returns:
+        ``(command, script path)``: ``python -m torch.distributed.run --nproc_per_node <GPUs>
+        --master_port <free port> <script>``.
+    """
+    import sys
+
+    import torch
+    from ultralytics.utils.dist import find_free_network_port
+
+    save_dir = Path(trainer.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    stem = save_dir / f"ddp_launch_{id(trainer)}"
+    state = {
+        "args": {k: _plain_arg(v) for k, v in vars(trainer.args).items()},
+        "use_clip": bool(getattr(trainer, "use_clip", False)),
+        "embedding_source": str(getattr(trainer, "embedding_source", HASH_SOURCE)),
+        "embeddings_path": getattr(trainer, "embeddings_path", None),
+        "preset_path": getattr(trainer, "preset_path", None),
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(stem.with_suffix(".pt"), buf.getvalue())
+    script = (
+        "# pipeline: ultralytics multi-GPU worker (deleted after the run)\n"
+        'if __name__ == "__main__":\n'
+        "    import sys\n"
+        f"    sys.path = {sys.path!r}\n"
+        "    from pipeline.detection import run_ddp_worker\n"
+        f"    run_ddp_worker({str(stem.with_suffix('.pt'))!r})\n"
+    )
+    atomic_write_text(stem.with_suffix(".py"), script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(trainer.world_size),
+           "--master_port", str(find_free_network_port()), str(stem.with_suffix(".py"))]
+    return cmd, str(stem.with_suffix(".py"))
+
+
+def run_ddp_worker(state_path: str | Path) -> None:
+    """Body of one ultralytics DDP worker process (started by ``torch.distributed.run``).
+
+    Rebuilds the offline trainer (:func:`_trainer_class`) from the state :func:`_ddp_command`
+    wrote, inside :func:`_offline_ultralytics`, with the same text-embedding source (hash or CLIP,
+    or the stored table of a resumed run) as the launching process, and trains. Rank 0 copies the
+    log into ``train.log``, stores ``class_embeddings.pt`` and writes ``metrics.json``.
+    """
+    import torch
+
+    state = torch.load(Path(state_path), map_location="cpu", weights_only=True)
+    rank0 = os.environ.get("RANK", "-1") in ("-1", "0")
+    with _offline_ultralytics(), _torch_determinism_restored(), ExitStack() as stack:
+        from ultralytics.utils import DEFAULT_CFG_DICT
+
+        save_dir = Path(state["args"]["save_dir"])
+        if rank0:
+            stack.enter_context(_run_log(save_dir / "train.log"))
+        cfg = DEFAULT_CFG_DICT.copy()
+        cfg.update(save_dir="")  # the extra key 'save_dir', as upstream's DDP file does
+        trainer = _trainer_class()(cfg=cfg, overrides=state["args"])
+        trainer.use_clip = bool(state["use_clip"])
+        trainer.embedding_source = state["embedding_source"]
+        if state.get("preset_path"):
+            payload = _load_embeddings(Path(state["preset_path"]))
+            trainer.preset_table = dict(zip(payload["texts"], payload["text_embeddings"]))
+        if state.get("embeddings_path"):
+            stored = Path(state["embeddings_path"])
+            trainer.add_callback("on_pretrain_routine_end", lambda t: _save_trainer_embeddings(t, stored))
+        trainer.train()
+        if rank0:
+            atomic_write_json(save_dir / "metrics.json", _final_metrics(trainer))
+
+
+def __getattr__(name: str) -> Any:
+    """``pipeline.detection.OfflineWorldTrainer``: the trainer class, built on first access (importable by name)."""
+    if name == "OfflineWorldTrainer":
+        return _trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -54,6 +54,11 @@ class SamTrainConfig:
         max_boxes: at most this many components of one image per step (a random subset beyond).
         cache_dir: embedding cache folder (``None``: :func:`pipeline.segmentation.default_cache_dir`).
         use_cache: ``False`` recomputes every embedding every epoch (benchmark baseline only).
+        images_per_step: images per optimizer step (the global batch; default 1 = one step per image).
+            The step loss is the mean of the per-image losses. Under ``torchrun`` the images of a step are
+            split over the ranks, so a run gives the same result for any world size that keeps this value
+            (use a multiple of the number of processes, or some ranks idle on part of every step).
+        amp: bf16 autocast for the decoder on CUDA (ignored on CPU).
     """
 
     train_records: str
@@ -78,6 +83,8 @@ class SamTrainConfig:
     use_cache: bool = True
     device: str | None = None
     allow_download: bool = False
+    images_per_step: int = 1
+    amp: bool = True
 
     def check(self) -> None:
         """Raise :class:`PipelineError` for values out of range."""
@@ -94,6 +101,8 @@ class SamTrainConfig:
             raise PipelineError(f"--mask-loss {self.mask_loss!r}: expected focal or bce")
         if self.epochs < 1 or self.lr <= 0 or self.max_boxes < 1 or self.box_jitter_px < 0:
             raise PipelineError("epochs, lr, max_boxes must be positive and box_jitter_px >= 0")
+        if self.images_per_step < 1:
+            raise PipelineError(f"--images-per-step {self.images_per_step}: expected at least 1")
 
     @property
     def pixel_weight(self) -> float:
@@ -220,40 +229,115 @@ def _loss(sam, low, iou_pred, group, idx: list[int], cfg: SamTrainConfig) -> tup
     return loss, parts
 
 
-def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainConfig, gen, *, bar=None) -> dict:
-    """One pass over the training images (one optimizer step per image, all its components).
-
-    Returns:
-        Mean ``loss``, ``pixel``, ``dice``, ``iou_mse``, ``iou`` over steps; ``seconds``;
-        ``encoder_calls`` and ``cache_hits`` during the epoch.
-    """
-    import torch
+def _decoder_module():
+    """``nn.Module`` whose forward is :func:`pipeline.sam_model.decode`, so DDP can wrap the decoder step."""
+    import torch.nn as nn
 
     from pipeline.sam_model import decode
 
+    class Decoder(nn.Module):
+        def __init__(self, sam) -> None:
+            super().__init__()
+            self.sam = sam
+
+        def forward(self, embedding, boxes_input):
+            return decode(self.sam, embedding, boxes_input)
+
+    return Decoder
+
+
+def train_step_module(sam, device: str, *, train: tuple[str, ...] = ("mask_decoder",)):
+    """The module one training step calls: ``DDP(Decoder(sam))`` under ``torchrun``, else ``Decoder(sam)``.
+
+    With a training prompt encoder its point/mask embeddings get no gradient from box prompts, so DDP
+    is told to look for unused parameters."""
+    from pipeline import distributed as D
+
+    return D.wrap_ddp(_decoder_module()(sam), device, find_unused_parameters="prompt_encoder" in train)
+
+
+def steps_per_epoch(n_images: int, cfg: SamTrainConfig) -> int:
+    return math.ceil(n_images / cfg.images_per_step)
+
+
+def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainConfig, gen, *, bar=None, step_module=None,
+                    timing: dict | None = None) -> dict:
+    """One pass over the training images: one optimizer step per ``cfg.images_per_step`` images
+    (all components of each image against its embedding; step loss = mean of the image losses).
+
+    Distributed (``step_module`` wrapped in DDP): every rank draws the same order, box subsets and
+    jitter from ``gen`` for every image of a step, computes only its share
+    (:func:`pipeline.distributed.rank_slice`) and weights each image loss by ``world / n_step`` so
+    DDP's gradient average is the step mean; a rank without images joins with a zero-weighted
+    pass. Gradients of a rank's images accumulate under ``no_sync`` until its last one.
+
+    Returns:
+        Mean ``loss``, ``pixel``, ``dice``, ``iou_mse``, ``iou`` over images (all ranks); ``seconds``;
+        ``encoder_calls`` and ``cache_hits`` during the epoch (this rank). ``timing`` (optional dict)
+        receives ``data_s`` (embeddings, targets) and ``compute_s`` (forward/backward/step).
+    """
+    import contextlib
+
+    import torch
+
+    from pipeline import distributed as D
+
+    step_module = step_module if step_module is not None else _decoder_module()(sam)
+    world = D.info().world_size
     t0, calls0, hits0 = time.perf_counter(), embedder.encoder_calls, embedder.cache_hits
     order = torch.randperm(len(groups), generator=gen).tolist()
     sums: dict[str, float] = {}
+    n_img = 0
+    data_s = compute_s = 0.0
+    per = cfg.images_per_step
     task = bar.add_task("train", total=len(order)) if bar is not None else None
-    for n, i in enumerate(order, 1):
-        g = groups[i]
-        emb = _embedding(sam, embedder, g, cfg)
-        boxes, idx = _step_tensors(sam, g, cfg, gen, train=True)
-        low, iou_pred = decode(sam, emb, boxes.to(emb.device))
-        loss, parts = _loss(sam, low, iou_pred, g, idx, cfg)
+    for s0 in range(0, len(order), per):
+        step = order[s0 : s0 + per]
+        draws = [_step_tensors(sam, groups[i], cfg, gen, train=True) for i in step]  # same draws on every rank
+        mine = list(range(len(step)))[D.rank_slice(len(step))]
+        weight = world / len(step)  # per image: DDP averages over ranks, the step is the mean over images
+        jobs = [(j, weight) for j in mine] or [(0, 0.0)]  # idle rank: zero-weighted pass keeps DDP in step
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for k, (j, w) in enumerate(jobs):
+            ta = time.perf_counter()
+            g = groups[step[j]]
+            emb = _embedding(sam, embedder, g, cfg)
+            boxes, idx = draws[j]
+            dev = emb.device
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            tb = time.perf_counter()
+            last = k == len(jobs) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(step_module, "no_sync") else step_module.no_sync()
+            with sync:
+                with D.autocast(str(dev), cfg.amp):
+                    low, iou_pred = step_module(emb, boxes.to(dev))
+                loss, parts = _loss(sam, low.float(), iou_pred.float(), g, idx, cfg)
+                (loss * w).backward()
+            if w > 0:
+                n_img += 1
+                for key, v in {"loss": loss, **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + float(v.detach())
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            data_s += tb - ta
+            compute_s += time.perf_counter() - tb
+        tc = time.perf_counter()
         optimizer.step()
         scheduler.step()
-        for k, v in {"loss": loss, **parts}.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        compute_s += time.perf_counter() - tc
         if bar is not None:
-            bar.update(task, advance=1, description=f"train loss {sums['loss'] / n:.4f}")
+            bar.update(task, advance=len(step), description=f"train loss {sums.get('loss', 0.0) / max(n_img, 1):.4f}")
     if bar is not None:
         bar.remove_task(task)
-    out = {k: v / max(len(order), 1) for k, v in sums.items()}
-    out.update(seconds=time.perf_counter() - t0, encoder_calls=embedder.encoder_calls - calls0,
+    keys = ["loss", "pixel", "dice", "iou_mse", "iou"]
+    red = D.all_reduce_sums({**{k: sums.get(k, 0.0) for k in keys}, "n": float(n_img)})
+    out = {k: red[k] / max(red["n"], 1) for k in keys}
+    out.update(seconds=D.all_reduce_max(time.perf_counter() - t0), encoder_calls=embedder.encoder_calls - calls0,
                cache_hits=embedder.cache_hits - hits0)
+    if timing is not None:
+        timing["data_s"] = timing.get("data_s", 0.0) + data_s
+        timing["compute_s"] = timing.get("compute_s", 0.0) + compute_s
     return out
 
 
@@ -266,13 +350,15 @@ def evaluate_groups(sam, groups, embedder, cfg: SamTrainConfig) -> dict:
     """
     import torch
 
+    from pipeline import distributed as D
     from pipeline.sam_model import decode, logits_to_native
 
     was = {m: getattr(sam, m).training for m in TRAINABLE}
     sam.eval()
     ious, dices, losses = [], [], []
     with torch.no_grad():
-        for g in groups:
+        for gi in D.shard_indices(len(groups)):  # under DDP each rank takes a strided shard
+            g = groups[gi]
             emb = embedder(g.image)
             boxes, idx = _step_tensors(sam, g, cfg, None, train=False)
             low, iou_pred = decode(sam, emb, boxes.to(emb.device))
@@ -286,6 +372,9 @@ def evaluate_groups(sam, groups, embedder, cfg: SamTrainConfig) -> dict:
             dices += (2 * inter / (ps + ts).clamp(min=1)).tolist()
     for m, on in was.items():
         getattr(sam, m).train(on)
+    if D.info().world_size > 1:
+        parts = D.all_gather_objects((losses, ious, dices))
+        losses, ious, dices = ([v for part in parts for v in part[k]] for k in range(3))
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "mIoU": float(np.mean(ious)) if ious else float("nan"),
             "mDice": float(np.mean(dices)) if dices else float("nan"), "n": len(ious)}
 
@@ -302,6 +391,7 @@ def prepare(cfg: SamTrainConfig):
     """
     import torch
 
+    from pipeline import distributed as D
     from pipeline.sam_model import build_sam, default_device
     from pipeline.segmentation import group_by_image, read_records, resolve_base_checkpoint
 
@@ -314,7 +404,7 @@ def prepare(cfg: SamTrainConfig):
         raise PipelineError(f"{cfg.val_records}: no records (the val split needs defect images to validate on)")
     base = resolve_base_checkpoint(cfg.model_type, cfg.checkpoint, allow_download=cfg.allow_download)
     torch.manual_seed(cfg.seed)
-    sam = build_sam(cfg.model_type, checkpoint=base, tiny_seed=cfg.tiny_seed, device=cfg.device or default_device())
+    sam = build_sam(cfg.model_type, checkpoint=base, tiny_seed=cfg.tiny_seed, device=D.local_device(cfg.device or default_device()))
     params = _set_trainable(sam, cfg.train)
     return sam, train, val, params
 
@@ -327,6 +417,10 @@ def finetune_sam(cfg: SamTrainConfig, out: Path, *, resume: bool = False, force:
     ``resume``), ``metrics.json``, ``curves.png``, ``log.txt``. Bad input fails before ``out`` is
     created. ``resume`` continues ``out/last.pt`` with the config stored there (``cfg`` is ignored).
 
+    Under ``torchrun`` (``pipeline.distributed``): DDP over the trained modules, NCCL on CUDA / gloo
+    on CPU, the embedding cache filled by all ranks in shards, the images of each step split over
+    ranks (see :func:`train_one_epoch`), validation sharded and gathered, rank 0 alone writes.
+
     Raises:
         PipelineError: see :func:`prepare`; ``out`` exists without ``force``/``resume``.
     """
@@ -335,7 +429,8 @@ def finetune_sam(cfg: SamTrainConfig, out: Path, *, resume: bool = False, force:
     import torch
     import yaml
 
-    from pipeline.sam_model import Embedder
+    from pipeline import distributed as D
+    from pipeline.sam_model import Embedder, default_device
     from pipeline.segmentation import default_cache_dir, read_finetuned, save_finetuned
 
     out = Path(out)
@@ -347,9 +442,10 @@ def finetune_sam(cfg: SamTrainConfig, out: Path, *, resume: bool = False, force:
         cfg = SamTrainConfig(**c)
     else:
         check_can_write(out, force=force)
+    dist = D.init_from_env(cfg.device or default_device())
     sam, train, val, params = prepare(cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * len(train)
+    steps = cfg.epochs * steps_per_epoch(len(train), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -366,10 +462,13 @@ def finetune_sam(cfg: SamTrainConfig, out: Path, *, resume: bool = False, force:
         history = list(state["history"])
         best = dict(state["best"])
         start = int(state["epoch"]) + 1
-    elif out.exists():
-        shutil.rmtree(out)  # force: replace the old run
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.as_dict(), sort_keys=False))
+    D.barrier()  # every rank validated its inputs before rank 0 replaces anything
+    if D.is_main():
+        if state is None and out.exists():
+            shutil.rmtree(out)  # force: replace the old run
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({**cfg.as_dict(), "world_size": dist.world_size}, sort_keys=False))
+    D.barrier()
     # A training image encoder changes every step: its embeddings cannot be cached.
     cached = cfg.use_cache and "image_encoder" not in cfg.train
     cache = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cached else None
@@ -378,41 +477,54 @@ def finetune_sam(cfg: SamTrainConfig, out: Path, *, resume: bool = False, force:
     from pipeline.segmentation import _progress
 
     t_run = time.perf_counter()
-    with _progress(progress) as bar:
+    step_module = train_step_module(sam, str(sam.device), train=cfg.train)
+    with _progress(progress and D.is_main()) as bar:
         if cache is not None:
-            task = bar.add_task("embeddings", total=len(train) + len(val))
-            for g in train + val:  # fill the cache once; epochs then do no encoder work
-                embedder(g.image)
+            everything = train + val
+            mine = D.shard_indices(len(everything))  # each rank fills its shard of the cache
+            task = bar.add_task("embeddings", total=len(mine))
+            for i in mine:  # fill the cache once; epochs then do no encoder work
+                embedder(everything[i].image)
                 bar.advance(task)
             bar.remove_task(task)
+            D.barrier()
         for epoch in range(start, cfg.epochs + 1):
-            tr = train_one_epoch(sam, train, embedder, optimizer, scheduler, cfg, gen, bar=bar)
+            tr = train_one_epoch(sam, train, embedder, optimizer, scheduler, cfg, gen, bar=bar, step_module=step_module)
             va = evaluate_groups(sam, val, embedder, cfg)
             row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in tr.items()},
                    **{f"val_{k}": v for k, v in va.items()}}
             history.append(row)
-            if va["mIoU"] > best["mIoU"]:
+            improved = va["mIoU"] > best["mIoU"]
+            if improved:
                 best = {"mIoU": va["mIoU"], "epoch": epoch}
-                save_finetuned(out / "best.pt", sam=sam, config=config, trained=list(cfg.train),
-                               extra={"epoch": epoch, "metrics": row})
-            save_finetuned(out / "last.pt", sam=sam, config=config, trained=list(cfg.train),
-                           extra={"epoch": epoch, "metrics": row, "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                                  "torch_rng": torch.get_rng_state(), "history": history, "best": best})
             line = (f"epoch {epoch}/{cfg.epochs} train loss {tr['loss']:.4f} iou {tr['iou']:.4f} "
                     f"| val loss {va['loss']:.4f} mIoU {va['mIoU']:.4f} mDice {va['mDice']:.4f} "
                     f"| {tr['seconds']:.1f}s, encoder calls {tr['encoder_calls']}")
-            with open(out / "log.txt", "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-            if progress:
-                bar.console.print(line, soft_wrap=True, highlight=False)
+            with D.main_only() as main:  # rank 0 writes; the others wait for the files
+                if main:
+                    if improved:
+                        save_finetuned(out / "best.pt", sam=sam, config=config, trained=list(cfg.train),
+                                       extra={"epoch": epoch, "metrics": row})
+                    save_finetuned(out / "last.pt", sam=sam, config=config, trained=list(cfg.train),
+                                   extra={"epoch": epoch, "metrics": row, "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                                          "torch_rng": torch.get_rng_state(), "history": history, "best": best})
+                    with open(out / "log.txt", "a", encoding="utf-8") as fh:
+                        fh.write(line + "\n")
+                    if progress:
+                        bar.console.print(line, soft_wrap=True, highlight=False)
+    if not D.is_main():
+        D.barrier()
+        return out
     metrics = {"best_epoch": best["epoch"], "best_val_mIoU": best["mIoU"], "last": history[-1] if history else None,
                "history": history, "embedding_cache": str(cache) if cache else None,
                "encoder_calls": embedder.encoder_calls, "cache_hits": embedder.cache_hits,
                "seconds": time.perf_counter() - t_run, "n_train_images": len(train), "n_val_images": len(val),
                "n_train_components": sum(len(g.records) for g in train), "n_val_components": sum(len(g.records) for g in val)}
+    metrics["world_size"] = dist.world_size
     atomic_write_json(out / "metrics.json", metrics)
     plot_curves(history, out / "curves.png")
+    D.barrier()
     return out
 
 
