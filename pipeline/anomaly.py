@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.io import load_torch_file
 
 ARTEFACT_FORMAT = "pipeline.patchcore"
 ARTEFACT_VERSION = 1
@@ -518,12 +519,7 @@ def load_artefact(path: Path, *, device: str | None = None) -> PatchCore:
     from pipeline import backbones
 
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: PatchCore artefact not found (expected model.pt from `pipeline finetune anomaly`)")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PipelineError(f"{path}: not a readable PatchCore artefact ({type(exc).__name__})") from None
+    obj = load_torch_file(path, what="PatchCore artefact (model.pt from `pipeline finetune anomaly`)")
     if not isinstance(obj, dict) or obj.get("format") != ARTEFACT_FORMAT:
         raise PipelineError(f"{path}: not a PatchCore artefact (expected format {ARTEFACT_FORMAT!r})")
     if obj.get("version") != ARTEFACT_VERSION:

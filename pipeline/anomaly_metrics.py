@@ -39,22 +39,13 @@ _trapz = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz
 def auroc(scores, labels) -> float:
     """Exact ROC AUC of ``scores`` (higher = more anomalous) for binary ``labels`` (1 = defect).
 
-    Returns ``nan`` when one class is absent. Ties get average ranks (count as half).
+    Returns ``nan`` when one class is absent. Ties count as half
+    (:func:`pipeline.evaluation.binary_auroc`).
     """
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels).astype(bool).ravel()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks of ties
-    uniq, start, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = start + (counts - 1) / 2.0 + 1.0
-    ranks[order] = np.repeat(avg, counts)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    from pipeline.evaluation import binary_auroc
+
+    value = binary_auroc(scores, labels)
+    return float("nan") if value is None else value
 
 
 def f1_max(scores, labels) -> tuple[float, float]:

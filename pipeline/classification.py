@@ -38,7 +38,9 @@ import numpy as np
 
 from pipeline.classifier_config import ClassifierConfig, ModelConfig, config_from_dict, config_to_dict
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_can_write, read_image
+from pipeline.io import (
+    atomic_write_bytes, atomic_write_json, atomic_write_text, check_can_write, load_torch_file, read_image,
+)
 
 GOOD = "good"
 DEFECT = "defect"
@@ -670,17 +672,10 @@ def save_checkpoint(path: Path, **state) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    import torch
-
     path = Path(path)
     if path.is_dir():
         path = path / "weights" / "best.pt"
-    if not path.is_file():
-        raise PipelineError(f"{path}: checkpoint not found (expected a run folder or a .pt file written by 'pipeline finetune classifier')")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PipelineError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from None
+    ck = load_torch_file(path, what="classifier checkpoint (a run folder or a .pt file written by 'pipeline finetune classifier')")
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck or "classes" not in ck:
         raise PipelineError(f"{path}: not a classifier checkpoint (expected keys model, config, classes)")
     return ck

@@ -83,27 +83,13 @@ def summarize_confusion(cm: np.ndarray, classes: Sequence[str]) -> dict:
 
 
 def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
-    """Area under the ROC curve of ``scores`` for the ``positive`` images (mid-ranks for ties).
+    """Area under the ROC curve of ``scores`` for the ``positive`` images (ties count one half).
 
     Returns ``None`` when one of the two groups is empty (AUROC undefined).
     """
-    s = np.asarray(scores, np.float64)
-    pos = np.asarray(positive, bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # assign mid-ranks to runs of equal scores
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    from pipeline.evaluation import binary_auroc
+
+    return binary_auroc(scores, positive)
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, *, title: str = "") -> Path:
@@ -113,8 +99,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, *, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.io import atomic_write_bytes
-    import io
+    from pipeline.io import atomic_savefig
 
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -130,10 +115,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, *, title:
             ax.text(c, r, str(int(cm[r, c])), ha="center", va="center", color="white" if norm[r, c] > 0.5 else "black")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_savefig(fig, Path(path), dpi=100)
     return Path(path)
 
 
@@ -141,14 +123,13 @@ def plot_history(history: Sequence[dict], path: Path, *, title: str = "") -> Pat
     """Training curves (loss; accuracy and balanced accuracy) from a run's per-epoch history."""
     if not history:
         return None
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.io import atomic_write_bytes
+    from pipeline.io import atomic_savefig
 
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -166,10 +147,7 @@ def plot_history(history: Sequence[dict], path: Path, *, title: str = "") -> Pat
     a2.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_savefig(fig, Path(path), dpi=100)
     return Path(path)
 
 

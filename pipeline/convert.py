@@ -26,7 +26,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.instances import decode_rle, encode_rle, mask_to_instances, rle_bbox_xywh
 from pipeline.io import atomic_write_json, atomic_write_text, staged_dir
-from pipeline.mvtec import GOOD, SPLITS, Sample, Split, make_split, read_mask, scan_category
+from pipeline.mvtec import SPLITS, Sample, Split, make_split, read_mask, scan_category
 
 MAX_YOLO_WORLD_CLASSES = 80
 

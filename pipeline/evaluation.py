@@ -21,6 +21,27 @@ COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", 
               "AR_small", "AR_medium", "AR_large")
 
 
+def binary_auroc(scores, positive) -> float | None:
+    """Area under the ROC curve as the Mann-Whitney U statistic (ties count one half).
+
+    Args:
+        scores: ``N`` scores, higher = more likely positive (defect).
+        positive: ``N`` bools, True = positive.
+
+    Returns:
+        AUROC in [0, 1], or ``None`` when one of the two classes is absent (undefined).
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(positive).astype(bool).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    neg = np.sort(s[~y])
+    below = np.searchsorted(neg, s[y], side="left")  # negatives strictly lower than each positive
+    ties = np.searchsorted(neg, s[y], side="right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (n_pos * n_neg))
+
+
 def load_coco_gt(gt_path: Path):
     """Load COCO ground truth quietly (pycocotools prints to stdout). Raises PipelineError when invalid."""
     from pycocotools.coco import COCO
@@ -177,10 +198,9 @@ def plot_pr_curves(curves: dict[str, list[float]], path: Path, *, title: str) ->
         ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    from pipeline.io import atomic_savefig
+
+    atomic_savefig(fig, path)
 
 
 def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path, *, class_agnostic: bool = False) -> dict:

@@ -201,16 +201,10 @@ def unique_names(sources: Sequence[Source]) -> None:
 
 # ----------------------------------------------------------------------------- metrics
 def auroc(scores: Sequence[float], y: Sequence[bool]) -> float | None:
-    """AUROC as the Mann-Whitney U statistic with mid-ranks (ties count one half); ``None`` when a class is absent."""
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(y, bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    neg = np.sort(s[~y])
-    below = np.searchsorted(neg, s[y], side="left")  # negatives strictly lower than each positive
-    ties = np.searchsorted(neg, s[y], side="right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (n_pos * n_neg))
+    """AUROC with ties counting one half; ``None`` when a class is absent (see :func:`pipeline.evaluation.binary_auroc`)."""
+    from pipeline.evaluation import binary_auroc
+
+    return binary_auroc(scores, y)
 
 
 def decision_metrics(scores: Sequence[float], y: Sequence[bool], threshold: float) -> dict:

@@ -143,3 +143,41 @@ def image_size_hw(path: Path) -> tuple[int, int]:
     except Exception as exc:  # noqa: BLE001
         raise PipelineError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
     return h, w
+
+
+def atomic_savefig(fig, path: Path, **savefig_kwargs) -> None:
+    """Save a matplotlib figure to ``path`` (PNG by its suffix) through a temporary file and a rename,
+    then close the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def load_torch_file(path: Path, *, what: str):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
+
+    Args:
+        path: the file.
+        what: what the file should be, for messages (e.g. ``"PatchCore artefact"``).
+
+    Raises:
+        PipelineError: the file is missing or is not a readable PyTorch file (including one that
+            needs unpickling arbitrary objects, which ``weights_only`` refuses).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: {what} not found")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling/zip error means "not this kind of file"
+        raise PipelineError(f"{path}: not a readable {what} ({type(exc).__name__})") from None

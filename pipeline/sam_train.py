@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_json, atomic_write_text, check_can_write
+from pipeline.io import atomic_savefig, atomic_write_json, atomic_write_text, check_can_write
 
 TRAINABLE = ("mask_decoder", "prompt_encoder", "image_encoder")
 
@@ -548,7 +548,4 @@ def plot_curves(history: list[dict], path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_savefig(fig, path)

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, image_size_hw, read_json, staged_dir
+from pipeline.io import (
+    atomic_write_bytes, atomic_write_json, atomic_write_text, image_size_hw, load_torch_file, read_json, staged_dir,
+)
 
 CKPT_FORMAT = "pipeline.sam-finetune"
 CKPT_VERSION = 1
@@ -192,15 +194,7 @@ def read_finetuned(path: Path) -> dict:
     Raises:
         PipelineError: missing, unreadable, or not written by :func:`save_finetuned`.
     """
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: fine-tuned SAM checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PipelineError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+    obj = load_torch_file(path, what="fine-tuned SAM checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
         raise PipelineError(f"{path}: not a fine-tuned SAM checkpoint (expected one written by pipeline finetune sam)")
     if obj.get("version") != CKPT_VERSION:

@@ -26,3 +26,15 @@ def mvtec_root() -> Path:
     if not (path / "bottle").is_dir():
         pytest.skip(f"real MVTec AD data not available: {path}/bottle not found")
     return path
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread for tiny models: on a shared 2-core machine, 2 threads make small ops
+    10-50x slower. Restores the previous setting."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
