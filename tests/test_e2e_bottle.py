@@ -3,10 +3,8 @@ convert-masks -> finetune yolo (random init, few epochs, small images) -> predic
 Needs MVTEC_ROOT; low mAP is expected from a randomly initialised detector after 2 CPU epochs."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 from urllib.parse import unquote
 
 import cv2
