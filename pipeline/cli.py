@@ -513,17 +513,16 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except Exception as exc:  # usage errors, --help exits, aborts (typer vendors click: match by shape)
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            raise
+        message = getattr(exc, "format_message", lambda: "")()
+        if message:  # a usage error: one line, with where to look (help already shown has none)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"error: {message}{hint}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -272,14 +272,26 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
             line += f" | segm AP {m['segm']['AP']:.4f} mIoU {m['masks']['mIoU']:.4f} mDice {m['masks']['mDice']:.4f}"
         m["_summary"] = line
         return m
-    if kind == "classification":
-        from pipeline.cls_metrics import evaluate_classification
+    import os
+    import tempfile
 
-        m = evaluate_classification(pred_path, out_dir)
-    else:
-        from pipeline.anomaly_metrics import evaluate_anomaly
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = result_tag(pred_path)
+    # the classifier and anomaly evaluators write fixed names (metrics.json, ...): give each file's
+    # outputs its tag, as COCO results get, so several files can be scored into one folder
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".eval-") as tmp:
+        if kind == "classification":
+            from pipeline.cls_metrics import evaluate_classification
 
-        m = evaluate_anomaly(pred_path, gt, out_dir=out_dir)
+            m = evaluate_classification(pred_path, Path(tmp))
+        else:
+            from pipeline.anomaly_metrics import evaluate_anomaly
+
+            m = evaluate_anomaly(pred_path, gt, out_dir=Path(tmp))
+        for f in Path(tmp).iterdir():
+            stem = "metrics" if f.stem in ("metrics", "anomaly_metrics") else f.stem
+            os.replace(f, out_dir / f"{stem}_{tag}{f.suffix}")
     m.setdefault("_summary", f"{Path(pred_path).name}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
     return m

@@ -83,3 +83,20 @@ def test_missing_weights_without_allow_download(cat, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     r = run("--debug", "convert-masks", tmp_path / "nope")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["convert-masks"], "Missing argument 'category'"),  # a missing argument
+    (["evaluate", "x.json", "--nope"], "No such option: --nope"),  # an unknown option
+    (["finetune", "yolo", "--data", "d.yaml", "--epochs", "abc"], "Invalid value for '--epochs'"),  # a wrong type
+    (["nosuch"], "No such command 'nosuch'"),  # an unknown command
+])
+def test_usage_errors_are_one_line(args, needle):
+    r = run(*args)
+    assert r.returncode == 2
+    _one_line_error_text(r.stderr, needle)
+
+
+def _one_line_error_text(stderr, needle):
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr

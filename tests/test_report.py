@@ -236,7 +236,7 @@ def test_cli_evaluate_fused_then_report(fused_run, tmp_path):
     assert r.returncode == 0, r.stderr
     saved = json.loads((rep / "report.json").read_text())
     assert {"det_test", "preds-det_test"} & set(saved["runs"][0]["per_file"])  # COCO metrics of evaluate
-    assert "anomaly_metrics" in saved["runs"][0]["per_file"]
+    assert saved["runs"][0]["per_file"]["preds-anomaly_test"]["overall.image_auroc"] == 1.0  # anomaly metrics of evaluate, named per file
     _check_images_exist(rep / "report.html", _img_srcs(rep / "report.html"))
     # user errors are one line
     r = run("evaluate", preds / "det_test.json", "--gt", ann / "coco" / "test.json", "--val-predictions", preds / "det_val.json",
