@@ -267,7 +267,7 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
             raise PipelineError(f"{pred_path}: COCO results need --gt (the split's COCO ground truth)")
         m = evaluate_coco_results(gt, pred_path, out_dir, class_agnostic=class_agnostic)
         b = m["bbox"]
-        line = f"{Path(pred_path).name}: bbox AP {b['AP']:.4f} AP50 {b['AP50']:.4f} AP75 {b['AP75']:.4f} AR100 {b['AR100']:.4f}"
+        line = f"{result_tag(pred_path)}: bbox AP {b['AP']:.4f} AP50 {b['AP50']:.4f} AP75 {b['AP75']:.4f} AR100 {b['AR100']:.4f}"
         if "segm" in m:
             line += f" | segm AP {m['segm']['AP']:.4f} mIoU {m['masks']['mIoU']:.4f} mDice {m['masks']['mDice']:.4f}"
         m["_summary"] = line
@@ -292,6 +292,6 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
         for f in Path(tmp).iterdir():
             stem = "metrics" if f.stem in ("metrics", "anomaly_metrics") else f.stem
             os.replace(f, out_dir / f"{stem}_{tag}{f.suffix}")
-    m.setdefault("_summary", f"{Path(pred_path).name}: " + ", ".join(
+    m.setdefault("_summary", f"{tag}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
     return m
