@@ -285,7 +285,6 @@ def finetune_classifier(
     val = result.metrics.get("val") or {}
     if val:
         echo(f"val accuracy {val.get('accuracy'):.4f}, balanced accuracy {val.get('balanced_accuracy'):.4f} (weights: {result.metrics['weights']})")
-    echo(f"wrote {result.run_dir}")
 
 
 @predict_app.command("classifier")
