@@ -381,14 +381,6 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
     return out
 
 
-def _roc(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-scores, kind="mergesort")
-    ys = y[order]
-    tp = np.concatenate([[0], np.cumsum(ys)]) / max(ys.sum(), 1)
-    fp = np.concatenate([[0], np.cumsum(~ys)]) / max((~ys).sum(), 1)
-    return fp, tp
-
-
 def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist | None", max_fpr: float, m: dict) -> None:
     """Image ROC, pixel ROC and the PRO curve (overall) in one PNG."""
     import io
@@ -402,7 +394,9 @@ def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist
 
     n = 3 if hist is not None else 1
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
-    fx, ty = _roc(scores, y)
+    from pipeline.evaluation import roc_curve
+
+    fx, ty = roc_curve(scores, y)
     ax = axes[0, 0]
     ax.plot(fx, ty)
     ax.set(title=f"image ROC (AUROC {m['overall']['image_auroc']:.4f})", xlabel="FPR", ylabel="TPR")

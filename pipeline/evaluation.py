@@ -42,6 +42,30 @@ def binary_auroc(scores, positive) -> float | None:
     return float((below.sum() + 0.5 * ties.sum()) / (n_pos * n_neg))
 
 
+def _counts_at_thresholds(scores, positive) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives called at each distinct score, high to low: ``(tps, fps, n_called)``."""
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(positive).astype(bool).ravel()
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    return np.cumsum(y)[last], np.cumsum(~y)[last], last + 1
+
+
+def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
+    """``(fpr, tpr)`` ascending, one point per distinct threshold, starting at (0, 0)."""
+    y = np.asarray(positive).astype(bool).ravel()
+    tps, fps, _ = _counts_at_thresholds(scores, y)
+    return np.r_[0.0, fps / max(int((~y).sum()), 1)], np.r_[0.0, tps / max(int(y.sum()), 1)]
+
+
+def pr_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
+    """``(recall, precision)`` of the positive class, one point per distinct threshold, high to low."""
+    y = np.asarray(positive).astype(bool).ravel()
+    tps, _, called = _counts_at_thresholds(scores, y)
+    return tps / max(int(y.sum()), 1), tps / called
+
+
 def load_coco_gt(gt_path: Path):
     """Load COCO ground truth quietly (pycocotools prints to stdout). Raises PipelineError when invalid."""
     from pycocotools.coco import COCO

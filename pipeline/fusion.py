@@ -265,31 +265,6 @@ def f1_threshold(scores: Sequence[float], y: Sequence[bool]) -> float:
     return float((cands[best] + cands[best - 1]) / 2.0)
 
 
-def roc_curve(scores: Sequence[float], y: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """``(fpr, tpr)`` ascending, one point per distinct threshold, starting at (0, 0)."""
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(y, bool)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
-    fpr = np.r_[0.0, fps / max(int((~y).sum()), 1)]
-    tpr = np.r_[0.0, tps / max(int(y.sum()), 1)]
-    return fpr, tpr
-
-
-def pr_curve(scores: Sequence[float], y: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """``(recall, precision)`` of the defect class, one point per distinct threshold, high to low."""
-    s = np.asarray(scores, np.float64)
-    y = np.asarray(y, bool)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(y)[last]
-    called = last + 1
-    return tps / max(int(y.sum()), 1), tps / called
-
-
 # ------------------------------------------------------------------------------ fusion
 @dataclass
 class LogisticModel:

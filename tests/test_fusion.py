@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.fusion import (auroc, decision_metrics, f1_threshold, fit_logistic, fuse_files, load_split_labels,
-                             pr_curve, roc_curve, source_scores)
+from pipeline.evaluation import pr_curve, roc_curve
+from pipeline.fusion import auroc, decision_metrics, f1_threshold, fit_logistic, fuse_files, load_split_labels, source_scores
 
 
 def _gt(path, ids_types, root="/data/cat"):
