@@ -383,14 +383,12 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
 
 def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist | None", max_fpr: float, m: dict) -> None:
     """Image ROC, pixel ROC and the PRO curve (overall) in one PNG."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.io import atomic_write_bytes
+    from pipeline.io import atomic_savefig
 
     n = 3 if hist is not None else 1
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
@@ -410,10 +408,7 @@ def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist
                        xlim=(0, max_fpr), ylim=(0, 1))
     fig.suptitle(f"{m.get('backbone') or ''} {Path(m['predictions']).name}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_savefig(fig, path, dpi=100)
 
 
 def table_rows(metrics: dict) -> list[dict]:

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, staged_dir
+from pipeline.io import atomic_savefig, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, staged_dir
 
 PALETTE_BGR = [(0, 140, 255), (255, 0, 255), (255, 255, 0), (0, 0, 255), (255, 128, 0), (128, 0, 255)]
 GT_BGR = (0, 200, 0)
@@ -262,12 +262,7 @@ def _plot_curves(rows: list[dict], records: list[dict], path_roc: Path, path_pr:
         ax.legend(fontsize=6, loc="lower right" if kind == "roc" else "lower left")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        import io
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_savefig(fig, path)
 
 
 # ------------------------------------------------------------------------------------- HTML
