@@ -1,6 +1,6 @@
 """The README table: the four classifier attempts and the long-tail options on one split.
 
-Trains each configuration (``pipeline.classification.train_classifier``), predicts the manifest's
+Trains each configuration (``pipeline.models.classifier.train.train_classifier``), predicts the manifest's
 ``test`` subset, evaluates both subsets, and prints a markdown table with accuracy, balanced
 accuracy, macro-F1, AUROC good-vs-defect and per-class recall. Runs whose folder already holds
 ``metrics.json`` are reused, so an interrupted table resumes.
@@ -44,11 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated row numbers (1-based) to run")
     args = ap.parse_args(argv)
 
-    from pipeline.classification import predict_classifier, train_classifier
-    from pipeline.classifier_config import load_config
-    from pipeline.cls_metrics import evaluate_classification
-    from pipeline.io import read_json
-    from pipeline.mvtec import make_split, scan_category, write_split
+    from pipeline.models.classifier.train import predict_classifier, train_classifier
+    from pipeline.models.classifier.config import load_config
+    from pipeline.evaluation.classification import evaluate_classification
+    from pipeline.core.io import read_json
+    from pipeline.data.mvtec import make_split, scan_category, write_split
 
     args.out.mkdir(parents=True, exist_ok=True)
     split = args.out / "split.json"

@@ -5,7 +5,7 @@ Same model (one attempt's config), optimiser, loss, batch size, input size and i
 - ``reference``: the loop of torchvision's ``references/classification/train.py`` — a ``Dataset``
   that opens each image with PIL in ``__getitem__`` and applies ``Resize``, ``RandomHorizontalFlip``,
   ``ToTensor``, ``Normalize``; a ``DataLoader`` (``--workers``, shuffle); model step.
-- ``ours``: ``pipeline.classification`` — images decoded and resized once into a uint8 cache
+- ``ours``: ``pipeline.models.classifier.train`` — images decoded and resized once into a uint8 cache
   (timed separately as a one-time cost), batches sliced from it and augmented on the device.
 
 Reports steady-state images/s (after one warm-up batch), the share of time spent on data
@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 def _images(root: Path, limit: int) -> list[tuple[Path, int]]:
-    from pipeline.mvtec import scan_category
+    from pipeline.data.mvtec import scan_category
 
     cat = scan_category(root, check_pixels=False)
     classes = ["good"] + cat.defect_types
@@ -95,7 +95,7 @@ def reference_loop(items, classes, cfg, model, steps: int, workers: int, device:
 def our_loop(items, classes, cfg, model, steps: int, device: str) -> dict:
     import torch
 
-    from pipeline.classification import load_image_set, make_loss, make_optimizer, train_one_epoch
+    from pipeline.models.classifier.train import load_image_set, make_loss, make_optimizer, train_one_epoch
 
     t0 = time.perf_counter()
     data = load_image_set(items, classes, Path("/"), cfg.data.input_size_hw, progress=False)
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.classification import build_model, pick_device
-    from pipeline.classifier_config import load_config
+    from pipeline.models.classifier.train import build_model, pick_device
+    from pipeline.models.classifier.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     if root is None and os.environ.get("MVTEC_ROOT") and (Path(os.environ["MVTEC_ROOT"]) / "bottle").is_dir():
         root = Path(os.environ["MVTEC_ROOT"]) / "bottle"
     if root is None:
-        from pipeline.synth import generate_category
+        from pipeline.data.synth import generate_category
 
         root = generate_category(Path(tempfile.mkdtemp()) / "synth", seed=0)
     device = pick_device(args.device)

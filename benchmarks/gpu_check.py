@@ -7,21 +7,21 @@ Usage (normally through ``scripts/gpu_check.sh``)::
 
 Trainers (random initialisation everywhere: no weights are read or downloaded):
 
-- ``classifier``: ResNet-18 (attempt 1 head), ``pipeline.classification.train_one_epoch`` with bf16
+- ``classifier``: ResNet-18 (attempt 1 head), ``pipeline.models.classifier.train.train_one_epoch`` with bf16
   autocast, channels_last and pinned-memory batches on CUDA. tiny = 32 px batch 4, real = 224 px batch 32.
-- ``sam-decoder``: ``pipeline.sam_train.train_one_epoch`` (mask decoder, cached embeddings, 4 images
+- ``sam-decoder``: ``pipeline.models.sam.train.train_one_epoch`` (mask decoder, cached embeddings, 4 images
   per step). tiny = the tiny SAM, real = ViT-B (``vit_b``) size.
 - ``sam-encoder``: the frozen image encoder filling the embedding cache (one image per call).
-- ``anomaly``: PatchCore patch features (``pipeline.anomaly.patch_features``). tiny = ResNet-18 at
+- ``anomaly``: PatchCore patch features (``pipeline.models.anomaly.patchcore.patch_features``). tiny = ResNet-18 at
   64 px, real = Wide-ResNet-50-2 at 256 px; batch 8.
-- ``yolo``: one epoch of ``pipeline.detection.train_yolo_world`` from the model YAML
+- ``yolo``: one epoch of ``pipeline.models.yolo.train.train_yolo_world`` from the model YAML
   (tiny = YOLOv8n-worldv2 at 64 px, real = YOLOv8s-worldv2 at 640 px). ultralytics owns its loop,
   so only images/s and peak memory are reported. Off in ``--dry-run`` unless asked for.
 
 Columns: images/s over the timed steps (after one warm-up step), seconds per step spent on data
 (decode/copy/augment, embeddings from cache) and on compute (forward, backward, optimizer; CUDA
 synchronised), the data share, and peak CUDA memory allocated by torch (MiB; ``-`` on CPU).
-Synthetic MVTec-layout data (``pipeline.synth``) is generated in a temporary folder.
+Synthetic MVTec-layout data (``pipeline.data.synth``) is generated in a temporary folder.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def _row(trainer, size, model, device, batch, steps, images, seconds, data_s, co
 def check_classifier(size: str, device: str, steps: int) -> dict:
     import torch
 
-    from pipeline.classification import ImageSet, build_model, make_loss, make_optimizer, train_one_epoch
-    from pipeline.classifier_config import load_config
+    from pipeline.models.classifier.train import ImageSet, build_model, make_loss, make_optimizer, train_one_epoch
+    from pipeline.models.classifier.config import load_config
 
     hw, bs = ((32, 32), 4) if size == "tiny" else ((224, 224), 32)
     cfg = load_config("attempt1_resnet18", {"data.input_size_hw": list(hw), "train.batch_size": bs, "train.device": device})
@@ -103,9 +103,9 @@ def check_classifier(size: str, device: str, steps: int) -> dict:
 
 
 def _sam_inputs(work: Path):
-    from pipeline.convert import convert_category
-    from pipeline.segmentation import group_by_image, read_records
-    from pipeline.synth import generate_category
+    from pipeline.data.convert import convert_category
+    from pipeline.models.sam.predict import group_by_image, read_records
+    from pipeline.data.synth import generate_category
 
     ann = work / "ann"
     if not (ann / "sam" / "train.jsonl").is_file():
@@ -119,8 +119,8 @@ def check_sam(size: str, device: str, steps: int, work: Path) -> list[dict]:
 
     import torch
 
-    from pipeline.sam_model import Embedder, build_sam
-    from pipeline.sam_train import SamTrainConfig, _set_trainable, train_one_epoch, train_step_module
+    from pipeline.models.sam.model import Embedder, build_sam
+    from pipeline.models.sam.train import SamTrainConfig, _set_trainable, train_one_epoch, train_step_module
 
     ann, groups = _sam_inputs(work)
     model_type = "tiny" if size == "tiny" else "vit_b"
@@ -138,7 +138,7 @@ def check_sam(size: str, device: str, steps: int, work: Path) -> list[dict]:
     distinct = list({str(g.image): g for g in groups}.values())
     embedder.compute(distinct[0].image)  # warm-up
     _reset_peak(device)
-    from pipeline.sam_model import image_to_input, read_rgb
+    from pipeline.models.sam.model import image_to_input, read_rgb
 
     data_s = compute_s = 0.0
     t0 = time.perf_counter()
@@ -177,9 +177,9 @@ def check_sam(size: str, device: str, steps: int, work: Path) -> list[dict]:
 def check_anomaly(size: str, device: str, steps: int, work: Path) -> dict:
     import torch
 
-    from pipeline.anomaly import load_batch, patch_features
-    from pipeline.backbones import SPECS, Backbone, build_stages
-    from pipeline.synth import generate_category
+    from pipeline.models.anomaly.patchcore import load_batch, patch_features
+    from pipeline.models.backbones import SPECS, Backbone, build_stages
+    from pipeline.data.synth import generate_category
 
     name, img = ("resnet18", 64) if size == "tiny" else ("wide_resnet50_2", 256)
     bs = 8
@@ -211,9 +211,9 @@ def check_anomaly(size: str, device: str, steps: int, work: Path) -> dict:
 def check_yolo(size: str, device: str, steps: int, work: Path) -> dict:
     import torch
 
-    from pipeline.convert import convert_category
-    from pipeline.detection import train_yolo_world
-    from pipeline.synth import generate_category
+    from pipeline.data.convert import convert_category
+    from pipeline.models.yolo.train import train_yolo_world
+    from pipeline.data.synth import generate_category
 
     ann = work / "ann"
     if not (ann / "yolo" / "data.yaml").is_file():

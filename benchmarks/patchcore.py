@@ -11,7 +11,7 @@ bank is a prefix of that selection and its fit time is the feature time plus the
 coreset loop (measured per ratio as the time to reach that many centres). Each ratio then scores every
 ``test/`` image: latency is per image, pre-processed tensor in, score and map out (backbone + faiss
 search + re-weighting + map), measured after reading and resizing the files (timed separately).
-Metrics as in :mod:`pipeline.anomaly_metrics` (image AUROC, pixel AUROC and PRO at native resolution).
+Metrics as in :mod:`pipeline.evaluation.anomaly` (image AUROC, pixel AUROC and PRO at native resolution).
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline import anomaly, backbones
-    from pipeline.anomaly_metrics import PixelHist, auroc, resize_map
-    from pipeline.mvtec import read_mask, scan_category
+    from pipeline.models import backbones
+    from pipeline.models.anomaly import patchcore as anomaly
+    from pipeline.evaluation.anomaly import PixelHist, auroc, resize_map
+    from pipeline.data.mvtec import read_mask, scan_category
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 def _records(tmp: Path) -> Path:
     """Annotation folder (convert-masks output) for the bottle category or a synthetic stand-in."""
-    from pipeline.convert import convert_category
-    from pipeline.synth import generate_category
+    from pipeline.data.convert import convert_category
+    from pipeline.data.synth import generate_category
 
     root = os.environ.get("MVTEC_ROOT")
     if root and (Path(root) / "bottle").is_dir():
@@ -40,9 +40,9 @@ def _records(tmp: Path) -> Path:
 def bench(model_type: str, n_images: int, ann: Path, cache: Path, *, loss_resolution: str) -> dict:
     import torch
 
-    from pipeline.sam_model import Embedder, build_sam
-    from pipeline.sam_train import SamTrainConfig, _set_trainable, train_one_epoch
-    from pipeline.segmentation import group_by_image, read_records
+    from pipeline.models.sam.model import Embedder, build_sam
+    from pipeline.models.sam.train import SamTrainConfig, _set_trainable, train_one_epoch
+    from pipeline.models.sam.predict import group_by_image, read_records
 
     cfg = SamTrainConfig(train_records=str(ann / "sam" / "train.jsonl"), val_records=str(ann / "sam" / "val.jsonl"),
                          model_type=model_type, lr=1e-4, loss_resolution=loss_resolution)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synth import generate_category
+from pipeline.data.synth import generate_category
 
 
 @pytest.fixture(scope="session")

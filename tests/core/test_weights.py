@@ -1,0 +1,28 @@
+"""Weights resolver: paths, caches, and the one-line message when a file is missing."""
+
+import pytest
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.weights import resolve_weights
+
+
+def test_missing_known_weights_name_file_and_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(PipelineError) as exc:
+        resolve_weights("sam_vit_b_01ec64.pth")
+    msg = str(exc.value)
+    assert "sam_vit_b_01ec64.pth" in msg and "dl.fbaipublicfiles.com" in msg and "--allow-download" in msg
+    assert str(tmp_path) in msg and "\n" not in msg
+
+
+def test_found_in_pipeline_weights_and_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_WEIGHTS", str(tmp_path / "w"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "yolov8s-worldv2.pt").write_bytes(b"x")
+    assert resolve_weights("yolov8s-worldv2.pt") == (tmp_path / "w" / "yolov8s-worldv2.pt").resolve()
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"x")
+    assert resolve_weights("resnet18-f37072fd.pth").parent == (tmp_path / "torch" / "hub" / "checkpoints").resolve()
+    assert resolve_weights(tmp_path / "w" / "yolov8s-worldv2.pt").name == "yolov8s-worldv2.pt"

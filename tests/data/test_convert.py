@@ -1,0 +1,143 @@
+"""convert-masks: COCO / YOLO / SAM outputs agree with each other and with the masks."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.data.convert import class_names, convert_category, read_yolo_labels
+from pipeline.core.errors import PipelineError
+from pipeline.data.instances import decode_rle, mask_to_instances
+from pipeline.data.mvtec import read_mask
+
+
+@pytest.fixture(scope="module")
+def converted(synth_category, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ann") / "synth"
+    summary = convert_category(synth_category, out)
+    return out, summary
+
+
+def test_counts_match_the_masks(converted, synth_category):
+    out, summary = converted
+    masks = sorted((synth_category / "ground_truth").rglob("*_mask.png"))
+    expected = sum(len(mask_to_instances(read_mask(m))) for m in masks)
+    assert sum(summary.masks.values()) == len(masks) == 18
+    assert sum(summary.instances.values()) == expected
+    assert sum(summary.images.values()) == 24
+
+
+def test_coco_is_valid_and_exact(converted, synth_category):
+    out, _ = converted
+    ids_seen, ann_ids = set(), set()
+    for split in ("train", "val", "test"):
+        coco = json.loads((out / "coco" / f"{split}.json").read_text())
+        assert [c["id"] for c in coco["categories"]] == [1, 2, 3]
+        assert [c["name"] for c in coco["categories"]] == ["ring", "scratch", "spot"]
+        img_by_id = {i["id"]: i for i in coco["images"]}
+        assert not ids_seen & set(img_by_id)
+        ids_seen |= set(img_by_id)
+        assert any(i["defect_type"] == "good" for i in coco["images"])  # good images listed, no annotations
+        for a in coco["annotations"]:
+            assert a["id"] >= 1 and a["id"] not in ann_ids and a["iscrowd"] == 0
+            ann_ids.add(a["id"])
+            img = img_by_id[a["image_id"]]
+            m = decode_rle(a["segmentation"])
+            assert m.shape == (img["height"], img["width"]) == (96, 128)
+            assert int(m.sum()) == a["area"]
+            ys, xs = np.nonzero(m)
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            gt_mask = read_mask(synth_category / img["file_name"].replace("test/", "ground_truth/").replace(".png", "_mask.png"))
+            assert not (m & ~gt_mask).any()
+
+
+def test_yolo_labels_equal_coco_boxes(converted):
+    out, _ = converted
+    data = yaml.safe_load((out / "yolo" / "data.yaml").read_text())
+    assert data["names"] == {0: "ring", 1: "scratch", 2: "spot"} and data["nc"] == 3
+    for split in ("train", "val", "test"):
+        coco = json.loads((out / "coco" / f"{split}.json").read_text())
+        images = list((out / "yolo" / "images" / split).iterdir())
+        assert len(images) == len(coco["images"])
+        assert all(p.is_symlink() and p.resolve().is_file() for p in images)
+        for img in coco["images"]:
+            label, stem = img["defect_type"], img["file_name"].split("/")[-1][:-4]
+            rows = read_yolo_labels(out / "yolo" / "labels" / split / f"{label}_{stem}.txt")
+            anns = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
+            assert len(rows) == len(anns)
+            for row, a in zip(rows, anns):
+                c, cx, cy, w, h = row
+                assert int(c) == a["category_id"] - 1
+                assert 0 <= cx - w / 2 and cx + w / 2 <= 1 + 1e-6
+                x, y, bw, bh = a["bbox"]
+                np.testing.assert_allclose([(cx - w / 2) * 128, (cy - h / 2) * 96, w * 128, h * 96], [x, y, bw, bh], atol=1e-3)
+
+
+def test_sam_records_decode_to_their_components(converted):
+    out, summary = converted
+    n = 0
+    for split in ("train", "val", "test"):
+        for line in (out / "sam" / f"{split}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            m = decode_rle(r["segmentation"])
+            x0, y0, x1, y1 = r["bbox_xyxy"]
+            ys, xs = np.nonzero(m)
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+            assert r["size_hw"] == [96, 128]
+            n += 1
+    assert n == sum(summary.instances.values())
+
+
+def test_refuses_to_overwrite_without_force(converted, synth_category):
+    out, _ = converted
+    before = (out / "coco" / "test.json").read_bytes()
+    with pytest.raises(PipelineError, match="--force"):
+        convert_category(synth_category, out)
+    assert (out / "coco" / "test.json").read_bytes() == before
+
+
+def test_failure_mid_write_leaves_no_partial_output(synth_category, tmp_path, monkeypatch):
+    import pipeline.data.convert as convert
+
+    calls = []
+
+    def failing_check(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise PipelineError("injected self-check failure")
+
+    monkeypatch.setattr(convert, "_self_check", failing_check)
+    with pytest.raises(PipelineError, match="injected"):
+        convert_category(synth_category, tmp_path / "ann")
+    assert len(calls) == 7
+    assert not list(tmp_path.iterdir())  # neither the output nor its temporary folder remains
+
+
+def test_empty_split_is_an_error(tmp_path):
+    from pipeline.data.synth import generate_category
+
+    small = generate_category(tmp_path / "small", n_train_good=1, n_test_good=2, n_per_defect=2)
+    with pytest.raises(PipelineError, match="split 'val' .* is empty"):
+        convert_category(small, tmp_path / "ann")  # 2 images per label: round(0.4) = 0 for val
+    assert not (tmp_path / "ann").exists()
+
+
+def test_rename_merges_types(synth_category, tmp_path):
+    s = convert_category(synth_category, tmp_path / "a", rename={"ring": "round defect", "spot": "round defect"})
+    assert s.classes == ["round defect", "scratch"]
+    data = yaml.safe_load((tmp_path / "a" / "yolo" / "data.yaml").read_text())
+    assert data["names"] == {0: "round defect", 1: "scratch"}
+
+
+@pytest.mark.parametrize("rename, message", [
+    ({"ring": "a/b"}, "without '/'"),  # '/' is a synonym separator for YOLO-World
+    ({"nope": "x"}, "unknown defect types"),
+])
+def test_bad_class_names(rename, message):
+    with pytest.raises(PipelineError, match=message):
+        class_names(["ring", "spot"], rename)
+
+
+def test_natural_names():
+    assert class_names(["broken_large", "contamination"])[0] == ["broken large", "contamination"]

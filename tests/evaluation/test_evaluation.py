@@ -1,0 +1,99 @@
+"""COCO evaluation: ground truth as predictions scores 1.0; known cases give known numbers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.data.convert import convert_category
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.evaluate import coco_eval, evaluate_coco_results, load_coco_gt, mask_iou_dice
+from pipeline.data.instances import encode_rle
+
+
+@pytest.fixture(scope="module")
+def gt_path(synth_category, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ann") / "synth"
+    convert_category(synth_category, out)
+    return out / "coco" / "train.json"
+
+
+def _gt_as_results(gt, *, masks=False, score=1.0):
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": score,
+             **({"segmentation": a["segmentation"]} if masks else {})} for a in gt["annotations"]]
+
+
+def test_ground_truth_as_predictions_scores_one(gt_path, tmp_path):
+    gt = json.loads(gt_path.read_text())
+    pred = tmp_path / "gt.json"
+    pred.write_text(json.dumps(_gt_as_results(gt, masks=True)))
+    m = evaluate_coco_results(gt_path, pred, tmp_path / "ev")
+    for kind in ("bbox", "segm"):
+        assert m[kind]["AP"] == pytest.approx(1.0)
+        assert m[kind]["AP50"] == pytest.approx(1.0)
+        assert m[kind]["AR100"] == pytest.approx(1.0)
+        assert list(m[kind]["per_class_AP"].values()) == pytest.approx([1.0, 1.0, 1.0])
+    assert m["masks"]["mIoU"] == 1.0 and m["masks"]["mDice"] == 1.0 and m["masks"]["pixel_IoU"] == 1.0
+    assert (tmp_path / "ev" / f"pr_bbox_{tmp_path.name}-gt.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "ev" / f"metrics_{tmp_path.name}-gt.json").read_text())["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_no_predictions_gives_zero_without_crash(gt_path, tmp_path):
+    pred = tmp_path / "none.json"
+    pred.write_text("[]")
+    m = evaluate_coco_results(gt_path, pred, tmp_path)
+    assert m["bbox"]["AP"] == 0.0 and m["bbox"]["AR100"] == 0.0
+
+
+def test_predictions_on_good_images_are_false_positives(gt_path):
+    coco = load_coco_gt(gt_path)
+    gt = coco.dataset
+    good = [i["id"] for i in gt["images"] if i["defect_type"] == "good"]
+    results = _gt_as_results(gt, score=0.5)
+    # one confident false positive per class on a good image ranks above every true positive
+    results += [{"image_id": good[0], "category_id": c["id"], "bbox": [1, 1, 5, 5], "score": 0.9} for c in gt["categories"]]
+    m = coco_eval(coco, results)
+    assert m["AP50"] < 0.999
+    for name, ap in m["per_class_AP50"].items():
+        n = sum(1 for a in gt["annotations"] if a["category_id"] == next(c["id"] for c in gt["categories"] if c["name"] == name))
+        # precision is 1/2 at recall 1/n ... n/(n+1) at recall 1: interpolated AP = n/(n+1) over the 101 points
+        assert ap == pytest.approx(n / (n + 1), abs=0.02)
+
+
+def test_unknown_image_id_is_rejected(gt_path, tmp_path):
+    pred = tmp_path / "bad.json"
+    pred.write_text(json.dumps([{"image_id": 99999, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1.0}]))
+    with pytest.raises(PipelineError, match="image_id 99999 not in the ground truth"):
+        evaluate_coco_results(gt_path, pred, tmp_path)
+
+
+def test_mask_iou_dice_known_values():
+    from pycocotools.coco import COCO
+
+    h, w = 10, 10
+    g = np.zeros((h, w), bool)
+    g[0:4, 0:5] = True  # 20 px
+    p = np.zeros((h, w), bool)
+    p[0:4, 2:7] = True  # 20 px, 12 overlap
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "width": w, "height": h}],
+                    "categories": [{"id": 1, "name": "d"}],
+                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 4], "area": 20,
+                                     "iscrowd": 0, "segmentation": encode_rle(g)}]}
+    coco.createIndex()
+    m = mask_iou_dice(coco, [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": encode_rle(p)}])
+    assert m["per_class"]["d"]["IoU"] == pytest.approx(12 / 28)
+    assert m["per_class"]["d"]["Dice"] == pytest.approx(24 / 40)
+    low = mask_iou_dice(coco, [{"image_id": 1, "category_id": 1, "score": 0.1, "segmentation": encode_rle(p)}])
+    assert low["per_class"]["d"]["IoU"] == 0.0  # below the score threshold: nothing predicted
+
+
+def test_class_agnostic_matches_whatever_the_class(gt_path):
+    coco = load_coco_gt(gt_path)
+    # every true box predicted, but all labelled with the first class
+    results = [dict(r, category_id=1) for r in _gt_as_results(coco.dataset, masks=True)]
+    assert coco_eval(coco, results)["AP"] < 0.9
+    agnostic = coco_eval(coco, results, class_agnostic=True)
+    assert agnostic["AP"] == pytest.approx(1.0) and list(agnostic["per_class_AP"]) == ["all"]
+    m = mask_iou_dice(coco, results, class_agnostic=True)
+    assert m["per_class"]["all"]["IoU"] == 1.0 and m["pixel_IoU"] == 1.0

@@ -1,0 +1,350 @@
+"""Label Studio export: percentages, config/labels agreement, URLs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.core.errors import PipelineError
+from pipeline.data.instances import decode_rle, encode_rle
+from pipeline.review.export import (
+    Source, config_class_names, config_controls, config_labels, export_tasks, image_uncertainty, image_url, import_export,
+    labeling_config, polygon_to_mask, rect_to_bbox_xywh, rectangle_result, region_results, score_closeness, task_regions,
+    validate_tasks,
+)
+
+
+def test_rectangle_in_percent_of_original_size():
+    r = rectangle_result(bbox_xywh=[100, 50, 200, 25], label="scratch", size_hw=(500, 1000), score=0.7, rid="a")
+    assert r["value"] == {"x": 10.0, "y": 10.0, "width": 20.0, "height": 5.0, "rotation": 0, "rectanglelabels": ["scratch"]}
+    assert (r["original_width"], r["original_height"], r["score"]) == (1000, 500, 0.7)
+    # a box hanging over the border is clipped to the image
+    c = rectangle_result(bbox_xywh=[-10, 490, 20, 30], label="x", size_hw=(500, 1000), score=None, rid="b")
+    assert c["value"]["x"] == 0.0 and c["value"]["width"] == 1.0 and c["value"]["y"] + c["value"]["height"] == 100.0
+
+
+def test_config_and_validation():
+    cfg = labeling_config(["broken large", "contamination"])
+    assert config_labels(cfg) == {"label": ("image", {"broken large", "contamination"})}
+    ok = rectangle_result(bbox_xywh=[0, 0, 1, 1], label="contamination", size_hw=(10, 10), score=1.0, rid="1")
+    validate_tasks([{"predictions": [{"result": [ok]}]}], cfg)
+    bad = dict(ok, id="2", value=dict(ok["value"], rectanglelabels=["crack"]))
+    with pytest.raises(PipelineError, match="label 'crack' not in the config"):
+        validate_tasks([{"predictions": [{"result": [bad]}]}], cfg)
+    with pytest.raises(PipelineError, match="not unique"):
+        validate_tasks([{"predictions": [{"result": [ok, ok]}]}], cfg)
+
+
+def test_local_files_url(tmp_path):
+    (tmp_path / "cat" / "test").mkdir(parents=True)
+    assert image_url(tmp_path / "cat/test/a b.png", document_root=tmp_path) == "/data/local-files/?d=cat/test/a%20b.png"
+    assert image_url(tmp_path / "x.png", url_prefix="http://h/img/", rel="test/x.png") == "http://h/img/test/x.png"
+    with pytest.raises(PipelineError, match="not under the document root"):
+        image_url("/elsewhere/x.png", document_root=tmp_path)
+
+
+def test_export_tasks_end_to_end(synth_category, tmp_path):
+    from pipeline.data.convert import convert_category
+
+    ann = convert_category(synth_category, tmp_path / "ann").out
+    gt = json.loads((ann / "coco" / "test.json").read_text())
+    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.8}
+             for a in gt["annotations"]]
+    preds.append({"image_id": gt["images"][0]["id"], "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.1})  # below min_score
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    info = export_tasks(tmp_path / "p.json", gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
+    tasks = json.loads(info["tasks"].read_text())
+    assert len(tasks) == len(gt["images"]) and info["n_results"] == len(gt["annotations"])
+    for t in tasks:
+        assert t["data"]["image"] == f"/data/local-files/?d=synth/{t['data']['file_name']}"
+        for r in t["predictions"][0]["result"]:
+            img = next(i for i in gt["images"] if i["id"] == t["data"]["image_id"])
+            ann_ = next(a for a in gt["annotations"] if a["image_id"] == img["id"] and
+                        abs(a["bbox"][0] / img["width"] * 100 - r["value"]["x"]) < 1e-9)
+            assert r["value"]["width"] == pytest.approx(ann_["bbox"][2] / img["width"] * 100)
+    validate_tasks(tasks, info["config"].read_text())
+    with pytest.raises(PipelineError, match="--force"):
+        export_tasks(tmp_path / "p.json", gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
+
+
+# ----------------------------------------------------------------------------- brush, polygons, queue, import
+
+
+def _blob_mask(h=40, w=60):
+    m = np.zeros((h, w), bool)
+    m[5:15, 10:30] = True  # a block
+    m[20:35, 40:50] = True  # a second component
+    m[25, 5] = True  # a one-pixel part
+    return m
+
+
+@pytest.mark.parametrize("mask", [
+    _blob_mask(),  # several components
+    np.zeros((7, 9), bool),  # empty
+    np.ones((7, 9), bool),  # full, touching every border
+    np.pad(np.ones((5, 5), bool), 3) ^ np.pad(np.pad(np.ones((1, 1), bool), 2), 3),  # a hole
+])
+def test_brush_rle_round_trip_is_exact_and_opaque(mask):
+    from pipeline.review.client import brush_decode, brush_encode
+
+    rle = brush_encode(mask)
+    assert all(isinstance(v, int) and 0 <= v <= 255 for v in rle)
+    alpha = brush_decode(rle, size_hw=mask.shape)
+    assert alpha.shape == mask.shape and alpha.dtype == np.uint8
+    assert set(np.unique(alpha)) <= {0, 255}  # painted pixels fully opaque (a 0/1 mask would be invisible)
+    assert np.array_equal(alpha == 255, mask)
+    with pytest.raises(PipelineError, match="expected"):
+        brush_decode(rle, size_hw=(mask.shape[0] + 1, mask.shape[1]))
+
+
+def test_region_results_ids_and_config():
+    m = _blob_mask()
+    rs = region_results(bbox_xywh=[10, 5, 40, 30], mask=m, label="spot", size_hw=m.shape, score=0.5, rid="0123456789", polygons=True)
+    assert [r["type"] for r in rs][:2] == ["rectanglelabels", "brushlabels"]
+    assert [r["id"] for r in rs] == ["0123456789", "0123456789_brush"] + [f"0123456789_poly{k}" for k in range(len(rs) - 2)]
+    assert len(rs) - 2 == 2  # two outer contours (the one-pixel part has too few points for a polygon)
+    cfg = labeling_config(["ring", "spot"], brush=True, polygons=True, reason=True)
+    assert {k: (c.kind, c.labels) for k, c in config_controls(cfg).items()} == {
+        "label": ("rectanglelabels", ("ring", "spot")), "brush": ("brushlabels", ("ring", "spot")),
+        "polygon": ("polygonlabels", ("ring", "spot"))}
+    assert config_class_names(cfg) == ["ring", "spot"] and "$review_reason" in cfg
+    validate_tasks([{"predictions": [{"result": rs}]}], cfg)
+    # a brush result under the rectangle control's name is refused
+    bad = dict(rs[1], from_name="label")
+    with pytest.raises(PipelineError, match="result type 'brushlabels'"):
+        validate_tasks([{"predictions": [{"result": [bad]}]}], cfg)
+    with pytest.raises(PipelineError, match="from_name 'brush'"):
+        validate_tasks([{"predictions": [{"result": rs}]}], labeling_config(["ring", "spot"]))
+    with pytest.raises(PipelineError, match="does not match|not at the image size"):
+        region_results(bbox_xywh=[0, 0, 1, 1], mask=m, label="spot", size_hw=(10, 10), score=1.0, rid="0123456789")
+
+
+@pytest.mark.parametrize("bbox", [[0, 0, 60, 40], [10, 5, 1, 1], [17, 3, 25, 31], [59, 39, 1, 1]])
+def test_rectangle_percent_round_trip_to_integer_pixels(bbox):
+    r = rectangle_result(bbox_xywh=bbox, label="x", size_hw=(40, 60), score=None, rid="a")
+    assert rect_to_bbox_xywh(r["value"], size_hw=(40, 60)) == bbox
+
+
+def test_polygon_round_trip_for_hole_free_shapes():
+    from pipeline.review.export import polygon_results
+
+    m = _blob_mask()
+    m[25, 5] = False  # a one-pixel part has no polygon
+    m[30:33, 2:4] = True  # a 2-pixel-wide part has one
+    polys = polygon_results(mask=m, label="x", score=None, rid="0123456789")
+    back = np.zeros_like(m)
+    for p in polys:
+        back |= polygon_to_mask(p["value"]["points"], size_hw=m.shape)
+    assert np.array_equal(back, m)
+
+
+def test_uncertainty_score_definition():
+    assert score_closeness(0.25, 0.25) == 1.0 and score_closeness(1.0, 0.25) == 0.0
+    assert score_closeness(0.625, 0.25) == pytest.approx(0.5)
+    names = {1: "ring", 2: "spot"}
+    det = Source("det", "detections", {1: [{"category_id": 1, "score": 0.9, "bbox": [0, 0, 1, 1]}],
+                                        2: [{"category_id": 2, "score": 0.3, "bbox": [0, 0, 1, 1]}]})
+    u1, _ = image_uncertainty(1, [det], threshold=0.25, names=names)
+    u2, why2 = image_uncertainty(2, [det], threshold=0.25, names=names)
+    assert u1 == pytest.approx(1 - 0.65 / 0.75) and u2 == pytest.approx(1 - 0.05 / 0.75)
+    assert "spot score 0.30 near threshold 0.25" in why2
+    assert image_uncertainty(3, [det], threshold=0.25, names=names) == (0.0, "no predictions")
+    # an anomaly model that calls image 1 good disagrees with the detector: uncertainty 1
+    ano = Source("patchcore", "anomaly", {1: [{"score": 0.2}], 2: [{"score": 0.9}]}, threshold=0.5, scale=0.1)
+    u, why = image_uncertainty(1, [det, ano], threshold=0.25, names=names)
+    assert u == 1.0 and why.startswith("sources disagree: det=defect (ring 0.90), patchcore=good (0.2 < 0.5)")
+    assert image_uncertainty(2, [ano], threshold=0.25, names=names)[0] == pytest.approx(np.exp(-4))
+    # classifier: one minus the top-2 margin; a class conflict among defect verdicts scores 0.5
+    cls = Source("resnet", "classification", {1: [{"label": "spot", "scores": {"good": 0.05, "ring": 0.15, "spot": 0.8}}]})
+    assert image_uncertainty(1, [cls], threshold=0.25, names=names)[0] == pytest.approx(0.35)
+    u, why = image_uncertainty(1, [det, cls], threshold=0.25, names=names)
+    assert u == 0.5 and "disagree on the class" in why
+
+
+def _exported(synth_category, tmp_path, **kw):
+    from pipeline.data.convert import convert_category
+
+    ann = tmp_path / "ann"
+    if not ann.exists():
+        convert_category(synth_category, ann)
+    gt = json.loads((ann / "coco" / "test.json").read_text())
+    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9,
+              "segmentation": a["segmentation"]} for a in gt["annotations"]]
+    good = next(i for i in gt["images"] if i["defect_type"] == "good")
+    fp = np.zeros((good["height"], good["width"]), bool)
+    fp[10:20, 30:50] = True
+    preds.append({"image_id": good["id"], "category_id": 1, "bbox": [30, 10, 20, 10], "score": 0.3, "segmentation": encode_rle(fp)})
+    (tmp_path / "sam.json").write_text(json.dumps(preds))
+    files = [tmp_path / "sam.json"]
+    if kw.pop("anomaly", False):
+        recs = [{"image": i["file_name"], "image_id": i["id"], "score": 0.1 if i["defect_type"] == "good" else 0.9,
+                 "label": "good" if i["defect_type"] == "good" else "defect"} for i in gt["images"]]
+        (tmp_path / "ano.json").write_text(json.dumps({"kind": "anomaly", "model": "patchcore", "threshold": 0.5, "predictions": recs}))
+        files.append(tmp_path / "ano.json")
+    info = export_tasks(files, gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls", **kw)
+    return gt, good, info, json.loads(info["tasks"].read_text())
+
+
+def test_export_with_masks_order_and_reason(synth_category, tmp_path):
+    from pipeline.review.client import brush_decode
+
+    gt, good, info, tasks = _exported(synth_category, tmp_path, polygons=True, order="uncertainty", anomaly=True)
+    assert info["n_masks"] == info["n_results"] == len(gt["annotations"]) + 1
+    ids = [r["id"] for t in tasks for p in t["predictions"] for r in p["result"]]
+    assert len(ids) == len(set(ids))  # unique over the whole export
+    for t in tasks:
+        h, w = t["data"]["height"], t["data"]["width"]
+        anns = [a for a in gt["annotations"] if a["image_id"] == t["data"]["image_id"]]
+        brushes = [r for r in t["predictions"][0]["result"] if r["type"] == "brushlabels"]
+        masks = [brush_decode(r["value"]["rle"], size_hw=(h, w)) == 255 for r in brushes]
+        for a in anns:  # every true mask is one of the brush masks, pixel for pixel
+            assert any(np.array_equal(decode_rle(a["segmentation"]), m) for m in masks)
+    # queue: the good image with a detection the anomaly model rejects comes first, with its reason
+    assert tasks[0]["data"]["image_id"] == good["id"] and tasks[0]["data"]["uncertainty"] == 1.0
+    assert "sources disagree" in tasks[0]["data"]["review_reason"]
+    us = [t["data"]["uncertainty"] for t in tasks]
+    assert us == sorted(us, reverse=True) and [t["data"]["review_rank"] for t in tasks] == list(range(1, len(tasks) + 1))
+    validate_tasks(tasks, info["config"].read_text())
+
+
+def _review(tasks, edit):
+    """An LS export: every task gets an annotation copied from its prediction, then ``edit(task, result)``."""
+    out = []
+    for k, t in enumerate(tasks):
+        result = json.loads(json.dumps(t["predictions"][0]["result"]))
+        result = edit(t, result)
+        out.append(dict(t, id=k + 1, annotations=[{"id": k + 1, "result": result, "was_cancelled": False,
+                                                     "updated_at": "2026-01-01T00:00:00Z"}]))
+    return out
+
+
+def test_import_round_trip_with_edits(synth_category, tmp_path):
+    from pipeline.evaluation.evaluate import load_coco_gt
+
+    gt, good, info, tasks = _exported(synth_category, tmp_path, polygons=True)
+    moved = {}
+
+    def edit(task, result):
+        if task["data"]["image_id"] == good["id"]:  # delete the false positive (all its results)
+            return []
+        if not moved and result:  # move one box: +2 px right, 3 px narrower
+            r = result[0]
+            w = r["original_width"]
+            r["value"]["x"] += 200 / w
+            r["value"]["width"] -= 300 / w
+            moved[task["data"]["image_id"]] = r["id"]
+        return result
+
+    export = _review(tasks, edit)
+    export.append(dict(tasks[0], id=999, annotations=[{"id": 999, "result": [], "was_cancelled": True}]))  # skipped
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    info2 = import_export(tmp_path / "export.json", config_path=info["config"], out_path=tmp_path / "reviewed.json")
+    assert info2["n_unreviewed"] == 1
+    coco = json.loads((tmp_path / "reviewed.json").read_text())
+    assert coco["info"]["image_root"] == gt["info"]["image_root"]
+    assert [c["name"] for c in coco["categories"]] == [c["name"] for c in gt["categories"]]
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == \
+        [(i["id"], i["file_name"], i["width"], i["height"]) for i in sorted(gt["images"], key=lambda i: i["id"])]
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, len(coco["annotations"]) + 1))
+    assert len(coco["annotations"]) == len(gt["annotations"])
+    (moved_img,) = moved
+    gt_names = {c["id"]: c["name"] for c in gt["categories"]}
+    for img in gt["images"]:
+        want = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
+        got = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
+        assert len(got) == len(want)
+        for k, (g, w) in enumerate(zip(got, want)):
+            bbox = list(w["bbox"])
+            if img["id"] == moved_img and k == 0:
+                bbox = [bbox[0] + 2, bbox[1], bbox[2] - 3, bbox[3]]
+            assert (g["category_id"], g["bbox"], g["area"], g["iscrowd"]) == (w["category_id"], bbox, w["area"], 0)
+            assert np.array_equal(decode_rle(g["segmentation"]), decode_rle(w["segmentation"]))
+        want_type = "good" if not want else gt_names[max(want, key=lambda a: a["area"])["category_id"]]
+        assert next(i for i in coco["images"] if i["id"] == img["id"])["defect_type"] == want_type
+    load_coco_gt(tmp_path / "reviewed.json")  # readable downstream
+    with pytest.raises(PipelineError, match="--force"):
+        import_export(tmp_path / "export.json", config_path=info["config"], out_path=tmp_path / "reviewed.json")
+
+
+def test_import_reviewer_drawn_shapes():
+    h, w = 30, 40
+    m = np.zeros((h, w), bool)
+    m[2:6, 3:9] = True
+    m[20:25, 30:38] = True
+    from pipeline.review.client import brush_encode
+
+    results = [
+        # a brush painted by the reviewer (random id): one annotation per connected component
+        {"id": "Xy_-k9LmQz", "type": "brushlabels", "from_name": "brush", "to_name": "image", "original_width": w,
+         "original_height": h, "value": {"format": "rle", "rle": brush_encode(m), "brushlabels": ["spot"]}},
+        # a box alone: filled rectangle as its mask
+        {"id": "Ab3", "type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": w,
+         "original_height": h, "value": {"x": 25.0, "y": 50.0, "width": 10.0, "height": 10.0, "rotation": 0, "rectanglelabels": ["ring"]}},
+        # a polygon alone (triangle)
+        {"id": "P1", "type": "polygonlabels", "from_name": "polygon", "to_name": "image", "original_width": w,
+         "original_height": h, "value": {"points": [[50.0, 10.0], [75.0, 10.0], [50.0, 40.0]], "polygonlabels": ["ring"]}},
+    ]
+    regs = task_regions(results, size_hw=(h, w), source="t")
+    assert [(r["label"], r["bbox"], r["area"]) for r in regs[:3]] == [("spot", [3, 2, 6, 4], 24), ("spot", [30, 20, 8, 5], 40),
+                                                                      ("ring", [10, 15, 4, 3], 12)]
+    tri = decode_rle(regs[3]["segmentation"])
+    assert regs[3]["bbox"] == [20, 3, 11, 10] and tri[3, 20] and tri[12, 20] and tri[3, 30] and not tri[12, 30]
+
+
+def test_import_bad_inputs_write_nothing(tmp_path, synth_category):
+    gt, good, info, tasks = _exported(synth_category, tmp_path)
+    export = _review(tasks, lambda t, r: r)
+    # an export from a project with another config
+    other = labeling_config(["crack", "hole"], brush=True)
+    (tmp_path / "other.xml").write_text(other)
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    with pytest.raises(PipelineError, match="not in the config"):
+        import_export(tmp_path / "export.json", config_path=tmp_path / "other.xml", out_path=tmp_path / "o.json")
+    (tmp_path / "notes.json").write_text(json.dumps({"tasks": []}))
+    with pytest.raises(PipelineError, match="not a Label Studio JSON export"):
+        import_export(tmp_path / "notes.json", config_path=info["config"], out_path=tmp_path / "o.json")
+    assert not (tmp_path / "o.json").exists()
+
+
+def _cli(*args, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=e, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_push_failures_are_one_line_and_write_nothing(synth_category, tmp_path):
+    import socket
+
+    gt, good, info, tasks = _exported(synth_category, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    args = ["export", "labelstudio", tmp_path / "sam.json", "--gt", tmp_path / "ann/coco/test.json", "--out", tmp_path / "o",
+            "--push", "--url", f"http://127.0.0.1:{port}"]
+    r = _cli(*args, env={"LABEL_STUDIO_API_KEY": "secret-token-123"})
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "cannot reach Label Studio" in lines[0], r.stderr
+    assert "secret-token-123" not in r.stdout + r.stderr and not (tmp_path / "o").exists()
+    env = {k: v for k, v in os.environ.items() if k != "LABEL_STUDIO_API_KEY"}
+    r = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "LABEL_STUDIO_API_KEY" in r.stderr and not (tmp_path / "o").exists()
+    # import: an export against another project's config, one line, no output
+    (tmp_path / "export.json").write_text(json.dumps(_review(tasks, lambda t, res: res)))
+    (tmp_path / "other.xml").write_text(labeling_config(["crack"], brush=True))
+    r = _cli("import", "labelstudio", tmp_path / "export.json", "--config", tmp_path / "other.xml", "--out", tmp_path / "c.json")
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "not in the config" in lines[0] and not (tmp_path / "c.json").exists()
+
+
+def test_prediction_segmentation_as_polygons_or_rle():
+    from pipeline.review.export import _segmentation_mask
+
+    m = np.zeros((20, 30), bool)
+    m[4:10, 5:15] = True
+    assert np.array_equal(_segmentation_mask(encode_rle(m), size_hw=(20, 30)), m)
+    square = _segmentation_mask([[5, 4, 15, 4, 15, 10, 5, 10]], size_hw=(20, 30))  # COCO polygon (pixel edges)
+    assert square.sum() == 60 and square[4:10, 5:15].all()
+    with pytest.raises(PipelineError, match="not COCO RLE or polygons"):
+        _segmentation_mask({"counts": "x"}, size_hw=(20, 30))
