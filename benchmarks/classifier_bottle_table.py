@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     from pipeline.models.classifier.config import load_config
     from pipeline.evaluation.classification import evaluate_classification
     from pipeline.core.io import read_json
-    from pipeline.data.mvtec import make_split, scan_category, write_split
+    from pipeline.data.mvtec import scan_category
+    from pipeline.data.split import make_split, write_split
 
     args.out.mkdir(parents=True, exist_ok=True)
     split = args.out / "split.json"

@@ -80,7 +80,7 @@ def convert_masks(
 ) -> None:
     """MVTec masks -> one instance per connected component -> COCO, YOLO and SAM files per split."""
     from pipeline.data.convert import convert_category, parse_rename
-    from pipeline.data.mvtec import load_split
+    from pipeline.data.split import load_split
 
     try:
         r = tuple(float(v) for v in ratios.split(","))

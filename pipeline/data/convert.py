@@ -26,7 +26,8 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.data.instances import decode_rle, encode_rle, mask_to_instances, rle_bbox_xywh
 from pipeline.core.io import atomic_write_json, atomic_write_text, staged_dir
-from pipeline.data.mvtec import SPLITS, Sample, Split, make_split, read_mask, scan_category
+from pipeline.data.mvtec import Sample, read_mask, scan_category
+from pipeline.data.split import SPLITS, Split, image_ids, make_split
 
 MAX_YOLO_WORLD_CLASSES = 80
 
@@ -152,8 +153,7 @@ def convert_category(
     for split in SPLITS:
         if not manifest["splits"].get(split) and (split_manifest is not None or ratios[SPLITS.index(split)] > 0):
             raise PipelineError(f"split {split!r} of {category.root} is empty (expected at least one image; check the ratios)")
-    all_rel = sorted(e["image"] for s in SPLITS for e in manifest["splits"][s])
-    image_ids = {rel: i + 1 for i, rel in enumerate(all_rel)}
+    ids = image_ids(manifest)
     out = Path(out).resolve()
     summary = ConvertSummary(out=out, classes=names)
     ann_id = 0
@@ -183,7 +183,7 @@ def convert_category(
             for e in entries:
                 sample = Sample(category.root / e["image"], category.root / e["mask"] if e["mask"] else None, e["label"])
                 h, w = image_size_hw(sample.image)
-                img_id = image_ids[e["image"]]
+                img_id = ids[e["image"]]
                 coco["images"].append(
                     {"id": img_id, "file_name": e["image"], "width": w, "height": h, "defect_type": e["label"]}
                 )

@@ -217,10 +217,11 @@ def resize_map(amap: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 def _ground_truth(split_or_gt, pred: dict, pred_path: Path) -> tuple[Path, dict]:
     """Category root and ``{image rel path: (label, mask loader)}`` from a split manifest, a COCO
     ground-truth file (``coco/<split>.json``: ``defect_type`` and the union of the RLE annotations),
-    a category folder or a :class:`pipeline.data.mvtec.Split`. A mask loader returns an ``HxW`` bool
+    a category folder or a :class:`pipeline.data.split.Split`. A mask loader returns an ``HxW`` bool
     array or ``None`` for good images."""
     from pipeline.core.io import read_json
-    from pipeline.data.mvtec import Split, load_split, read_mask, scan_category
+    from pipeline.data.mvtec import read_mask, scan_category
+    from pipeline.data.split import Split, load_split
 
     def from_path(mask_path):
         return (lambda: read_mask(mask_path)) if mask_path is not None else (lambda: None)

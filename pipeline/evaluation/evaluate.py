@@ -268,16 +268,6 @@ def result_tag(pred_path: Path) -> str:
     return f"{p.parent.name}-{p.stem}"
 
 
-def prediction_kind(pred_path: Path) -> str:
-    """``"coco"`` for a JSON list, else the object's ``"kind"`` (``classification`` / ``anomaly``)."""
-    data = read_json(pred_path)
-    if isinstance(data, list):
-        return "coco"
-    if isinstance(data, dict) and data.get("kind") in ("classification", "anomaly"):
-        return data["kind"]
-    raise PipelineError(f"{pred_path}: unknown prediction file (expected a COCO results list or an object with kind classification/anomaly)")
-
-
 def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agnostic: bool = False) -> dict:
     """Evaluate one prediction file by its kind; the result holds a printable ``_summary`` line.
 
@@ -285,6 +275,8 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
     the images' masks, default the category recorded in the file). ``class_agnostic``: see
     :func:`coco_eval`.
     """
+    from pipeline.data.predictions import prediction_kind
+
     kind = prediction_kind(pred_path)
     if kind == "coco":
         if gt is None:

@@ -235,7 +235,8 @@ def test_augmentation_of_a_rank_slice_equals_the_slice_of_the_global_batch():
 
 @pytest.fixture(scope="module")
 def split_path(synth_category, tmp_path_factory) -> Path:
-    from pipeline.data.mvtec import make_split, scan_category, write_split
+    from pipeline.data.mvtec import scan_category
+    from pipeline.data.split import make_split, write_split
 
     path = tmp_path_factory.mktemp("dist_cls") / "split.json"
     write_split(make_split(scan_category(synth_category), seed=0), path)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.mvtec import load_split, make_split, read_mask, scan_category, write_split
+from pipeline.data.mvtec import read_mask, scan_category
+from pipeline.data.split import load_split, make_split, write_split
 
 
 @pytest.fixture()

@@ -586,22 +586,16 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, *, lo: float, hi: float, al
 
 
 # ------------------------------------------------------------------------------ run folders (CLI)
-def image_ids(manifest: dict) -> dict[str, int]:
-    """Global COCO image ids of a split manifest: sorted relative paths of all split images, from 1
-    (the rule of ``pipeline convert-masks``, so ids match ``coco/<split>.json``)."""
-    rels = sorted(e["image"] for entries in manifest["splits"].values() for e in entries)
-    return {r: i + 1 for i, r in enumerate(rels)}
-
-
 def resolve_split(category_dir: Path | None, split_path: Path | None):
-    """The :class:`pipeline.data.mvtec.Split` to use: the manifest given (relocated to ``category_dir``
-    when both are given), else a split drawn in memory with :func:`pipeline.data.mvtec.make_split`
+    """The :class:`pipeline.data.split.Split` to use: the manifest given (relocated to ``category_dir``
+    when both are given), else a split drawn in memory with :func:`pipeline.data.split.make_split`
     (seed 0, 60/20/20, the ``convert-masks`` defaults) from ``category_dir``.
 
     Raises:
         PipelineError: neither given, or an invalid manifest/category.
     """
-    from pipeline.data.mvtec import Split, load_split, make_split, scan_category
+    from pipeline.data.mvtec import scan_category
+    from pipeline.data.split import Split, load_split, make_split
 
     if split_path is not None:
         return load_split(Path(split_path), root=Path(category_dir) if category_dir else None)
@@ -685,7 +679,7 @@ def fit_run(category_dir: Path | None, *, out: Path, config: PatchCoreConfig = P
         }
         model.info["val"] = metrics["val"]
         save_artefact(model, tmp / "model.pt")
-        from pipeline.data.mvtec import write_split
+        from pipeline.data.split import write_split
 
         write_split(split.manifest, tmp / "split.json")
         cfg = {"category": str(split.root), "split": str(split.path), **asdict(model.config)}
@@ -725,7 +719,8 @@ def predict_run(artefact: Path, *, out: Path, category_dir: Path | None = None, 
     import cv2
 
     from pipeline.core.io import atomic_write_bytes, atomic_write_json, check_can_write, staged_dir
-    from pipeline.data.mvtec import SPLITS, read_mask
+    from pipeline.data.mvtec import read_mask
+    from pipeline.data.split import SPLITS
 
     out = Path(out)
     check_can_write(out, force=force)
@@ -737,6 +732,8 @@ def predict_run(artefact: Path, *, out: Path, category_dir: Path | None = None, 
         samples = split.samples(subset)
     if not samples:
         raise PipelineError(f"{split.path}: split {subset!r} has no images")
+    from pipeline.data.split import image_ids
+
     ids = image_ids(split.manifest)
     bar = _progress(progress, "scoring", len(samples))
     scores, maps, sizes = model.score_paths([s.image for s in samples], progress=bar)

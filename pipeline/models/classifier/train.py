@@ -754,7 +754,7 @@ def train_classifier(
 
     from pipeline.core import distributed as D
     from pipeline.evaluation.classification import evaluate_classification, plot_history
-    from pipeline.data.mvtec import load_split
+    from pipeline.data.split import load_split
 
     if task not in ("multiclass", "binary"):
         raise PipelineError(f"task {task!r}: expected multiclass or binary")
@@ -936,39 +936,33 @@ def feature_rebalance(model, train_set: ImageSet, cfg: ClassifierConfig, device:
 # ----------------------------------------------------------------------------- prediction files
 
 
-def image_ids(split_path: Path, subset: str, paths: Sequence[str]) -> list[int]:
-    """COCO image ids for ``paths``: from ``coco/<subset>.json`` beside the manifest when present
-    (``file_name`` relative to the root), else the 1-based position in the manifest's
-    train, val, test listing."""
-    from pipeline.core.io import read_json
+def image_ids(split_path: Path, paths: Sequence[str]) -> list[int]:
+    """COCO image ids of ``paths`` (relative to the category root) by the manifest's image-id rule
+    (:func:`pipeline.data.split.image_ids`), the ids ``coco/<subset>.json`` has for them.
 
-    coco = Path(split_path).parent / "coco" / f"{subset}.json"
-    lookup: dict[str, int] = {}
-    if coco.is_file():
-        try:
-            lookup = {im["file_name"]: int(im["id"]) for im in read_json(coco).get("images", [])}
-        except (PipelineError, KeyError, TypeError, ValueError):
-            lookup = {}
-    if not all(p in lookup for p in paths):
-        manifest = json.loads(Path(split_path).read_text())
-        order = [e["image"] for s in ("train", "val", "test") for e in manifest["splits"].get(s, [])]
-        fallback = {p: i + 1 for i, p in enumerate(order)}
-        for p in manifest.get("train_good", []):
-            fallback.setdefault(p, len(fallback) + 1)
-        lookup = {**fallback, **lookup}
-    return [lookup.get(p, -1) for p in paths]
+    Raises:
+        PipelineError: a path the manifest does not list.
+    """
+    from pipeline.core.io import read_json
+    from pipeline.data.split import image_ids as manifest_ids
+
+    ids = manifest_ids(read_json(split_path))
+    missing = [p for p in paths if p not in ids]
+    if missing:
+        raise PipelineError(f"{split_path}: image {missing[0]!r} is not listed in the split manifest")
+    return [ids[p] for p in paths]
 
 
 def write_predictions(model, data: ImageSet, cfg: ClassifierConfig, device: str, out_path: Path, *, model_name: str, task: str,
                       split_path: Path, subset: str, weights_note: str, run_dir: Path | None = None) -> Path:
     """Write the ``kind: classification`` prediction JSON (format in ``pipeline.evaluation.classification``)."""
     probs = predict_probs(model, data, cfg, device).numpy()
-    ids = image_ids(split_path, subset, data.paths)
+    ids = image_ids(split_path, data.paths)
     preds = []
     for path, iid, pr in zip(data.paths, ids, probs):
         preds.append({"image": path, "image_id": iid, "label": data.classes[int(pr.argmax())],
                       "scores": {c: round(float(v), 6) for c, v in zip(data.classes, pr)}})
-    from pipeline.data.mvtec import load_split
+    from pipeline.data.split import load_split
 
     doc = {"kind": "classification", "model": model_name, "task": task, "classes": data.classes,
            "root": str(load_split(split_path).root), "split_manifest": str(Path(split_path).resolve()), "subset": subset,
@@ -984,7 +978,7 @@ def predict_classifier(checkpoint: Path, split_path: Path, out_path: Path, *, su
     Raises:
         PipelineError: missing checkpoint, output exists without ``force``, bad split.
     """
-    from pipeline.data.mvtec import load_split
+    from pipeline.data.split import load_split
 
     out_path = Path(out_path)
     check_can_write(out_path, force=force)

@@ -31,7 +31,8 @@ from pipeline.models.classifier.config import load_config, parse_override  # noq
 from pipeline.evaluation.classification import auroc, classification_metrics, confusion_matrix, evaluate_classification, summarize_confusion  # noqa: E402
 from pipeline.core.errors import PipelineError  # noqa: E402
 from pipeline.models.classifier.longtail import class_balanced_weights, effective_number, retrain_head, synthesize_balanced  # noqa: E402
-from pipeline.data.mvtec import make_split, scan_category, write_split  # noqa: E402
+from pipeline.data.mvtec import scan_category, write_split  # noqa: E402
+from pipeline.data.split import make_split
 
 ATTEMPTS = ["attempt1_resnet18", "attempt2_selfattention", "attempt3_dropblock", "attempt4_gem"]
 TINY = {"data.input_size_hw": [32, 32], "train.batch_size": 4, "train.device": "cpu"}
@@ -256,7 +257,7 @@ def test_train_checkpoint_round_trip_and_resume(split_path, tmp_path):
     preds = json.loads((run / "val_predictions.json").read_text())
     assert preds["kind"] == "classification" and "none" in preds["weights"]
     from pipeline.models.classifier.train import class_names, load_image_set, subset_entries
-    from pipeline.data.mvtec import load_split
+    from pipeline.data.split import load_split
 
     split = load_split(split_path)
     classes = class_names(split, "multiclass")
@@ -307,7 +308,7 @@ def test_force_refuses_a_folder_that_is_not_a_run(split_path, tmp_path):
 
 def test_binary_task_folds_defects(split_path):
     from pipeline.models.classifier.train import class_names, subset_entries
-    from pipeline.data.mvtec import load_split
+    from pipeline.data.split import load_split
 
     split = load_split(split_path)
     classes = class_names(split, "binary")
