@@ -100,3 +100,25 @@ def test_usage_errors_are_one_line(args, needle):
 def _one_line_error_text(stderr, needle):
     lines = [l for l in stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
+
+
+def test_no_help_shows_a_value_for_a_flag():
+    """Flags read as flags: ``--force``, never ``--force <bool>``, in every command's --help."""
+    import typer
+    from typer.testing import CliRunner
+
+    from pipeline.cli.app import app
+
+    def paths(cmd, prefix):
+        yield prefix
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from paths(sub, [*prefix, name])
+
+    runner = CliRunner()
+    seen = 0
+    for args in paths(typer.main.get_command(app), []):
+        r = runner.invoke(app, [*args, "--help"], terminal_width=200)
+        assert r.exit_code == 0, (args, r.output)
+        assert "<bool>" not in r.output, (args, r.output)
+        seen += 1
+    assert seen >= 15
