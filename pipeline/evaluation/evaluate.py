@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json, read_json
+from pipeline.data.coco import check_results, load_coco_gt
 
 COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100",
               "AR_small", "AR_medium", "AR_large")
@@ -64,38 +65,6 @@ def pr_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(positive).astype(bool).ravel()
     tps, _, called = _counts_at_thresholds(scores, y)
     return tps / max(int(y.sum()), 1), tps / called
-
-
-def load_coco_gt(gt_path: Path):
-    """Load COCO ground truth quietly (pycocotools prints to stdout). Raises PipelineError when invalid."""
-    from pycocotools.coco import COCO
-
-    data = read_json(gt_path)
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
-        raise PipelineError(f"{gt_path}: not COCO ground truth (expected images, annotations, categories)")
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def check_results(results: list, coco_gt, source: Path) -> None:
-    """Every result names a ground-truth image and category and has a valid box/score.
-
-    Raises:
-        PipelineError: one line naming ``source`` and the first offending entry.
-    """
-    img_ids, cat_ids = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
-    for i, r in enumerate(results):
-        if not isinstance(r, dict) or not {"image_id", "category_id", "score"} <= set(r):
-            raise PipelineError(f"{source}: result {i} lacks image_id/category_id/score (expected COCO results)")
-        if r["image_id"] not in img_ids:
-            raise PipelineError(f"{source}: result {i} has image_id {r['image_id']} not in the ground truth")
-        if r["category_id"] not in cat_ids:
-            raise PipelineError(f"{source}: result {i} has category_id {r['category_id']} not in {sorted(cat_ids)}")
-        if "bbox" in r and (len(r["bbox"]) != 4 or r["bbox"][2] < 0 or r["bbox"][3] < 0):
-            raise PipelineError(f"{source}: result {i} bbox {r['bbox']} (expected [x, y, w, h] with w, h >= 0)")
 
 
 def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox", class_agnostic: bool = False) -> dict:

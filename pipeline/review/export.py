@@ -276,7 +276,7 @@ def read_sources(paths: list[Path], coco, *, model_version: str = "pipeline") ->
     Raises:
         PipelineError: unreadable files, unknown shapes, images or categories not in the ground truth.
     """
-    from pipeline.evaluation.evaluate import check_results
+    from pipeline.data.coco import check_results
     from pipeline.core.io import read_json
 
     paths = [Path(p) for p in paths]
@@ -538,7 +538,7 @@ def export_tasks(
         PipelineError: unreadable inputs, predictions on unknown images/classes, labels not in the
             config, an existing ``out_dir`` without ``force``.
     """
-    from pipeline.evaluation.evaluate import load_coco_gt
+    from pipeline.data.coco import load_coco_gt
     from pipeline.core.io import atomic_write_json, atomic_write_text, check_can_write, staged_dir
 
     out_dir = Path(out_dir)

@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.data.convert import convert_category
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.evaluate import coco_eval, evaluate_coco_results, load_coco_gt, mask_iou_dice
+from pipeline.evaluation.evaluate import coco_eval, evaluate_coco_results, mask_iou_dice
+from pipeline.data.coco import load_coco_gt
 from pipeline.data.instances import encode_rle
 
 

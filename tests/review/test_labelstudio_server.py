@@ -297,7 +297,7 @@ def test_round_trip_through_label_studio(labelstudio_server, bottle_review, mvte
     r = _cli("import", "labelstudio", tmp / "export.json", "--config", tmp / "ls" / "labeling_config.xml", "--out", tmp / "reviewed_cli.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp / "reviewed_cli.json").read_text()) == coco | {"info": json.loads((tmp / "reviewed_cli.json").read_text())["info"]}
-    from pipeline.evaluation.evaluate import load_coco_gt
+    from pipeline.data.coco import load_coco_gt
 
     load_coco_gt(tmp / "reviewed.json")
 

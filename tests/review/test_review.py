@@ -222,7 +222,7 @@ def _review(tasks, edit):
 
 
 def test_import_round_trip_with_edits(synth_category, tmp_path):
-    from pipeline.evaluation.evaluate import load_coco_gt
+    from pipeline.data.coco import load_coco_gt
 
     gt, good, info, tasks = _exported(synth_category, tmp_path, polygons=True)
     moved = {}
