@@ -31,7 +31,8 @@ from pipeline.models.classifier.config import load_config, parse_override  # noq
 from pipeline.evaluation.classification import auroc, classification_metrics, confusion_matrix, evaluate_classification, summarize_confusion  # noqa: E402
 from pipeline.core.errors import PipelineError  # noqa: E402
 from pipeline.models.classifier.longtail import class_balanced_weights, effective_number, retrain_head, synthesize_balanced  # noqa: E402
-from pipeline.data.mvtec import scan_category, write_split  # noqa: E402
+from pipeline.data.mvtec import scan_category  # noqa: E402
+from pipeline.data.split import write_split  # noqa: E402
 from pipeline.data.split import make_split
 
 ATTEMPTS = ["attempt1_resnet18", "attempt2_selfattention", "attempt3_dropblock", "attempt4_gem"]
