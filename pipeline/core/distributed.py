@@ -113,23 +113,17 @@ def init_from_env(device: str | None = None) -> DistInfo:
 
 
 def _wants_cuda(device: str | None) -> bool:
-    import torch
+    from pipeline.core.device import is_cuda, resolve_device
 
-    if device is None or device == "auto":
-        return torch.cuda.is_available()
-    return str(device).startswith("cuda")
+    return is_cuda(resolve_device(device))
 
 
 def local_device(device: str | None) -> str:
-    """The device string this process trains on: ``cuda:LOCAL_RANK`` for a distributed CUDA run,
-    else ``device`` resolved (``auto``/None -> ``cuda`` when available, else ``cpu``)."""
-    import torch
+    """The device this process trains on: :func:`pipeline.core.device.resolve_device`, which gives each
+    ``torchrun`` process of a CUDA run its own GPU, ``cuda:LOCAL_RANK``."""
+    from pipeline.core.device import resolve_device
 
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if is_initialized() and device.startswith("cuda"):
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return device
+    return resolve_device(device)
 
 
 def cleanup() -> None:
