@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -132,15 +133,18 @@ def staged_dir(final: Path, *, force: bool) -> Iterator[Path]:
 def read_image(path: Path, *, flags: int | None = None) -> np.ndarray:
     """Read an image with OpenCV, failing with one line when the file is missing or not decodable.
 
+    A PNG's chunk structure and CRCs, and a JPEG's end-of-image marker, are checked before decoding,
+    so a truncated file is reported by us in one line instead of by libpng/libjpeg on stderr.
+
     Args:
-        path: image file (PNG, JPEG, ...).
+        path: image file (PNG, JPEG, BMP, TIFF, ...).
         flags: OpenCV imread flags; default ``IMREAD_UNCHANGED``.
 
     Returns:
-        ``HxW`` (grey) or ``HxWxC`` (BGR/BGRA) uint8 array, as stored.
+        ``HxW`` (grey) or ``HxWxC`` (BGR/BGRA) array, as stored (uint8, or uint16 for 16-bit files).
 
     Raises:
-        PipelineError: the file is missing, unreadable or truncated.
+        PipelineError: the file is missing, empty, truncated, corrupt or not an image.
     """
     import cv2
 
@@ -149,10 +153,38 @@ def read_image(path: Path, *, flags: int | None = None) -> np.ndarray:
     if not path.is_file():
         raise PipelineError(f"{path}: file not found (expected an image)")
     data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED if flags is None else flags) if data.size else None
-    if img is None or not _png_complete(path, data):
-        raise PipelineError(f"{path}: unreadable or truncated image (expected a valid PNG/JPEG)")
+    problem = "empty file" if not data.size else _container_problem(memoryview(data))
+    if problem:
+        raise PipelineError(f"{path}: unreadable or truncated image ({problem}; expected a valid PNG/JPEG/BMP/TIFF)")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED if flags is None else flags)
+    if img is None:
+        raise PipelineError(f"{path}: unreadable or truncated image (expected a valid PNG/JPEG/BMP/TIFF)")
     return img
+
+
+def _container_problem(b: memoryview) -> str | None:
+    """Why a PNG or JPEG byte string is incomplete, or ``None`` (other formats are left to OpenCV).
+
+    PNG: every chunk must fit in the file and match its CRC-32, up to ``IEND`` (PNG spec, section 5).
+    JPEG: the data must end with the EOI marker ``FFD9`` (ITU T.81, annex B), padding aside.
+    """
+    if bytes(b[:8]) == b"\x89PNG\r\n\x1a\n":
+        pos, n = 8, len(b)
+        while pos + 12 <= n:
+            length = int.from_bytes(b[pos : pos + 4], "big")
+            end = pos + 12 + length
+            if end > n:
+                return "truncated"
+            if zlib.crc32(b[pos + 4 : end - 4]) != int.from_bytes(b[end - 4 : end], "big"):
+                return f"corrupt (CRC mismatch in chunk {bytes(b[pos + 4 : pos + 8])!r})"
+            if bytes(b[pos + 4 : pos + 8]) == b"IEND":
+                return None
+            pos = end
+        return "truncated"
+    if bytes(b[:2]) == b"\xff\xd8":
+        tail = bytes(b[-64:]).rstrip(b"\x00\r\n ")
+        return None if tail.endswith(b"\xff\xd9") else "truncated (no JPEG end-of-image marker)"
+    return None
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -180,13 +212,6 @@ def _quiet_opencv(cv2) -> None:
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     except AttributeError:  # builds without the logging module
         pass
-
-
-def _png_complete(path: Path, data: np.ndarray) -> bool:
-    """A PNG must end with its IEND chunk; OpenCV decodes some truncated PNGs without error."""
-    if data[:8].tobytes() != b"\x89PNG\r\n\x1a\n":
-        return True
-    return data[-12:].tobytes()[4:8] == b"IEND"
 
 
 def image_size_hw(path: Path) -> tuple[int, int]:

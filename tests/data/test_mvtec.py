@@ -97,3 +97,54 @@ def test_unreadable_image_after_ultralytics_import(cat):
     (cat / "test/scratch/001.png").write_bytes(b"not a png")
     with pytest.raises(PipelineError, match="test/scratch/001.png: unreadable"):
         scan_category(cat)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        # a truncated good training image: decoded too, not only defect images
+        (lambda c: _truncate(c / "train/good/003.png"), "train/good/003.png: unreadable or truncated"),
+        # a truncated good test image
+        (lambda c: _truncate(c / "test/good/002.png"), "test/good/002.png: unreadable or truncated"),
+        # an empty file
+        (lambda c: (c / "test/good/001.png").write_bytes(b""), "test/good/001.png: unreadable or truncated image (empty file"),
+        # a 16-bit image is refused, not rescaled
+        (lambda c: cv2.imwrite(str(c / "train/good/000.png"), np.full((96, 128), 40000, np.uint16)), "uint16 image"),
+        # an all-zero mask for a defect image
+        (lambda c: cv2.imwrite(str(c / "ground_truth/ring/001_mask.png"), np.zeros((96, 128), np.uint8)), "ring/001_mask.png: all-zero mask for defect image 001.png"),
+        # two images of one folder with one stem would share one mask
+        (lambda c: shutil.copy(c / "test/ring/000.png", c / "test/ring/000.jpg"), "000.jpg, 000.png share the stem '000'"),
+        # an orphan mask names the image it expected, whatever its extension would be
+        (lambda c: (c / "test/ring/004.png").rename(c / "test/ring/004.bak"), "004_mask.png: orphan mask (expected its image"),
+    ],
+)
+def test_every_image_is_checked(cat, breakage, expected):
+    breakage(cat)
+    with pytest.raises(PipelineError) as exc:
+        scan_category(cat)
+    assert expected in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_allow_empty_masks_keeps_the_image_as_good(cat):
+    cv2.imwrite(str(cat / "ground_truth/ring/001_mask.png"), np.zeros((96, 128), np.uint8))
+    c = scan_category(cat, allow_empty_masks=True)
+    assert c.empty_masks == (cat.resolve() / "test/ring/001.png",)
+    labels = {s.image.name + "@" + s.image.parent.name: s.label for s in c.test}
+    assert labels["001.png@ring"] == "good" and labels["002.png@ring"] == "ring"
+
+
+def test_truncated_png_gives_one_line_and_no_library_noise(cat):
+    import subprocess
+    import sys
+
+    _truncate(cat / "ground_truth/scratch/000_mask.png")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "convert-masks", str(cat), "--out", str(cat.parent / "ann")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "000_mask.png" in r.stderr
+    assert "libpng" not in r.stderr + r.stdout
