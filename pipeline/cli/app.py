@@ -13,6 +13,7 @@ import sys
 import typer
 
 from pipeline.cli import data, evaluate, predict, review, train
+from pipeline.core.console import Interrupted
 from pipeline.core.errors import PipelineError
 
 
@@ -60,8 +61,11 @@ def main() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as exc:
+        print(exc.message, file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("aborted (Ctrl-C): files being written when it came were left out", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # usage errors, --help exits, aborts (typer vendors click: match by shape)
         code = getattr(exc, "exit_code", None)
