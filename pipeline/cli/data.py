@@ -40,7 +40,9 @@ def convert_masks(
     min_area: int = typer.Option(1, help="Drop components smaller than this many pixels (1 keeps all)."),
     rename: List[str] = typer.Option([], help="DEFECT_TYPE=class name; repeat; same name merges types."),
     split: Optional[Path] = typer.Option(None, help="Reuse this split.json instead of drawing a new split."),
-    force: bool = typer.Option(False, "--force", help="Replace existing output."),
+    allow_empty_masks: bool = typer.Option(False, "--allow-empty-masks",
+                                           help="Keep defect images whose mask is all zero, as good images."),
+    force: bool = typer.Option(False, "--force", help="Replace what an earlier convert-masks wrote (other files stay)."),
 ) -> None:
     """MVTec masks -> one instance per connected component -> COCO, YOLO and SAM files per split."""
     from pipeline.data.convert import convert_category, parse_rename
@@ -55,7 +57,8 @@ def convert_masks(
     out = out or Path("annotations") / Path(category).resolve().name
     manifest = load_split(split) if split else None
     summary = convert_category(category, out, ratios=r, seed=seed, connectivity=connectivity, min_area=min_area,
-                               rename=parse_rename(rename), split_manifest=manifest, force=force)
+                               rename=parse_rename(rename), split_manifest=manifest,
+                               allow_empty_masks=allow_empty_masks, force=force)
     from rich.table import Table
 
     from pipeline.core.console import console
@@ -67,4 +70,9 @@ def convert_masks(
         table.add_row(s, str(summary.images[s]), str(summary.masks[s]), str(summary.instances[s]))
     table.add_row("all", *(str(sum(d.values())) for d in (summary.images, summary.masks, summary.instances)))
     console().print(table)
+    for w in summary.warnings:
+        echo(f"[yellow]warning:[/yellow] {w}")
+    if summary.kept:
+        echo(f"kept {len(summary.kept)} file(s) convert-masks did not write: {', '.join(summary.kept[:5])}"
+             + (" ..." if len(summary.kept) > 5 else ""))
     echo(f"wrote {summary.out}/{{split.json, coco/, yolo/data.yaml, sam/}}")

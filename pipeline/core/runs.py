@@ -39,8 +39,10 @@ _LEGACY_MARKERS = ("config.yaml", "predictions.json", "model.pt")
 class RunDir:
     """One run folder (see the module docstring). Build it with :meth:`open`."""
 
-    def __init__(self, path: Path, *, kind: str, resume: bool, force: bool, resume_file: str | None):
+    def __init__(self, path: Path, *, kind: str, resume: bool, force: bool, resume_file: str | None,
+                 legacy_files: tuple[str, ...] | None = None):
         self.path = Path(path)
+        self.legacy_files = legacy_files
         self.kind = kind
         self.resume = resume
         self.force = force
@@ -53,7 +55,7 @@ class RunDir:
     # ------------------------------------------------------------------ rules (nothing touched)
     @classmethod
     def open(cls, path: Path, *, kind: str, force: bool = False, resume: bool = False,
-             resume_file: str | None = None) -> RunDir:
+             resume_file: str | None = None, legacy_files: tuple[str, ...] | None = None) -> RunDir:
         """Check the rules for ``path`` without touching it.
 
         Args:
@@ -64,6 +66,9 @@ class RunDir:
             resume: continue the run in ``path``.
             resume_file: the file, relative to ``path``, that ``resume`` needs (``None``: this
                 command cannot resume).
+            legacy_files: ``fnmatch`` patterns (relative POSIX paths, ``*`` crosses folders) of the
+                files this command writes, for folders written before the manifest existed: on
+                ``force`` only those are removed. ``None``: such a folder is replaced whole.
 
         Raises:
             PipelineError: ``force`` with ``resume``; ``resume`` without the resumable state;
@@ -87,13 +92,15 @@ class RunDir:
                     hint = " or --resume to continue it" if resume_file else ""
                     raise PipelineError(f"{path}: output already exists; pass --force to replace it{hint}")
                 owner = _manifest(path)
-                if owner is None and not any((path / m).exists() for m in _LEGACY_MARKERS):
+                legacy = _matching(path, legacy_files) if legacy_files else [m for m in _LEGACY_MARKERS
+                                                                              if (path / m).exists()]
+                if owner is None and not legacy:
                     raise PipelineError(f"{path}: not a folder a pipeline command wrote; refusing to replace it "
                                         "even with --force (choose another --out)")
                 if owner is not None and owner.get("kind") != kind:
                     raise PipelineError(f"{path}: holds a {owner.get('kind')} run, not {kind}; refusing to replace "
                                         "it (choose another --out)")
-        return cls(path, kind=kind, resume=resume, force=force, resume_file=resume_file)
+        return cls(path, kind=kind, resume=resume, force=force, resume_file=resume_file, legacy_files=legacy_files)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> RunDir:
@@ -103,10 +110,11 @@ class RunDir:
             return self
         old = _manifest(self.path) if self.path.is_dir() else None
         if self.force and self.path.is_dir():
-            if old is None:  # a run folder from before the manifest: it is all ours
+            if old is None and not self.legacy_files:  # a run folder from before the manifest: all ours
                 shutil.rmtree(self.path)
             else:
-                for rel in old.get("files", []):
+                ours = old.get("files", []) if old is not None else _matching(self.path, self.legacy_files)
+                for rel in ours:
                     f = self.path / rel
                     if f.is_file() or f.is_symlink():
                         f.unlink()
@@ -183,6 +191,12 @@ def _manifest(path: Path) -> dict | None:
     except PipelineError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _matching(root: Path, patterns) -> list[str]:
+    from fnmatch import fnmatchcase
+
+    return [r for r in _files(root) if any(fnmatchcase(r, p) for p in patterns)]
 
 
 def _files(root: Path) -> list[str]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.instances import decode_rle, encode_rle, mask_to_instances, rle_bbox_xywh
-from pipeline.core.io import atomic_write_json, atomic_write_text, staged_dir
+from pipeline.core.io import atomic_write_json, atomic_write_text, image_size_hw
 from pipeline.data.mvtec import Sample, read_mask, scan_category
 from pipeline.data.split import SPLITS, Split, image_ids, make_split
 
@@ -42,6 +42,8 @@ class ConvertSummary:
     masks: dict[str, int] = field(default_factory=dict)
     instances: dict[str, int] = field(default_factory=dict)
     instances_per_class: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # files in ``out`` that convert-masks did not write
 
     def as_dict(self) -> dict:
         return {
@@ -51,6 +53,7 @@ class ConvertSummary:
             "masks": self.masks,
             "instances": self.instances,
             "instances_per_class": self.instances_per_class,
+            "warnings": self.warnings,
         }
 
 
@@ -111,6 +114,21 @@ def yolo_name(sample: Sample) -> str:
     return f"{sample.label}_{sample.image.stem}"
 
 
+# what convert-masks writes under ``out``; on --force these go, anything else (a reviewed.json) stays
+OUTPUTS = ("split.json", "summary.json", "coco/train.json", "coco/val.json", "coco/test.json", "yolo/**", "sam/*.jsonl")
+
+
+@dataclass
+class _SplitFiles:
+    """One split's outputs, built in memory before anything is written."""
+
+    coco: dict
+    sam_lines: list[str] = field(default_factory=list)
+    labels: dict[str, list[str]] = field(default_factory=dict)  # YOLO stem -> label lines
+    links: dict[str, Path] = field(default_factory=dict)  # YOLO image file name -> original
+    n_masks: int = 0
+
+
 def convert_category(
     category_dir: Path,
     out: Path,
@@ -121,117 +139,146 @@ def convert_category(
     min_area: int = 1,
     rename: dict[str, str] | None = None,
     split_manifest: Split | None = None,
+    allow_empty_masks: bool = False,
     force: bool = False,
 ) -> ConvertSummary:
     """Convert an MVTec AD category's masks into COCO, YOLO and SAM files for every split.
 
+    Every image and mask is decoded (once, in parallel) and every output built and self-checked in
+    memory before the first file is written, so bad input leaves ``out`` untouched.
+
     Args:
         category_dir: the category folder (``.../bottle``).
-        out: output folder; written atomically as a whole (built in a temporary sibling).
+        out: output folder. On ``force`` only the files convert-masks writes (:data:`OUTPUTS`) are
+            replaced; anything else there (``coco/reviewed.json``, notes) stays.
         ratios: train/val/test fractions of ``test/`` images, stratified by label.
         seed: split seed.
         connectivity: 8 or 4, for connected components.
         min_area: drop components smaller than this many pixels (1 keeps all).
         rename: defect type -> class name (merges when several map to one name).
         split_manifest: reuse an existing split instead of drawing a new one.
-        force: replace an existing ``out``.
+        allow_empty_masks: keep defect images with an all-zero mask as good images (reported in
+            :attr:`ConvertSummary.warnings`) instead of failing.
+        force: replace an earlier conversion in ``out``.
 
     Returns:
-        A :class:`ConvertSummary` with the counts.
+        A :class:`ConvertSummary` with the counts and warnings.
 
     Raises:
-        PipelineError: invalid category (lists every offending file), an empty split, an existing
-            ``out`` without ``force``, or a failed self-check.
+        PipelineError: bad options, an invalid category (lists every offending file), an empty split,
+            an existing ``out`` without ``force``, or a failed self-check.
     """
-    category = scan_category(category_dir)
+    from pipeline.core.runs import RunDir
+
+    if connectivity not in (4, 8):
+        raise PipelineError(f"--connectivity {connectivity}: expected 4 or 8 (pixel neighbours of a component)")
+    if min_area < 1:
+        raise PipelineError(f"--min-area {min_area}: expected a pixel count >= 1")
+    run = RunDir.open(out, kind="convert-masks", force=force, legacy_files=OUTPUTS)
+    category = scan_category(category_dir, allow_empty_masks=allow_empty_masks, keep_masks=True)
     names, type_to_name = class_names(category.defect_types, rename)
-    cat_id = {n: i + 1 for i, n in enumerate(names)}
-    if split_manifest is not None:
-        manifest = split_manifest.manifest
-    else:
-        manifest = make_split(category, ratios=ratios, seed=seed)
-    for split in SPLITS:
-        if not manifest["splits"].get(split) and (split_manifest is not None or ratios[SPLITS.index(split)] > 0):
-            raise PipelineError(f"split {split!r} of {category.root} is empty (expected at least one image; check the ratios)")
-    ids = image_ids(manifest)
-    out = Path(out).resolve()
-    summary = ConvertSummary(out=out, classes=names)
-    ann_id = 0
-    with staged_dir(out, force=force) as tmp:
-        from pipeline.core.io import image_size_hw
-
-        for split in SPLITS:
-            entries = manifest["splits"][split]
-            coco = {
-                "info": {
-                    "description": f"MVTec AD {category.name} {split} split (pipeline convert-masks)",
-                    "image_root": str(category.root),
-                    "split": split,
-                    "connectivity": connectivity,
-                    "min_area": min_area,
-                },
-                "images": [],
-                "annotations": [],
-                "categories": [
-                    {"id": cat_id[n], "name": n, "supercategory": "defect",
-                     "defect_types": sorted(t for t, m in type_to_name.items() if m == n)}
-                    for n in names
-                ],
-            }
-            sam_lines: list[str] = []
-            n_masks = 0
-            for e in entries:
-                sample = Sample(category.root / e["image"], category.root / e["mask"] if e["mask"] else None, e["label"])
-                h, w = image_size_hw(sample.image)
-                img_id = ids[e["image"]]
-                coco["images"].append(
-                    {"id": img_id, "file_name": e["image"], "width": w, "height": h, "defect_type": e["label"]}
-                )
-                stem = yolo_name(sample)
-                _link(sample.image, tmp / "yolo" / "images" / split / f"{stem}{sample.image.suffix}")
-                label_lines = []
-                if sample.mask is not None:
-                    n_masks += 1
-                    mask = read_mask(sample.mask)
-                    name = type_to_name[sample.label]
-                    for inst in mask_to_instances(mask, connectivity=connectivity, min_area=min_area):
-                        ann_id += 1
-                        rle = encode_rle(inst.mask)
-                        _self_check(rle, inst, sample.mask)
-                        x, y, bw, bh = inst.bbox_xywh
-                        coco["annotations"].append(
-                            {"id": ann_id, "image_id": img_id, "category_id": cat_id[name],
-                             "bbox": [x, y, bw, bh], "area": inst.area, "segmentation": rle, "iscrowd": 0}
-                        )
-                        cx, cy, wn, hn = (x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h
-                        _check_yolo((cx, cy, wn, hn), inst.bbox_xywh, (h, w), sample.mask)
-                        label_lines.append(f"{cat_id[name] - 1} {cx:.6f} {cy:.6f} {wn:.6f} {hn:.6f}")
-                        sam_lines.append(json.dumps({
-                            "image": str(sample.image), "image_id": img_id, "annotation_id": ann_id,
-                            "size_hw": [h, w], "category_id": cat_id[name], "category": name,
-                            "bbox_xyxy": list(inst.bbox_xyxy), "segmentation": rle,
-                        }))
-                        summary.instances_per_class[name] = summary.instances_per_class.get(name, 0) + 1
-                atomic_write_text(tmp / "yolo" / "labels" / split / f"{stem}.txt", "".join(l + "\n" for l in label_lines))
-            atomic_write_json(tmp / "coco" / f"{split}.json", coco, indent=None)
-            atomic_write_text(tmp / "sam" / f"{split}.jsonl", "".join(l + "\n" for l in sam_lines))
-            summary.images[split] = len(entries)
-            summary.masks[split] = n_masks
-            summary.instances[split] = sum(1 for a in coco["annotations"])
-        import yaml
-
-        data_yaml = {
-            "path": str(out / "yolo"),
-            "train": "images/train",
-            "val": "images/val",
-            "test": "images/test",
-            "nc": len(names),
-            "names": {i: n for i, n in enumerate(names)},
-        }
-        atomic_write_text(tmp / "yolo" / "data.yaml", yaml.safe_dump(data_yaml, sort_keys=False))
-        atomic_write_json(tmp / "split.json", manifest)
-        atomic_write_json(tmp / "summary.json", summary.as_dict())
+    manifest = split_manifest.manifest if split_manifest is not None else make_split(category, ratios=ratios, seed=seed)
+    summary = ConvertSummary(out=Path(out).resolve(), classes=names)
+    summary.warnings = _split_warnings(category, manifest, ratios, explicit=split_manifest is not None)
+    built = _build_splits(category, manifest, names, type_to_name, connectivity=connectivity, min_area=min_area)
+    for split, files in built.items():
+        summary.images[split] = len(files.coco["images"])
+        summary.masks[split] = files.n_masks
+        summary.instances[split] = len(files.coco["annotations"])
+        for a in files.coco["annotations"]:
+            name = names[a["category_id"] - 1]
+            summary.instances_per_class[name] = summary.instances_per_class.get(name, 0) + 1
+    with run:
+        _write_outputs(run.path, built, manifest, names, summary)
+    summary.kept = run.kept
     return summary
+
+
+def _split_warnings(category, manifest: dict, ratios, *, explicit: bool) -> list[str]:
+    """Refuse an empty split; warn for labels that some splits will lack (fewer than 3 images)."""
+    for split in SPLITS:
+        if not manifest["splits"].get(split) and (explicit or ratios[SPLITS.index(split)] > 0):
+            raise PipelineError(f"split {split!r} of {category.root} is empty (expected at least one image; check the ratios)")
+    warnings = [f"{p.relative_to(category.root).as_posix()}: all-zero mask, kept as a good image" for p in category.empty_masks]
+    for label in sorted({s.label for s in category.test}):
+        lacking = [s for s in SPLITS if not any(e["label"] == label for e in manifest["splits"].get(s, []))]
+        if lacking:
+            n = sum(s.label == label for s in category.test)
+            warnings.append(f"{label!r} has {n} image(s): the {', '.join(lacking)} split(s) will have none of it "
+                            "(metrics that need it there are null)")
+    return warnings
+
+
+def _build_splits(category, manifest: dict, names: list[str], type_to_name: dict[str, str], *,
+                  connectivity: int, min_area: int) -> dict[str, _SplitFiles]:
+    """COCO, YOLO and SAM content of every split, self-checked, nothing written yet."""
+    ids = image_ids(manifest)
+    cat_id = {n: i + 1 for i, n in enumerate(names)}
+    categories = [{"id": cat_id[n], "name": n, "supercategory": "defect",
+                   "defect_types": sorted(t for t, m in type_to_name.items() if m == n)} for n in names]
+    built: dict[str, _SplitFiles] = {}
+    ann_id = 0
+    for split in SPLITS:
+        info = {"description": f"MVTec AD {category.name} {split} split (pipeline convert-masks)",
+                "image_root": str(category.root), "split": split, "connectivity": connectivity, "min_area": min_area}
+        files = _SplitFiles(coco={"info": info, "images": [], "annotations": [], "categories": categories})
+        for e in manifest["splits"][split]:
+            sample = Sample(category.root / e["image"], category.root / e["mask"] if e["mask"] else None, e["label"])
+            ann_id = _add_sample(files, sample, category, ids[e["image"]], e, cat_id, type_to_name, ann_id,
+                                 connectivity=connectivity, min_area=min_area)
+        built[split] = files
+    return built
+
+
+def _add_sample(files: _SplitFiles, sample: Sample, category, img_id: int, entry: dict, cat_id: dict,
+                type_to_name: dict, ann_id: int, *, connectivity: int, min_area: int) -> int:
+    """One image's COCO image/annotations, YOLO label lines and SAM records; returns the last annotation id."""
+    h, w = category.sizes_hw.get(sample.image) or image_size_hw(sample.image)
+    files.coco["images"].append({"id": img_id, "file_name": entry["image"], "width": w, "height": h,
+                                 "defect_type": entry["label"]})
+    stem = yolo_name(sample)
+    files.links[f"{stem}{sample.image.suffix}"] = sample.image
+    lines = files.labels.setdefault(stem, [])
+    if sample.mask is None:
+        return ann_id
+    files.n_masks += 1
+    mask = category.masks[sample.mask] if sample.mask in category.masks else read_mask(sample.mask)
+    name = type_to_name[sample.label]
+    for inst in mask_to_instances(mask, connectivity=connectivity, min_area=min_area):
+        ann_id += 1
+        rle = encode_rle(inst.mask)
+        _self_check(rle, inst, sample.mask)
+        x, y, bw, bh = inst.bbox_xywh
+        files.coco["annotations"].append({"id": ann_id, "image_id": img_id, "category_id": cat_id[name],
+                                          "bbox": [x, y, bw, bh], "area": inst.area, "segmentation": rle,
+                                          "iscrowd": 0})
+        box_norm = ((x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h)
+        _check_yolo(box_norm, inst.bbox_xywh, (h, w), sample.mask)
+        lines.append(f"{cat_id[name] - 1} " + " ".join(f"{v:.6f}" for v in box_norm))
+        files.sam_lines.append(json.dumps({
+            "image": str(sample.image), "image_id": img_id, "annotation_id": ann_id, "size_hw": [h, w],
+            "category_id": cat_id[name], "category": name, "bbox_xyxy": list(inst.bbox_xyxy), "segmentation": rle,
+        }))
+    return ann_id
+
+
+def _write_outputs(out: Path, built: dict[str, _SplitFiles], manifest: dict, names: list[str],
+                   summary: ConvertSummary) -> None:
+    """Write every split's files, ``yolo/data.yaml``, ``split.json`` and ``summary.json`` (each atomically)."""
+    import yaml
+
+    for split, files in built.items():
+        for fname, src in files.links.items():
+            _link(src, out / "yolo" / "images" / split / fname)
+        for stem, lines in files.labels.items():
+            atomic_write_text(out / "yolo" / "labels" / split / f"{stem}.txt", "".join(ln + "\n" for ln in lines))
+        atomic_write_json(out / "coco" / f"{split}.json", files.coco, indent=None)
+        atomic_write_text(out / "sam" / f"{split}.jsonl", "".join(ln + "\n" for ln in files.sam_lines))
+    data_yaml = {"path": str(out.resolve() / "yolo"), "train": "images/train", "val": "images/val",
+                 "test": "images/test", "nc": len(names), "names": dict(enumerate(names))}
+    atomic_write_text(out / "yolo" / "data.yaml", yaml.safe_dump(data_yaml, sort_keys=False))
+    atomic_write_json(out / "split.json", manifest)
+    atomic_write_json(out / "summary.json", summary.as_dict())
 
 
 def _self_check(rle: dict, inst, mask_path: Path) -> None:

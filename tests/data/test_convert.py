@@ -141,3 +141,69 @@ def test_bad_class_names(rename, message):
 
 def test_natural_names():
     assert class_names(["broken_large", "contamination"])[0] == ["broken large", "contamination"]
+
+
+def test_force_replaces_only_what_convert_wrote(converted, synth_category):
+    """The README puts Label Studio's reviewed labels in coco/reviewed.json: --force keeps them."""
+    out, _ = converted
+    (out / "coco" / "reviewed.json").write_text('{"images": []}')
+    (out / "NOTES.txt").write_text("mine")
+    before = (out / "coco" / "test.json").read_bytes()
+    s = convert_category(synth_category, out, force=True)
+    assert (out / "coco" / "reviewed.json").read_text() == '{"images": []}'
+    assert (out / "NOTES.txt").read_text() == "mine"
+    assert s.kept == ["NOTES.txt", "coco/reviewed.json"]
+    assert (out / "coco" / "test.json").read_bytes() == before
+
+
+def test_force_on_a_folder_from_before_the_manifest_keeps_other_files(converted, synth_category):
+    out, _ = converted
+    (out / ".pipeline-run.json").unlink()
+    (out / "coco" / "reviewed.json").write_text("{}")
+    convert_category(synth_category, out, force=True)
+    assert (out / "coco" / "reviewed.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"connectivity": 6}, "--connectivity 6: expected 4 or 8"),
+    ({"min_area": 0}, "--min-area 0"),
+])
+def test_bad_options_are_one_line_errors(synth_category, tmp_path, kwargs, message):
+    with pytest.raises(PipelineError, match=message):
+        convert_category(synth_category, tmp_path / "ann", **kwargs)
+    assert not (tmp_path / "ann").exists()
+
+
+def test_connectivity_6_on_the_cli_is_one_line(synth_category, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipeline", "convert-masks", str(synth_category), "--out",
+                        str(tmp_path / "a"), "--connectivity", "6"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "expected 4 or 8" in r.stderr
+
+
+def test_a_rare_defect_type_is_warned_about(tmp_path):
+    from pipeline.data.synth import generate_category
+
+    cat = generate_category(tmp_path / "c", n_train_good=2, n_test_good=6, n_per_defect=6)
+    for p in sorted((cat / "test" / "spot").glob("*.png"))[2:]:  # leave 2 spot images
+        p.unlink()
+        (cat / "ground_truth" / "spot" / f"{p.stem}_mask.png").unlink()
+    s = convert_category(cat, tmp_path / "ann")
+    assert any(w.startswith("'spot' has 2 image(s): the val, test split(s) will have none") for w in s.warnings)
+    assert json.loads((tmp_path / "ann" / "summary.json").read_text())["warnings"] == s.warnings
+
+
+def test_each_file_is_decoded_once(synth_category, tmp_path, monkeypatch):
+    import pipeline.core.io as io
+
+    seen = []
+    real = io.read_image
+    monkeypatch.setattr(io, "read_image", lambda p, **kw: seen.append(str(p)) or real(p, **kw))
+    import pipeline.data.mvtec as mvtec
+
+    monkeypatch.setattr(mvtec, "read_image", io.read_image)
+    convert_category(synth_category, tmp_path / "ann")
+    n_files = 10 + 6 + 3 * 6 + 3 * 6  # train/good, test/good, defect images, masks
+    assert len(seen) == len(set(seen)) == n_files
