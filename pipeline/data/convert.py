@@ -275,7 +275,8 @@ def _write_outputs(out: Path, built: dict[str, _SplitFiles], manifest: dict, nam
         atomic_write_json(out / "coco" / f"{split}.json", files.coco, indent=None)
         atomic_write_text(out / "sam" / f"{split}.jsonl", "".join(ln + "\n" for ln in files.sam_lines))
     data_yaml = {"path": str(out.resolve() / "yolo"), "train": "images/train", "val": "images/val",
-                 "test": "images/test", "nc": len(names), "names": dict(enumerate(names))}
+                 "test": "images/test", "nc": len(names), "names": dict(enumerate(names)),
+                 "category": manifest["category"]}  # picks the label-safe augmentation policy
     atomic_write_text(out / "yolo" / "data.yaml", yaml.safe_dump(data_yaml, sort_keys=False))
     atomic_write_json(out / "split.json", manifest)
     atomic_write_json(out / "summary.json", summary.as_dict())
