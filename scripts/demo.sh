@@ -22,8 +22,8 @@ pipeline convert-masks "$CATEGORY" --out "$OUT/annotations/$NAME" --force
 pipeline finetune yolo --data "$OUT/annotations/$NAME/yolo/data.yaml" --model "$MODEL" \
   --epochs "$EPOCHS" --imgsz "$IMGSZ" --batch "$BATCH" --out "$OUT/yolo" --force
 pipeline predict yolo --weights "$OUT/yolo/weights/best.pt" --gt "$OUT/annotations/$NAME/coco/test.json" \
-  --imgsz "$IMGSZ" --out "$OUT/predictions/yolo_test.json" --force
-pipeline evaluate "$OUT/predictions/yolo_test.json" --gt "$OUT/annotations/$NAME/coco/test.json" --out "$OUT/evaluation"
-pipeline export labelstudio "$OUT/predictions/yolo_test.json" --gt "$OUT/annotations/$NAME/coco/test.json" \
+  --imgsz "$IMGSZ" --out "$OUT/predictions/yolo_test" --force
+pipeline evaluate "$OUT/predictions/yolo_test/predictions.json" --gt "$OUT/annotations/$NAME/coco/test.json" --out "$OUT/evaluation"
+pipeline export labelstudio "$OUT/predictions/yolo_test/predictions.json" --gt "$OUT/annotations/$NAME/coco/test.json" \
   --out "$OUT/labelstudio" --min-score 0.05 --force
 echo "demo done: everything is under $OUT"

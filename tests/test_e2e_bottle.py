@@ -29,9 +29,9 @@ def run(mvtec_root, tmp_path_factory):
     pipeline("finetune", "yolo", "--data", ann / "yolo/data.yaml", "--model", "yolov8n-worldv2.yaml",
              "--epochs", 2, "--imgsz", 256, "--batch", 8, "--out", tmp / "yolo")
     pipeline("predict", "yolo", "--weights", tmp / "yolo/weights/best.pt", "--gt", ann / "coco/test.json",
-             "--imgsz", 256, "--out", tmp / "pred.json")
-    out["evaluate"] = pipeline("evaluate", tmp / "pred.json", "--gt", ann / "coco/test.json", "--out", tmp / "eval")
-    pipeline("export", "labelstudio", tmp / "pred.json", "--gt", ann / "coco/test.json", "--out", tmp / "ls",
+             "--imgsz", 256, "--out", tmp / "pred")
+    out["evaluate"] = pipeline("evaluate", tmp / "pred/predictions.json", "--gt", ann / "coco/test.json", "--out", tmp / "eval")
+    pipeline("export", "labelstudio", tmp / "pred/predictions.json", "--gt", ann / "coco/test.json", "--out", tmp / "ls",
              "--min-score", 0.0)
     return out
 
@@ -60,7 +60,7 @@ def test_training_run_folder(run):
 
 
 def test_predictions_and_metrics_are_valid(run):
-    preds = json.loads((run["tmp"] / "pred.json").read_text())
+    preds = json.loads((run["tmp"] / "pred/predictions.json").read_text())
     gt = json.loads((run["ann"] / "coco/test.json").read_text())
     ids = {i["id"]: i for i in gt["images"]}
     for p in preds:
@@ -68,7 +68,7 @@ def test_predictions_and_metrics_are_valid(run):
         x, y, w, h = p["bbox"]
         assert 0 <= x and 0 <= y and x + w <= img["width"] + 1e-6 and y + h <= img["height"] + 1e-6
         assert 0.0 <= p["score"] <= 1.0 and p["category_id"] in (1, 2, 3)
-    metrics = json.loads((run["tmp"] / f"eval/metrics_{run['tmp'].name}-pred.json").read_text())
+    metrics = json.loads((run["tmp"] / "eval/metrics_pred-predictions.json").read_text())
     for k in ("AP", "AP50", "AP75", "AR100"):
         assert 0.0 <= metrics["bbox"][k] <= 1.0
     assert set(metrics["bbox"]["per_class_AP"]) == {"broken large", "broken small", "contamination"}

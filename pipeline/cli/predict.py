@@ -16,25 +16,18 @@ predict_app = typer.Typer(no_args_is_help=True, help="Run a trained model over a
 def predict_yolo(
     weights: Path = typer.Option(..., help="Trained weights (run folder's weights/best.pt)."),
     gt: Path = typer.Option(..., help="COCO ground truth of the split to predict (annotations/<cat>/coco/test.json)."),
-    out: Path = typer.Option(..., help="COCO results JSON to write."),
+    out: Path = typer.Option(..., help="Run folder: predictions.json (COCO results), config.yaml."),
     imgsz: int = typer.Option(640, help="Inference image size (use the training size)."),
     conf: float = typer.Option(0.001, help="Minimum score kept (low, so mAP sees the whole PR curve)."),
-    device: Optional[str] = typer.Option(None, help="cpu, 0, ... (default: GPU 0 when present, else cpu)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file."),
+    device: Optional[str] = typer.Option(None, help="cpu, 0, cuda:N, auto (default: GPU 0 when present, else cpu)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ) -> None:
     """Detect defects on every image of a split; write COCO results (image_id, category_id, bbox, score)."""
-    from pipeline.data.coco import class_index_to_category, detections_to_results, split_images
-    from pipeline.models.yolo.train import load_class_names, predict_yolo_world
-    from pipeline.core.io import atomic_write_json, check_can_write, read_json
+    from pipeline.models.yolo.predict import predict_split
 
-    check_can_write(out, force=force)
-    gt_data = read_json(gt)
-    images = split_images(gt_data)
-    index_to_cat = class_index_to_category(load_class_names(weights), gt_data, source=weights)
-    dets = predict_yolo_world(weights=weights, images=[p for _, p, _ in images], imgsz=imgsz, conf=conf, device=device)
-    results = detections_to_results(dets, images, index_to_cat)
-    atomic_write_json(out, results, indent=None)
-    echo(f"wrote {len(results)} detections on {len(images)} images to {out}")
+    res = predict_split(weights=weights, gt=gt, out=out, imgsz=imgsz, conf=conf, device=device, force=force)
+    echo(f"wrote {res.n_detections} detections on {res.n_images} images to {res.predictions}; "
+         f"score it with: pipeline evaluate {res.predictions} --gt {gt}")
 
 
 @predict_app.command("sam")

@@ -28,8 +28,8 @@ from pipeline.data.instances import decode_rle, encode_rle, mask_to_instances, r
 from pipeline.core.io import atomic_write_json, atomic_write_text, image_size_hw
 from pipeline.data.mvtec import Sample, read_mask, scan_category
 from pipeline.data.split import SPLITS, Split, image_ids, make_split
-
-MAX_YOLO_WORLD_CLASSES = 80
+from pipeline.data.yolo import MAX_CLASSES as MAX_YOLO_WORLD_CLASSES
+from pipeline.data.yolo import read_yolo_labels  # noqa: F401 - re-exported: convert's outputs are read with it
 
 
 @dataclass
@@ -301,10 +301,3 @@ def _check_yolo(box_norm: tuple[float, float, float, float], bbox_xywh, size_hw,
     if max(abs(a - b) for a, b in zip(back, (x, y, bw, bh))) > 1e-6 * max(h, w) + 1e-9:
         raise PipelineError(f"{mask_path}: self-check failed, YOLO box {box_norm} != COCO box {bbox_xywh}")
 
-
-def read_yolo_labels(path: Path) -> np.ndarray:
-    """Read a YOLO label file as an ``Nx5`` float array ``cls cx cy w h`` (empty file -> ``0x5``)."""
-    text = Path(path).read_text().strip()
-    if not text:
-        return np.zeros((0, 5))
-    return np.array([[float(v) for v in line.split()] for line in text.splitlines()])

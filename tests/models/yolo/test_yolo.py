@@ -1,4 +1,4 @@
-"""YOLO-World training and prediction (``pipeline.models.yolo.train``), offline, on a tiny synthetic YOLO dataset.
+"""YOLO-World training and prediction (``pipeline.models.yolo``), offline, on a tiny synthetic YOLO dataset.
 
 One 1-epoch training from ``yolov8n-worldv2.yaml`` at 64 px is shared by the module (about 10 s on
 two CPU cores); every ultralytics call runs with the network cut off and any attempt recorded.
@@ -107,7 +107,7 @@ def test_train_writes_the_run_folder(trained_run):
     from pipeline.models.yolo.train import train_yolo_world
 
     for rel in ("weights/best.pt", "weights/last.pt", "weights/class_embeddings.pt", "metrics.json",
-                "config.yaml", "data.yaml", "train.log", "results.csv", "args.yaml"):
+                "config.yaml", "data.yaml", "log.txt", "results.csv", "args.yaml"):
         assert (trained_run / rel).is_file(), rel
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("mAP50", "mAP50-95", "precision", "recall"):
@@ -124,7 +124,7 @@ def test_closed_set_is_said_once(trained_run):
     source = torch.load(trained_run / "weights" / "class_embeddings.pt", weights_only=True)["source"]
     said = [w for w in TRAIN_WARNINGS if "closed-set" in w]
     assert len(said) == (1 if source == "sha256-normal" else 0)
-    assert (trained_run / "train.log").read_text().count("closed-set") == len(said)
+    assert (trained_run / "log.txt").read_text().count("closed-set") == len(said)
 
 
 def test_embeddings_file_holds_the_trained_names(trained_run):
@@ -145,7 +145,7 @@ def test_nothing_written_beside_the_data(trained_run, yolo_data):
 
 
 def test_predict_returns_original_pixel_boxes(trained_run, tmp_path):
-    from pipeline.models.yolo.train import load_class_names, predict_yolo_world
+    from pipeline.models.yolo.predict import load_class_names, predict_yolo_world
 
     sizes_hw = [(48, 80), (100, 30), (SIZE, SIZE)]  # non-square, tall grey, training size
     images = []
@@ -173,13 +173,61 @@ def test_predict_returns_original_pixel_boxes(trained_run, tmp_path):
     assert predict_yolo_world(weights=trained_run / "weights" / "best.pt", images=[]) == []
 
 
+def _coco_gt(root: Path, path: Path, names: list[str]) -> Path:
+    """COCO ground truth for the val images of a :func:`make_yolo_dataset` folder (no annotations needed here)."""
+    files = sorted((root / "images" / "val").glob("*.png"))
+    gt = {
+        "info": {"image_root": str(root)},
+        "images": [{"id": i + 1, "file_name": str(f.relative_to(root)), "height": SIZE, "width": SIZE}
+                   for i, f in enumerate(files)],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+    }
+    path.write_text(json.dumps(gt))
+    return path
+
+
+def test_predict_split_writes_a_run_folder(trained_run, yolo_data, tmp_path):
+    from pipeline.models.yolo.predict import predict_split
+
+    gt = _coco_gt(yolo_data.parent, tmp_path / "gt.json", NAMES)
+    out = tmp_path / "pred"
+    weights = trained_run / "weights" / "best.pt"
+    with pytest.MonkeyPatch.context() as mp:
+        attempts = _cut_network(mp)
+        res = predict_split(weights=weights, gt=gt, out=out, imgsz=SIZE, conf=0.0)
+    assert attempts == []
+    assert res.run == out and res.predictions == out / "predictions.json" and res.n_images == 7
+    preds = json.loads(res.predictions.read_text())
+    assert isinstance(preds, list) and len(preds) == res.n_detections > 0  # conf=0 keeps boxes
+    for p in preds:
+        assert set(p) == {"image_id", "category_id", "bbox", "score"}
+        assert 1 <= p["image_id"] <= 7 and p["category_id"] in (1, 2) and 0.0 <= p["score"] <= 1.0
+        x, y, w, h = p["bbox"]
+        assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= SIZE + 1e-6 and y + h <= SIZE + 1e-6
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["weights"] == str(weights.resolve()) and config["gt"] == str(gt.resolve())
+    assert config["imgsz"] == SIZE and config["conf"] == 0.0 and config["device"] in {"cpu", "0"}
+    assert config["names"] == NAMES
+    with pytest.raises(PipelineError, match="already exists"):
+        predict_split(weights=weights, gt=gt, out=out, imgsz=SIZE)
+    (out / "notes.txt").write_text("mine")
+    predict_split(weights=weights, gt=gt, out=out, imgsz=SIZE, conf=0.5, force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert yaml.safe_load((out / "config.yaml").read_text())["conf"] == 0.5
+    other = _coco_gt(yolo_data.parent, tmp_path / "other.json", ["ring", "spot"])
+    with pytest.raises(PipelineError, match=r"lack the ground truth's \['spot'\]"):
+        predict_split(weights=weights, gt=other, out=tmp_path / "pred2")
+    assert not (tmp_path / "pred2").exists()
+
+
 def test_second_run_without_force_is_refused(trained_run, yolo_data):
     from pipeline.models.yolo.train import train_yolo_world
 
     with pytest.raises(PipelineError, match="already exists") as err:
         train_yolo_world(data_yaml=yolo_data, model="yolov8n-worldv2.yaml", out_dir=trained_run, epochs=1, imgsz=SIZE)
     assert str(trained_run) in str(err.value)
-    with pytest.raises(PipelineError, match="either resume or force"):
+    with pytest.raises(PipelineError, match="either --resume or --force"):
         train_yolo_world(
             data_yaml=yolo_data, model="yolov8n-worldv2.yaml", out_dir=trained_run, resume=True, force=True
         )
@@ -225,14 +273,17 @@ def test_bad_labels_are_refused_before_training(tmp_path, label, where):
 def test_unavailable_device_is_refused(yolo_data, tmp_path, monkeypatch):
     import torch
 
-    from pipeline.models.yolo.train import predict_yolo_world, train_yolo_world
+    from pipeline.models.yolo.predict import predict_yolo_world
+    from pipeline.models.yolo.train import train_yolo_world
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(PipelineError, match="CUDA is not available"):
         train_yolo_world(data_yaml=yolo_data, model="yolov8n-worldv2.yaml", out_dir=tmp_path / "run", device="cuda:0")
-    with pytest.raises(PipelineError, match="one device only"):
+    with pytest.raises(PipelineError, match="device '0,1': CUDA is not available"):
         train_yolo_world(data_yaml=yolo_data, model="yolov8n-worldv2.yaml", out_dir=tmp_path / "run", device="0,1")
     image = next((yolo_data.parent / "images" / "train").glob("*.png"))
+    with pytest.raises(PipelineError, match="one device only"):
+        predict_yolo_world(weights=yolo_data, images=[image], device="0,1")
     with pytest.raises(PipelineError, match="CUDA is not available"):
         predict_yolo_world(weights=yolo_data, images=[image], device="0")  # any file passes the weights check
 
@@ -247,7 +298,7 @@ def test_missing_data_yaml_is_named(tmp_path):
 def test_hash_embeddings_are_deterministic_and_distinct():
     import torch
 
-    from pipeline.models.yolo.train import hash_text_embeddings
+    from pipeline.models.yolo.prompts import hash_text_embeddings
 
     a = hash_text_embeddings(["ring", "scratch", "spot"])
     b = hash_text_embeddings(["spot", "ring", "scratch"])
@@ -262,14 +313,14 @@ def test_hash_embeddings_are_deterministic_and_distinct():
 
 
 def test_prompt_texts_cover_synonyms():
-    from pipeline.models.yolo.train import _class_prompt, _prompt_texts
+    from pipeline.models.yolo.prompts import class_prompt, prompt_texts
 
-    assert _prompt_texts(["ring", "scratch / crack"]) == ["ring", "scratch ", "scratch", " crack", "crack"]
-    assert _class_prompt("scratch / crack") == "scratch"
+    assert prompt_texts(["ring", "scratch / crack"]) == ["ring", "scratch ", "scratch", " crack", "crack"]
+    assert class_prompt("scratch / crack") == "scratch"
 
 
 def test_plot_font_is_local():
-    from pipeline.models.yolo.train import _local_font
+    from pipeline.models.yolo.offline import _local_font
 
     assert _local_font("Arial.ttf").is_file()
     assert _local_font("Arial.Unicode.ttf").is_file()
