@@ -29,7 +29,6 @@ from pipeline.core.io import atomic_write_json, atomic_write_text, image_size_hw
 from pipeline.data.mvtec import Sample, read_mask, scan_category
 from pipeline.data.split import SPLITS, Split, image_ids, make_split
 from pipeline.data.yolo import MAX_CLASSES as MAX_YOLO_WORLD_CLASSES
-from pipeline.data.yolo import read_yolo_labels  # noqa: F401 - re-exported: convert's outputs are read with it
 
 
 @dataclass

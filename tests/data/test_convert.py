@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.data.convert import class_names, convert_category, read_yolo_labels
+from pipeline.data.convert import class_names, convert_category
+from pipeline.data.yolo import read_yolo_labels
 from pipeline.core.errors import PipelineError
 from pipeline.data.instances import decode_rle, mask_to_instances
 from pipeline.data.mvtec import read_mask
