@@ -504,6 +504,33 @@ def test_cli_finetune_predict_evaluate(monkeypatch, capsys, split_path, tmp_path
     assert m["n"] == 4 and m["auroc_good_vs_defect"] is not None and (tmp_path / "eval" / "training_curves.png").is_file()
 
 
+def test_image_ids_from_a_standalone_split_match_convert_masks_coco(monkeypatch, capsys, synth_category, tmp_path):
+    """Prediction files made from a split.json with no coco/ beside it name each image by the id
+    coco/<subset>.json of convert-masks gives the same file (the manifest's image-id rule)."""
+    import shutil
+
+    from pipeline.data.convert import convert_category
+
+    ann = tmp_path / "ann"
+    convert_category(synth_category, ann)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ann / "split.json", alone / "split.json")
+    run = tmp_path / "run"
+    code, text = _cli(monkeypatch, capsys, "finetune", "classifier", "--config", "attempt1_resnet18", "--split",
+                      str(alone / "split.json"), "--out", str(run), "--epochs", "1", "--batch", "8", "--imgsz", "32",
+                      "--device", "cpu", "--weights", "none", "--set", "data.max_train_good=2")
+    assert code == 0, text
+    code, text = _cli(monkeypatch, capsys, "predict", "classifier", "--run", str(run), "--split",
+                      str(alone / "split.json"), "--subset", "test", "--out", str(tmp_path / "pred"))
+    assert code == 0, text
+    for subset, pred_file in (("val", run / "val_predictions.json"), ("test", tmp_path / "pred" / "predictions.json")):
+        coco_ids = {im["file_name"]: im["id"] for im in json.loads((ann / "coco" / f"{subset}.json").read_text())["images"]}
+        preds = json.loads(pred_file.read_text())["predictions"]
+        assert sorted(p["image"] for p in preds) == sorted(coco_ids), subset  # every image of the subset, once
+        assert all(p["image_id"] == coco_ids[p["image"]] for p in preds), subset
+
+
 # ----------------------------------------------------------------------------- real data
 
 
