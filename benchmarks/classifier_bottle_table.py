@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated row numbers (1-based) to run")
     args = ap.parse_args(argv)
 
-    from pipeline.models.classifier.train import predict_classifier, train_classifier
+    from pipeline.models.classifier.predict import PREDICTIONS, predict_classifier
+    from pipeline.models.classifier.train import train_classifier
     from pipeline.models.classifier.config import load_config
     from pipeline.evaluation.classification import evaluate_classification
     from pipeline.core.io import read_json
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                                         "train.seed": args.seed, **extra})
             train_classifier(cfg, split, run, weights=args.weights, force=True)
         metrics = read_json(run / "metrics.json")
-        pred = predict_classifier(run, split, run / "test_predictions.json", force=True, progress=False)
+        pred = predict_classifier(run, split, run / "test_predict", force=True, progress=False) / PREDICTIONS
         test = evaluate_classification(pred, run / "test_eval")
         rows.append((attempt, option, metrics, test))
         print(f"done {run}", flush=True)

@@ -95,7 +95,8 @@ def reference_loop(items, classes, cfg, model, steps: int, workers: int, device:
 def our_loop(items, classes, cfg, model, steps: int, device: str) -> dict:
     import torch
 
-    from pipeline.models.classifier.train import load_image_set, make_loss, make_optimizer, train_one_epoch
+    from pipeline.models.classifier.data import load_image_set
+    from pipeline.models.classifier.train import make_loss, make_optimizer, train_one_epoch
 
     t0 = time.perf_counter()
     data = load_image_set(items, classes, Path("/"), cfg.data.input_size_hw, progress=False)
@@ -134,8 +135,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.models.classifier.train import build_model, pick_device
+    from pipeline.core.device import resolve_device
     from pipeline.models.classifier.config import load_config
+    from pipeline.models.classifier.model import build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
         from pipeline.data.synth import generate_category
 
         root = generate_category(Path(tempfile.mkdtemp()) / "synth", seed=0)
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     cfg = load_config(args.attempt, {"data.input_size_hw": [args.imgsz, args.imgsz], "train.batch_size": args.batch,
                                      "data.augment.rotate_deg": 0.0, "data.augment.translate_frac": 0.0,
                                      "data.augment.brightness": 0.0, "data.augment.contrast": 0.0})

@@ -74,7 +74,9 @@ def _row(trainer, size, model, device, batch, steps, images, seconds, data_s, co
 def check_classifier(size: str, device: str, steps: int) -> dict:
     import torch
 
-    from pipeline.models.classifier.train import ImageSet, build_model, make_loss, make_optimizer, train_one_epoch
+    from pipeline.models.classifier.data import ImageSet
+    from pipeline.models.classifier.model import build_model
+    from pipeline.models.classifier.train import make_loss, make_optimizer, train_one_epoch
     from pipeline.models.classifier.config import load_config
 
     hw, bs = ((32, 32), 4) if size == "tiny" else ((224, 224), 32)

@@ -59,16 +59,17 @@ def predict_classifier_cmd(
     run: Path = typer.Option(..., "--run", help="Run folder of 'finetune classifier' or a checkpoint .pt."),
     split: Path = typer.Option(..., "--split", help="Split manifest annotations/<category>/split.json."),
     subset: str = typer.Option("test", "--subset", help="Manifest subset to predict: train, val or test."),
-    out: Path = typer.Option(..., "--out", "-o", help="Prediction JSON to write (kind: classification)."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="Run folder to write: predictions.json (kind: classification) and config.yaml."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     root: Optional[Path] = typer.Option(None, "--root", help="Category folder, when the data moved since the split was written."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing prediction file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing prediction run folder."),
 ) -> None:
     """Predict image-level labels with a trained classifier; writes per-image image/label/scores JSON."""
-    from pipeline.models.classifier.train import predict_classifier
+    from pipeline.models.classifier.predict import PREDICTIONS, predict_classifier
 
-    path = predict_classifier(run, split, out, subset=subset, device=device, force=force, root=root)
-    echo(f"wrote {path}")
+    folder = predict_classifier(run, split, out, subset=subset, device=device, force=force, root=root)
+    echo(f"wrote {folder / PREDICTIONS}; score it with: pipeline evaluate {folder / PREDICTIONS}")
 
 
 @predict_app.command("anomaly")

@@ -106,30 +106,18 @@ def finetune_classifier(
     """Train a ResNet-18 image classifier (one of the four published attempts) on a split manifest.
 
     Several GPUs or nodes: launch with torchrun (--batch stays the global batch)."""
-    from pipeline.models.classifier.train import train_classifier
-    from pipeline.models.classifier.config import load_config, parse_override
+    from pipeline.models.classifier.config import command_line_overrides
+    from pipeline.models.classifier.train import train_from_config
 
-    overrides: dict = {}
-    for text in set_ or []:
-        k, v = parse_override(text)
-        overrides[k] = v
-    for key, value in (("train.epochs", epochs), ("train.batch_size", batch), ("train.device", device), ("train.seed", seed),
-                       ("longtail.balance", balance), ("longtail.feature_rebalance", feature_rebalance)):
-        if value is not None:
-            overrides[key] = value
-    if imgsz is not None:
-        overrides["data.input_size_hw"] = [imgsz, imgsz]
-    cfg = load_config(config, overrides)
-    run_dir = out or Path("runs") / "classifier" / cfg.name
-    result = train_classifier(cfg, split, run_dir, task=task, weights=weights, allow_download=allow_download,
-                              force=force, resume=resume, root=root, amp=amp, channels_last=channels_last, compile=compile_)
-    from pipeline.core import distributed
-
-    if not distributed.is_main():
-        return
-    val = result.metrics.get("val") or {}
-    if val:
-        echo(f"val accuracy {val.get('accuracy'):.4f}, balanced accuracy {val.get('balanced_accuracy'):.4f} (weights: {result.metrics['weights']})")
+    named = {"train.epochs": epochs, "train.batch_size": batch, "train.device": device, "train.seed": seed,
+             "longtail.balance": balance, "longtail.feature_rebalance": feature_rebalance,
+             "data.input_size_hw": None if imgsz is None else [imgsz, imgsz]}
+    result = train_from_config(config, split, out, overrides=command_line_overrides(set_ or [], named), task=task,
+                               weights=weights, allow_download=allow_download, force=force, resume=resume, root=root,
+                               amp=amp, channels_last=channels_last, compile=compile_)
+    line = result.summary()
+    if line:
+        echo(line)
 
 
 @finetune_app.command("anomaly")

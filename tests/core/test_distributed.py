@@ -219,7 +219,7 @@ def test_rank_slices_tile_the_global_batch(n, world, sizes):
 
 
 def test_augmentation_of_a_rank_slice_equals_the_slice_of_the_global_batch():
-    from pipeline.models.classifier.train import augment
+    from pipeline.models.classifier.data import augment
     from pipeline.models.classifier.config import AugmentConfig
 
     aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate_deg=10.0, translate_frac=0.05, brightness=0.1, contrast=0.1)

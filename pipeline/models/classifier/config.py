@@ -18,7 +18,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from pipeline.core.errors import PipelineError
 
@@ -172,7 +172,8 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if p.parent == Path(".") and cand.is_file():
         return cand
     raise PipelineError(
-        f"{name_or_path}: no such classifier config (expected a YAML file or one of: {', '.join(attempt_names()) or 'none found'})"
+        f"{name_or_path}: no such classifier config (expected a YAML file or one of: "
+        f"{', '.join(attempt_names()) or 'none found'})"
     )
 
 
@@ -186,7 +187,8 @@ def _type_name(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {plural.get(args[0], _type_name(args[0]))}"
         return f"a list of {len(args)} " + "/".join(sorted({plural.get(a, _type_name(a)) for a in args}))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
@@ -267,8 +269,9 @@ def _check_values(cfg: ClassifierConfig, source: str) -> None:
             fail(f"{key} = {v} (expected a probability in [0, 1))")
     if not 0.0 <= t.label_smoothing < 1.0:
         fail(f"train.label_smoothing = {t.label_smoothing} (expected a value in [0, 1))")
-    for key, v in (("train.batch_size", t.batch_size), ("train.epochs", t.epochs), ("model.dropblock.block_size", m.dropblock.block_size),
-                   ("model.attention_pool", m.attention_pool), ("longtail.fr_epochs", lt.fr_epochs), ("longtail.fr_batch_size", lt.fr_batch_size)):
+    for key, v in (("train.batch_size", t.batch_size), ("train.epochs", t.epochs),
+                   ("model.dropblock.block_size", m.dropblock.block_size), ("model.attention_pool", m.attention_pool),
+                   ("longtail.fr_epochs", lt.fr_epochs), ("longtail.fr_batch_size", lt.fr_batch_size)):
         if v < 1:
             fail(f"{key} = {v} (expected a positive integer)")
     for key, v in (("train.lr", t.lr), ("longtail.fr_lr", lt.fr_lr)):
@@ -279,7 +282,8 @@ def _check_values(cfg: ClassifierConfig, source: str) -> None:
     if d.max_train_good < -1:
         fail(f"data.max_train_good = {d.max_train_good} (expected -1 for all, or a count >= 0)")
     if m.dropblock.block_size % 2 == 0:
-        fail(f"model.dropblock.block_size = {m.dropblock.block_size} (expected an odd integer, as torchvision's DropBlock2d requires)")
+        fail(f"model.dropblock.block_size = {m.dropblock.block_size} (expected an odd integer, as torchvision's "
+             "DropBlock2d requires)")
     if m.gem_p <= 0:
         fail(f"model.gem_p = {m.gem_p} (expected a positive exponent)")
     if not 0.0 < lt.cb_beta < 1.0:
@@ -300,6 +304,18 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise PipelineError(f"override {text!r}: expected KEY=VALUE with a dotted key such as train.epochs=3")
     key, value = text.split("=", 1)
     return key.strip(), yaml.safe_load(value)
+
+
+def command_line_overrides(sets: Sequence[str] = (), named: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Dotted overrides from the command line: the ``--set KEY=VALUE`` texts, then the named options
+    (dotted key -> value, ``None`` meaning "not given"), which win over a ``--set`` of the same key.
+
+    Raises:
+        PipelineError: a ``--set`` text without ``=``.
+    """
+    out = dict(parse_override(text) for text in sets)
+    out.update({k: v for k, v in (named or {}).items() if v is not None})
+    return out
 
 
 def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:

@@ -28,6 +28,7 @@
    cluster-aided classifier, and the progressive (recursive) label-space division. Generating
    synthetic tail features, as asked here, is closer to distribution calibration (Yang et al.,
    ICLR 2021) than to DLSA's sample filtering; the two share the Gaussian model of feature space.
+   :func:`feature_rebalance` runs the three steps on a trained classifier.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from pipeline.models.classifier.config import ClassifierConfig
+from pipeline.models.classifier.data import ImageSet
+from pipeline.models.classifier.predict import extract_features
 
 
 def effective_number(counts: Sequence[int], beta: float) -> np.ndarray:
@@ -86,7 +91,8 @@ class BalancedFeatures:
         return np.bincount(self.labels, minlength=num_classes)
 
 
-def class_gaussians(features: np.ndarray, labels: np.ndarray, num_classes: int, *, shrinkage: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def class_gaussians(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                    shrinkage: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means (C x D) and shrunk covariances (C x D x D) of a feature set.
 
     ``cov_c = (1 - shrinkage) * S_c + shrinkage * S_pooled + ridge * I`` with ``S_c`` the class's
@@ -210,3 +216,30 @@ def retrain_head(
         losses.append(total / len(y))
     head.eval()
     return losses
+
+
+def feature_rebalance(model, train_set: ImageSet, cfg: ClassifierConfig, device: str) -> dict:
+    """Feature-space rebalancing (module docstring, point 2) of a trained classifier: extract the
+    pooled training features, balance them with synthetic tail features and retrain ``model.head``
+    in place (``cfg.longtail.fr_*`` settings); ``model`` is left in eval mode.
+
+    Returns:
+        ``{"counts_before", "counts_after"}`` (features per class), ``"n_synthetic"`` and
+        ``"head_loss_first_last"`` (mean loss of the first and last head epoch, or None).
+    """
+    lt = cfg.longtail
+    feats = extract_features(model, train_set, cfg, device)
+    labels = train_set.labels.numpy()
+    n_classes = len(train_set.classes)
+    bal = synthesize_balanced(feats, labels, n_classes, target=lt.fr_target, shrinkage=lt.fr_shrinkage,
+                              seed=cfg.train.seed)
+    losses = retrain_head(model.head, bal.features, bal.labels, epochs=lt.fr_epochs, lr=lt.fr_lr,
+                          batch_size=lt.fr_batch_size, label_smoothing=cfg.train.label_smoothing,
+                          weight_decay=cfg.train.weight_decay, seed=cfg.train.seed, device=device)
+    model.eval()
+    return {
+        "counts_before": np.bincount(labels, minlength=n_classes).tolist(),
+        "counts_after": bal.counts(n_classes).tolist(),
+        "n_synthetic": int(bal.synthetic.sum()),
+        "head_loss_first_last": [losses[0], losses[-1]] if losses else None,
+    }

@@ -1,4 +1,4 @@
-"""ResNet-18 classifier attempts, config loader, long-tail options, metrics and CLI (issue 4).
+"""ResNet-18 classifier attempts, config loader, long-tail options, metrics and CLI.
 
 Unit tests use 32 px images and one or two optimiser steps; the real-data test is marked slow.
 """
@@ -14,16 +14,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pipeline.models.classifier.train import (  # noqa: E402
-    ImageSet,
+from pipeline.models.classifier.data import ImageSet  # noqa: E402
+from pipeline.models.classifier.model import (  # noqa: E402
+    AvgPool,
+    DropBlock,
+    GeM,
+    SelfAttention2d,
     build_model,
     load_checkpoint,
+    model_from_checkpoint,
+)
+from pipeline.models.classifier.predict import predict_probs  # noqa: E402
+from pipeline.models.classifier.train import (  # noqa: E402
     make_loss,
     make_optimizer,
     make_scheduler,
-    model_classes,
-    model_from_checkpoint,
-    predict_probs,
     train_classifier,
     train_one_epoch,
 )
@@ -139,7 +144,7 @@ def test_overrides_parse_yaml_values():
 def test_attempt1_structure_avgpool_dropout_linear_all_trainable():
     cfg = load_config("attempt1_resnet18")
     m = build_model(cfg.model, 4)
-    assert isinstance(m.pool, model_classes()["AvgPool"])
+    assert isinstance(m.pool, AvgPool)
     assert [type(x).__name__ for x in m.head] == ["Dropout", "Linear"]
     assert m.head[0].p == 0.3 and (m.head[1].in_features, m.head[1].out_features) == (512, 4)
     assert all(p.requires_grad for p in m.parameters())
@@ -149,7 +154,7 @@ def test_attempt1_structure_avgpool_dropout_linear_all_trainable():
 def test_attempt2_attention_after_layer1_layer2_gate_starts_at_zero():
     cfg = load_config("attempt2_selfattention")
     m = build_model(cfg.model, 4)
-    SA = model_classes()["SelfAttention2d"]
+    SA = SelfAttention2d
     where = {k for k, seq in m.extras.items() for mod in seq if isinstance(mod, SA)}
     assert where == {"layer1", "layer2"}
     for stage, ch in (("layer1", 64), ("layer2", 128)):
@@ -183,7 +188,7 @@ def test_frozen_stages_unchanged_after_a_step(name):
 def test_attempt3_dropblock_active_in_train_identity_in_eval():
     cfg = load_config("attempt3_dropblock")
     m = build_model(cfg.model, 4)
-    DB = model_classes()["DropBlock"]
+    DB = DropBlock
     from torchvision.ops import DropBlock2d
 
     where = {k for k, seq in m.extras.items() for mod in seq if isinstance(mod, DB)}
@@ -203,7 +208,6 @@ def test_attempt3_dropblock_active_in_train_identity_in_eval():
 def test_attempt4_gem_exponent_learnable_and_gem_p1_is_average():
     cfg = load_config("attempt4_gem")
     m = build_model(cfg.model, 4)
-    GeM = model_classes()["GeM"]
     assert isinstance(m.pool, GeM) and m.pool.p.requires_grad and float(m.pool.p.detach()) == 3.0
     assert [type(x).__name__ for x in m.head] == ["Dropout", "Linear"]
     p0 = float(m.pool.p.detach())
@@ -257,7 +261,7 @@ def test_train_checkpoint_round_trip_and_resume(split_path, tmp_path):
     assert cfg2 == cfg
     preds = json.loads((run / "val_predictions.json").read_text())
     assert preds["kind"] == "classification" and "none" in preds["weights"]
-    from pipeline.models.classifier.train import class_names, load_image_set, subset_entries
+    from pipeline.models.classifier.data import class_names, load_image_set, subset_entries
     from pipeline.data.split import load_split
 
     split = load_split(split_path)
@@ -270,6 +274,8 @@ def test_train_checkpoint_round_trip_and_resume(split_path, tmp_path):
     # refusing to overwrite, then resuming one more epoch
     with pytest.raises(PipelineError, match="already exists"):
         train_classifier(cfg, split_path, run, progress=False, echo=False)
+    with pytest.raises(PipelineError, match="nothing to resume"):
+        train_classifier(cfg, split_path, tmp_path / "empty", resume=True, progress=False, echo=False)
     cfg3 = load_config("attempt4_gem", {**TINY, "train.epochs": 2, "data.max_train_good": 4})
     train_classifier(cfg3, split_path, run, resume=True, progress=False, echo=False)
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
@@ -286,7 +292,8 @@ def test_split_with_empty_class_is_rejected(split_path, tmp_path):
 
 
 def test_decode_cache_on_disk_round_trip(synth_category, tmp_path):
-    from pipeline.models.classifier import train as C
+    from pipeline.core.io import read_image
+    from pipeline.models.classifier import data as C
 
     img = next((synth_category / "test" / "ring").iterdir())
     a = C.load_resized(img, (24, 40), cache_dir=tmp_path)
@@ -294,7 +301,7 @@ def test_decode_cache_on_disk_round_trip(synth_category, tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 1
     C._MEMORY_CACHE.clear()
     assert np.array_equal(C.load_resized(img, (24, 40), cache_dir=tmp_path), a)  # read back from disk
-    rgb = C.read_image(img)[..., ::-1]  # BGR -> RGB
+    rgb = read_image(img)[..., ::-1]  # BGR -> RGB
     import cv2
 
     assert np.array_equal(a, cv2.resize(np.ascontiguousarray(rgb), (40, 24), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
@@ -302,13 +309,13 @@ def test_decode_cache_on_disk_round_trip(synth_category, tmp_path):
 
 def test_force_refuses_a_folder_that_is_not_a_run(split_path, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(PipelineError, match="not a classifier run folder"):
+    with pytest.raises(PipelineError, match="not a folder a pipeline command wrote; refusing to replace it even with --force"):
         train_classifier(load_config("attempt1_resnet18", TINY), split_path, tmp_path, force=True, progress=False, echo=False)
     assert (tmp_path / "notes.txt").is_file()
 
 
 def test_binary_task_folds_defects(split_path):
-    from pipeline.models.classifier.train import class_names, subset_entries
+    from pipeline.models.classifier.data import class_names, subset_entries
     from pipeline.data.split import load_split
 
     split = load_split(split_path)
@@ -483,16 +490,45 @@ def test_cli_finetune_predict_evaluate(monkeypatch, capsys, split_path, tmp_path
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["epochs"] == 1 and resolved["train"]["seed"] == 3 and resolved["data"]["input_size_hw"] == [32, 32]
     assert resolved["task"] == "binary" and resolved["weights"].startswith("none") and resolved["longtail"]["balance"] == "reweight"
-    preds = tmp_path / "preds.json"
+    pred_run = tmp_path / "preds"
     code, text = _cli(monkeypatch, capsys, "predict", "classifier", "--run", str(run), "--split", str(split_path), "--subset", "test",
-                      "--out", str(preds))
+                      "--out", str(pred_run))
     assert code == 0, text
+    preds = pred_run / "predictions.json"
+    assert str(preds) in text and (pred_run / "config.yaml").is_file()
     doc = json.loads(preds.read_text())
     assert doc["classes"] == ["good", "defect"] and len(doc["predictions"]) == 4
     p = doc["predictions"][0]
     assert set(p) >= {"image", "image_id", "label", "scores"} and np.isclose(sum(p["scores"].values()), 1.0, atol=1e-4)
     m = evaluate_classification(preds, tmp_path / "eval")
     assert m["n"] == 4 and m["auroc_good_vs_defect"] is not None and (tmp_path / "eval" / "training_curves.png").is_file()
+
+
+def test_image_ids_from_a_standalone_split_match_convert_masks_coco(monkeypatch, capsys, synth_category, tmp_path):
+    """Prediction files made from a split.json with no coco/ beside it name each image by the id
+    coco/<subset>.json of convert-masks gives the same file (the manifest's image-id rule)."""
+    import shutil
+
+    from pipeline.data.convert import convert_category
+
+    ann = tmp_path / "ann"
+    convert_category(synth_category, ann)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(ann / "split.json", alone / "split.json")
+    run = tmp_path / "run"
+    code, text = _cli(monkeypatch, capsys, "finetune", "classifier", "--config", "attempt1_resnet18", "--split",
+                      str(alone / "split.json"), "--out", str(run), "--epochs", "1", "--batch", "8", "--imgsz", "32",
+                      "--device", "cpu", "--weights", "none", "--set", "data.max_train_good=2")
+    assert code == 0, text
+    code, text = _cli(monkeypatch, capsys, "predict", "classifier", "--run", str(run), "--split",
+                      str(alone / "split.json"), "--subset", "test", "--out", str(tmp_path / "pred"))
+    assert code == 0, text
+    for subset, pred_file in (("val", run / "val_predictions.json"), ("test", tmp_path / "pred" / "predictions.json")):
+        coco_ids = {im["file_name"]: im["id"] for im in json.loads((ann / "coco" / f"{subset}.json").read_text())["images"]}
+        preds = json.loads(pred_file.read_text())["predictions"]
+        assert sorted(p["image"] for p in preds) == sorted(coco_ids), subset  # every image of the subset, once
+        assert all(p["image_id"] == coco_ids[p["image"]] for p in preds), subset
 
 
 # ----------------------------------------------------------------------------- real data
