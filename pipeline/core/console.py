@@ -19,9 +19,9 @@ def console():
 _CONSOLE = None
 
 
-def echo(msg: str) -> None:
-    """Print one message line (rich markup allowed)."""
-    console().print(msg)
+def echo(msg: str, *, markup: bool = True) -> None:
+    """Print one message line; ``markup=False`` prints ``[...]`` literally (log lines, file names)."""
+    console().print(msg, markup=markup)
 
 
 @contextmanager

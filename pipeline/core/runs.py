@@ -122,7 +122,9 @@ class RunDir:
                 (self.path / MANIFEST).unlink(missing_ok=True)
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        ours = set(old.get("files", [])) if (old is not None and self.resume) else set()
+        ours: set[str] = set()
+        if self.resume:  # a resumed folder is this command's own, also one from before the manifest
+            ours = set(old.get("files", [])) if old is not None else set(_files(self.path))
         self._user_files = {r for r in _files(self.path) if r not in ours and r != MANIFEST}
         self.kept = sorted(self._user_files)
         self._started = True
@@ -179,7 +181,7 @@ class RunDir:
         if echo:
             from pipeline.core.console import echo as say
 
-            say(msg)
+            say(msg, markup=False)
 
 
 def _manifest(path: Path) -> dict | None:

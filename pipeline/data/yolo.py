@@ -57,6 +57,8 @@ def read_data_yaml(data_yaml: Path) -> dict:
     if not root.is_dir():
         raise PipelineError(f"{data_yaml}: dataset folder {root} not found (the 'path' key)")
     out = {"path": str(root.resolve()), "names": dict(enumerate(names)), "nc": len(names)}
+    # the MVTec category (written by convert-masks; else annotations/<category>/yolo/data.yaml)
+    out["category"] = str(data.get("category") or data_yaml.resolve().parent.parent.name)
     for split in ("train", "val", "test"):
         if data.get(split):
             out[split] = str(data[split])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from pipeline.core import distributed as D
-from pipeline.core.console import echo as say
 from pipeline.core.console import progress as progress_bar
 from pipeline.core.device import is_cuda, resolve_device
 from pipeline.core.errors import PipelineError
@@ -292,6 +291,19 @@ def check_inputs(cfg: ClassifierConfig, split_path: Path, *, task: str, weights:
     return Inputs(Path(split_path), split, classes, train_entries, val_entries, init_path, weights_note)
 
 
+def label_safe(cfg: ClassifierConfig, category: str):
+    """``cfg`` with the augmentations that could change a label of ``category`` switched off
+    (:mod:`pipeline.data.augmentation`), and the policy applied."""
+    from dataclasses import replace
+
+    from pipeline.data.augmentation import policy_for, restrict_classifier_augment
+    from pipeline.models.classifier.config import AugmentConfig
+
+    policy = policy_for(category)
+    augment = AugmentConfig(**restrict_classifier_augment(asdict(cfg.data.augment), policy))
+    return replace(cfg, data=replace(cfg.data, augment=augment)), policy
+
+
 def resolve_runtime(cfg: ClassifierConfig, *, amp: bool, channels_last: bool | None, compile: bool) -> Runtime:
     """Resolve ``train.device`` and join the torchrun process group when there is one."""
     device = resolve_device(cfg.train.device)
@@ -453,11 +465,7 @@ def _log(run: RunDir, msg: str, echo: bool) -> None:
     """One line in the run's ``log.txt`` (rank 0 only), printed as plain text when ``echo``."""
     if not D.is_main():
         return
-    run.log(msg, echo=False)
-    if echo:
-        from rich.markup import escape
-
-        say(escape(msg))  # "[attempt1_resnet18] ..." is text, not rich markup
+    run.log(msg, echo=echo)
 
 
 @contextlib.contextmanager
@@ -518,16 +526,18 @@ def train_classifier(
         raise PipelineError(f"task {task!r}: expected multiclass or binary")
     run = RunDir.open(out_dir, kind="classifier", force=force, resume=resume, resume_file=LAST)
     inputs = check_inputs(cfg, split_path, task=task, weights=weights, allow_download=allow_download, root=root)
+    cfg, policy = label_safe(cfg, inputs.split.category)
     rt = resolve_runtime(cfg, amp=amp, channels_last=channels_last, compile=compile)
     progress = progress and rt.dist.rank == 0
     D.barrier()  # every rank has checked the inputs before rank 0 replaces anything
     with _rank0_owns(run):
         if D.is_main():
-            run.write_config(resolved_config(cfg, inputs, rt, task=task))
+            run.write_config({**resolved_config(cfg, inputs, rt, task=task), "augmentation": policy.as_dict()})
         D.seed_all(cfg.train.seed)
         train_set, val_set, decode_s = load_data(cfg, inputs, progress=progress)
         _log(run, f"[{cfg.name}] task={task} classes={inputs.classes} weights={inputs.weights_note} device={rt.device}",
              echo)
+        _log(run, f"augmentation for {inputs.split.category!r} from {policy.source}: {asdict(cfg.data.augment)}", echo)
         _log(run, f"train images per class {dict(zip(inputs.classes, train_set.counts()))}; "
              f"val {dict(zip(inputs.classes, val_set.counts()))}; decode+resize {decode_s:.1f}s", echo)
         t = build_training(cfg, inputs, train_set, rt)

@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text, read_json
 from pipeline.core.runs import RunDir
+from pipeline.data.augmentation import policy_for, ultralytics_overrides
 from pipeline.data.yolo import check_labels, read_data_yaml, split_image_files
 from pipeline.models.yolo.ddp import ddp_launch
 from pipeline.models.yolo.offline import (
@@ -94,15 +95,19 @@ def train_yolo_world(
         data = _check_dataset(Path(data_yaml))
         model_ref = _resolve_model(model, allow_download=allow_download)
         device = _training_device(device, batch=batch)
+        policy = policy_for(data["category"])
         config = {
             "data_yaml": str(Path(data_yaml).resolve()), "model": str(model), "model_resolved": model_ref,
             "out_dir": str(out_dir), "epochs": int(epochs), "imgsz": int(imgsz), "batch": int(batch),
             "device": device, "seed": int(seed), "workers": int(workers), "optimizer": str(optimizer),
             "lr0": float(lr0), "allow_download": bool(allow_download),
             "resume": bool(resume), "force": bool(force), "names": list(data["names"].values()),
+            "augmentation": policy.as_dict(), "augmentation_overrides": ultralytics_overrides(policy),
         }
         with run, run_log(run / "log.txt"), torch_determinism_restored(), ddp_launch():
             _write_config(run, config, data, resume=resume)
+            LOG.info("augmentation for %r from %s: %s", data["category"], policy.source,
+                     config["augmentation_overrides"] or "ultralytics defaults")
             trainer = _build_trainer(config, out_dir, resume=resume, allow_download=allow_download)
             _train(trainer, out_dir)
             metrics = _metrics(trainer, run)
@@ -181,6 +186,7 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
             "optimizer": config["optimizer"], "lr0": config["lr0"],
             "project": str(out_dir.parent), "name": out_dir.name, "exist_ok": True,
             "amp": config["device"] != "cpu", "plots": True, "val": True, "cache": False, "verbose": True,
+            **config["augmentation_overrides"],  # label-safe: e.g. no flips for cable
         }
     try:
         trainer = OfflineWorldTrainer(overrides=overrides)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -549,3 +550,38 @@ def test_each_attempt_trains_on_real_bottle(name, mvtec_root, tmp_path_factory):
     hist = json.loads((res.run_dir / "history.json").read_text())
     assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
     assert m["val"]["n"] == 16 and 0.0 <= m["val"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("category, flips", [("cable", False), ("synth", True)])
+def test_no_flip_reaches_a_cable_image(synth_category, tmp_path, monkeypatch, category, flips):
+    """Label-safe augmentation: a cable run never flips or rotates a training batch (cable_swap is the
+    colour order); a category without restrictions keeps the attempt's flips."""
+    import json
+
+    import torch
+
+    import pipeline.models.classifier.train as tr
+
+    manifest = make_split(scan_category(synth_category), seed=0)
+    write_split({**manifest, "category": category}, tmp_path / "split.json")
+    flipped, configs = [], []
+    real_flip = torch.Tensor.flip
+    real_augment = tr.augment
+
+    def spy_augment(x, aug, gen, **kw):
+        configs.append(aug)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "flip", lambda self, *d: flipped.append(d) or real_flip(self, *d))
+            return real_augment(x, aug, gen, **kw)
+
+    monkeypatch.setattr(tr, "augment", spy_augment)
+    cfg = load_config("attempt4_gem", {**TINY, "train.epochs": 1, "data.max_train_good": 4,
+                                       "data.augment.vflip": 0.5})
+    train_classifier(cfg, tmp_path / "split.json", tmp_path / "run", progress=False, echo=False)
+    assert configs, "no training batch was augmented"
+    assert bool(flipped) == flips
+    assert all((a.hflip == 0 and a.vflip == 0 and a.rotate_deg == 0) == (not flips) for a in configs)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["augmentation"]["flips"] is flips and saved["augmentation"]["category"] == category
+    assert (saved["data"]["augment"]["hflip"] == 0.0) == (not flips)
+    assert json.loads(json.dumps(saved["augmentation"]))["source"].startswith("augmentation.yaml")

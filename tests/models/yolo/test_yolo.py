@@ -324,3 +324,36 @@ def test_plot_font_is_local():
 
     assert _local_font("Arial.ttf").is_file()
     assert _local_font("Arial.Unicode.ttf").is_file()
+
+
+@pytest.mark.parametrize("category, flip_p", [("cable", 0.0), ("bottle", 0.5)])
+def test_no_flip_reaches_a_cable_image(tmp_path, category, flip_p):
+    """Label-safe augmentation: for cable (cable_swap is the colour order) every RandomFlip ultralytics
+    applies during training has probability 0; for a category without restrictions it keeps 0.5."""
+    import ultralytics.data.augment as aug
+
+    from pipeline.models.yolo.train import train_yolo_world
+
+    data_yaml = make_yolo_dataset(tmp_path / "ds")
+    data = yaml.safe_load(data_yaml.read_text())
+    data_yaml.write_text(yaml.safe_dump({**data, "category": category}))
+    seen: list[tuple[str, float]] = []
+    real = aug.RandomFlip.__call__
+
+    def spy(self, labels):
+        seen.append((self.direction, self.p))
+        return real(self, labels)
+
+    with pytest.MonkeyPatch.context() as mp:
+        _cut_network(mp)
+        mp.setattr(aug.RandomFlip, "__call__", spy)
+        out = train_yolo_world(data_yaml=data_yaml, model="yolov8n-worldv2.yaml", out_dir=tmp_path / "run",
+                               epochs=1, imgsz=SIZE, batch=8)
+    assert seen, "no RandomFlip ran during training"
+    assert {p for d, p in seen if d == "horizontal"} == {flip_p}
+    assert {p for d, p in seen if d == "vertical"} <= {0.0}
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["augmentation"]["category"] == category
+    assert (config["augmentation_overrides"].get("fliplr", 0.5)) == flip_p
+    args = yaml.safe_load((out / "args.yaml").read_text())
+    assert args["fliplr"] == flip_p and args["flipud"] == 0.0
