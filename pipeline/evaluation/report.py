@@ -239,7 +239,7 @@ def _plot_curves(rows: list[dict], records: list[dict], path_roc: Path, path_pr:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluation.evaluate import pr_curve, roc_curve
+    from pipeline.evaluation.curves import pr_curve, roc_curve
 
     y = np.array([r["defect"] for r in records], bool)
     for path, kind in ((path_roc, "roc"), (path_pr, "pr")):
