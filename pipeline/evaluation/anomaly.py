@@ -276,6 +276,65 @@ def _coco_ground_truth(doc: dict, path: Path, pred: dict) -> tuple[Path, dict]:
     return root, gt
 
 
+def _image_metrics(labels: list[str], scores: np.ndarray, threshold: float) -> dict[str, dict]:
+    """Image-level metrics of ``overall`` and each defect type (that type plus all good images).
+
+    Args:
+        labels: ``N`` true labels (:data:`GOOD` or a defect type). scores: ``N`` image scores.
+        threshold: the prediction file's decision threshold (``nan``: no ``at_threshold``).
+    """
+    lab = np.array(labels)
+    groups = {"overall": np.ones(len(lab), bool)}
+    for t in sorted({t for t in labels if t != GOOD}):
+        groups[t] = (lab == t) | (lab == GOOD)
+    res = {}
+    for name, sel in groups.items():
+        y = lab[sel] != GOOD
+        s = scores[sel]
+        f1, thr = f1_max(s, y)
+        g = {"n_images": int(sel.sum()), "n_defect": int(y.sum()), "image_auroc": auroc(s, y),
+             "image_f1_max": f1, "image_f1_threshold": thr}
+        if np.isfinite(threshold):
+            g["at_threshold"] = at_threshold(s, y, threshold)
+        res[name] = g
+    return res
+
+
+def _pixel_hists(records: list[dict], labels: list[str], gt: dict, root: Path, pred_path: Path) -> dict[str, PixelHist]:
+    """One :class:`PixelHist` per true label (:data:`GOOD` first), every map resized to its mask's
+    native size (a good image's size from its file) over one score range, that of all maps."""
+    maps = []
+    for p in records:
+        mp = Path(p["map"])
+        maps.append(load_map(mp if mp.is_absolute() else pred_path.parent / mp))
+    lo = float(min(m.min() for m in maps))
+    hi = float(max(m.max() for m in maps))
+    hists = {t: PixelHist(lo, hi) for t in [GOOD, *sorted({t for t in labels if t != GOOD})]}
+    for p, m, t in zip(records, maps, labels):
+        mask = gt[p["image"]][1]()
+        size = mask.shape if mask is not None else image_size_hw(root / p["image"])
+        hists[t].add(resize_map(m, size), mask)
+    return hists
+
+
+def _definitions(max_fpr: float) -> dict[str, str]:
+    return {
+        "image_auroc": "exact ROC AUC of image scores (defect = positive)",
+        "pixel_auroc": f"pixel ROC AUC at native mask resolution, maps resized bilinearly, {PIXEL_BINS} score bins",
+        "pro": f"normalised area under per-region overlap vs good-pixel FPR for FPR <= {max_fpr} "
+               "(8-connected GT components; Bergmann et al. 2020)",
+        "per_type": "images of that defect type plus all good images",
+    }
+
+
+def _summary(pred_path: Path, out: dict) -> str:
+    o = out["overall"]
+    line = f"{pred_path.name}: image AUROC {o['image_auroc']:.4f}, image F1-max {o['image_f1_max']:.4f}"
+    if out["pixel_metrics"]:
+        line += f", pixel AUROC {o['pixel_auroc']:.4f}, PRO {o['pro']:.4f}"
+    return line + f" ({out['backbone']}, {o['n_images']} images)"
+
+
 def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: float = 0.3, pixel: bool = True) -> dict:
     """Evaluate an anomaly prediction file (``{"kind": "anomaly", ...}``) against ground-truth masks.
 
@@ -303,83 +362,38 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
     if loaded.kind != "anomaly":
         raise PipelineError(f"{pred_path}: not an anomaly prediction file (a {loaded.kind} file; "
                             "expected {'kind': 'anomaly', 'predictions': [...]})")
-    pred = loaded.doc
-    if not pred["predictions"]:
+    pred, records = loaded.doc, loaded.records
+    if not records:
         raise PipelineError(f"{pred_path}: no predictions to evaluate")
     root, gt = _ground_truth(split_or_gt, pred, pred_path)
-    missing = [p["image"] for p in pred["predictions"] if p["image"] not in gt]
+    missing = [p["image"] for p in records if p["image"] not in gt]
     if missing:
         raise PipelineError(f"{pred_path}: {len(missing)} image(s) not in the ground truth of {root}, "
                             f"e.g. {missing[0]}")
-    labels = [gt[p["image"]][0] for p in pred["predictions"]]
-    scores = np.array([float(p["score"]) for p in pred["predictions"]])
-    types = sorted({t for t in labels if t != GOOD})
+    labels = [gt[p["image"]][0] for p in records]
+    scores = np.array([float(p["score"]) for p in records])
     threshold = float(pred.get("threshold", float("nan")))
-
-    def image_group(sel: np.ndarray) -> dict:
-        y = np.array([labels[i] != GOOD for i in np.flatnonzero(sel)])
-        s = scores[sel]
-        f1, thr = f1_max(s, y)
-        g = {"n_images": int(sel.sum()), "n_defect": int(y.sum()), "image_auroc": auroc(s, y),
-             "image_f1_max": f1, "image_f1_threshold": thr}
-        if np.isfinite(threshold):
-            g["at_threshold"] = at_threshold(s, y, threshold)
-        return g
-
-    lab = np.array(labels)
-    groups = {"overall": np.ones(len(lab), bool)}
-    for t in types:
-        groups[t] = (lab == t) | (lab == GOOD)
-    res = {name: image_group(sel) for name, sel in groups.items()}
-
-    have_maps = all(p.get("map") for p in pred["predictions"])
+    res = _image_metrics(labels, scores, threshold)
+    with_pixels = pixel and all(p.get("map") for p in records)
     total = None
-    if pixel and have_maps:
-        maps = []
-        for p in pred["predictions"]:
-            mp = Path(p["map"])
-            maps.append(load_map(mp if mp.is_absolute() else pred_path.parent / mp))
-        lo = float(min(m.min() for m in maps))
-        hi = float(max(m.max() for m in maps))
-        hists = {t: PixelHist(lo, hi) for t in [GOOD, *types]}
-        for p, m, t in zip(pred["predictions"], maps, labels):
-            mask = gt[p["image"]][1]()
-            size = mask.shape if mask is not None else image_size_hw(root / p["image"])
-            hists[t].add(resize_map(m, size), mask)
-        total = hists[GOOD]
-        for t in types:
-            total = total + hists[t]
-            res[t].update((hists[GOOD] + hists[t]).metrics(max_fpr=max_fpr))
+    if with_pixels:
+        hists = _pixel_hists(records, labels, gt, root, pred_path)
+        good = hists.pop(GOOD)
+        total = good
+        for t, h in hists.items():
+            total = total + h
+            res[t].update((good + h).metrics(max_fpr=max_fpr))
         res["overall"].update(total.metrics(max_fpr=max_fpr))
-    out = {
-        "kind": "anomaly",
-        "model": pred.get("model"),
-        "backbone": pred.get("backbone"),
-        "threshold": threshold,
-        "predictions": str(pred_path),
-        "definitions": {
-            "image_auroc": "exact ROC AUC of image scores (defect = positive)",
-            "pixel_auroc": f"pixel ROC AUC at native mask resolution, maps resized bilinearly, "
-                           f"{PIXEL_BINS} score bins",
-            "pro": f"normalised area under per-region overlap vs good-pixel FPR for FPR <= {max_fpr} "
-                   "(8-connected GT components; Bergmann et al. 2020)",
-            "per_type": "images of that defect type plus all good images",
-        },
-        "pixel_metrics": bool(pixel and have_maps),
-        "overall": res.pop("overall"),
-        "per_type": res,
-    }
+    out = {"kind": "anomaly", "model": pred.get("model"), "backbone": pred.get("backbone"), "threshold": threshold,
+           "predictions": str(pred_path), "definitions": _definitions(max_fpr), "pixel_metrics": bool(with_pixels),
+           "overall": res.pop("overall"), "per_type": res}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "anomaly_metrics.json", out)
         atomic_write_json(out_dir / "anomaly_table.json", table_rows(out))
-        _plot_curves(out_dir / "anomaly_curves.png", scores, lab != GOOD, total, max_fpr, out)
-    o = out["overall"]
-    line = f"{pred_path.name}: image AUROC {o['image_auroc']:.4f}, image F1-max {o['image_f1_max']:.4f}"
-    if out["pixel_metrics"]:
-        line += f", pixel AUROC {o['pixel_auroc']:.4f}, PRO {o['pro']:.4f}"
-    out["_summary"] = line + f" ({out['backbone']}, {o['n_images']} images)"
+        _plot_curves(out_dir / "anomaly_curves.png", scores, np.array(labels) != GOOD, total, max_fpr, out)
+    out["_summary"] = _summary(pred_path, out)
     return out
 
 
