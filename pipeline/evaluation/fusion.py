@@ -394,23 +394,43 @@ def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: Spl
                             "test": decision_metrics(xt[:, j], yt, thresholds[j])})
     fusion: dict = {}
     if len(names) >= 2:
-        sd = xv.std(0)
-        sd = np.where(sd > 0, sd, 1.0)
-        ov, ot = _or_scores(xv, thresholds, sd), _or_scores(xt, thresholds, sd)
-        fusion["or"] = {"rule": "defect when any source scores >= its val threshold; score max_i (s_i - t_i) / sd_i",
-                        "threshold": 0.0, "source_sd": sd.tolist(),
-                        "val": decision_metrics(ov, yv, 0.0), "test": decision_metrics(ot, yt, 0.0)}
-        model = fit_logistic(xv, yv, l2=l2)
-        pv, pt = model.predict(xv), model.predict(xt)
-        t_lr = f1_threshold(pv, yv)
-        fusion["logistic"] = {"rule": "L2 logistic regression on standardised val scores (IRLS, balanced); "
-                                      "F1-optimal val threshold",
-                              "threshold": t_lr, "model": model.to_dict(),
-                              "val": decision_metrics(pv, yv, t_lr), "test": decision_metrics(pt, yt, t_lr)}
-        scores_v.update({"fusion:or": ov, "fusion:logistic": pv})
-        scores_t.update({"fusion:or": ot, "fusion:logistic": pt})
-        thr.update({"fusion:or": 0.0, "fusion:logistic": t_lr})
-    rows = {s["name"]: s["test"] for s in out_sources}
+        fusion, fused_v, fused_t = _fusion_rules(xv, xt, yv, yt, thresholds, l2=l2)
+        scores_v.update(fused_v)
+        scores_t.update(fused_t)
+        thr.update({f"fusion:{k}": v["threshold"] for k, v in fusion.items()})
+    best, better_fusion = _best(out_sources, fusion)
+    return {
+        "definitions": DEFINITIONS,
+        "val_gt": str(Path(val.gt_path).resolve()), "test_gt": str(Path(test.gt_path).resolve()),
+        "image_root": test.image_root, "sources": out_sources, "fusion": fusion,
+        "thresholds": thr, "better_fusion": better_fusion, "best": best,
+        "images": {"val": _image_records(val, scores_v, thr), "test": _image_records(test, scores_t, thr)},
+    }
+
+
+def _fusion_rules(xv: np.ndarray, xt: np.ndarray, yv: np.ndarray, yt: np.ndarray, thresholds: np.ndarray, *,
+                  l2: float) -> tuple[dict, dict, dict]:
+    """The ``or`` and ``logistic`` fusion of ``NxD`` source scores (val ``xv``, test ``xt``):
+    ``({rule: {"rule", "threshold", ..., "val", "test"}}, val scores, test scores by "fusion:<rule>")``."""
+    sd = xv.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    ov, ot = _or_scores(xv, thresholds, sd), _or_scores(xt, thresholds, sd)
+    fusion = {"or": {"rule": "defect when any source scores >= its val threshold; score max_i (s_i - t_i) / sd_i",
+                     "threshold": 0.0, "source_sd": sd.tolist(),
+                     "val": decision_metrics(ov, yv, 0.0), "test": decision_metrics(ot, yt, 0.0)}}
+    model = fit_logistic(xv, yv, l2=l2)
+    pv, pt = model.predict(xv), model.predict(xt)
+    t_lr = f1_threshold(pv, yv)
+    fusion["logistic"] = {"rule": "L2 logistic regression on standardised val scores (IRLS, balanced); "
+                                  "F1-optimal val threshold",
+                          "threshold": t_lr, "model": model.to_dict(),
+                          "val": decision_metrics(pv, yv, t_lr), "test": decision_metrics(pt, yt, t_lr)}
+    return fusion, {"fusion:or": ov, "fusion:logistic": pv}, {"fusion:or": ot, "fusion:logistic": pt}
+
+
+def _best(sources: list[dict], fusion: dict) -> tuple[str, str | None]:
+    """The best source or fusion on test (:func:`_better`) and the better fusion rule (``None`` without)."""
+    rows = {s["name"]: s["test"] for s in sources}
     rows.update({f"fusion:{k}": v["test"] for k, v in fusion.items()})
     best = None
     for name, m in rows.items():
@@ -419,20 +439,15 @@ def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: Spl
     better_fusion = None
     if fusion:
         better_fusion = "logistic" if _better(fusion["logistic"]["test"], fusion["or"]["test"]) else "or"
+    return best, better_fusion
 
-    def records(labels: SplitLabels, scores: dict) -> list[dict]:
-        return [{"image_id": iid, "file_name": fn, "defect_type": dt, "defect": dt != GOOD,
-                 "scores": {n: float(s[k]) for n, s in scores.items()},
-                 "decisions": {n: bool(s[k] >= thr[n]) for n, s in scores.items()}}
-                for k, (iid, fn, dt) in enumerate(zip(labels.image_ids, labels.file_names, labels.defect_types))]
 
-    return {
-        "definitions": DEFINITIONS,
-        "val_gt": str(Path(val.gt_path).resolve()), "test_gt": str(Path(test.gt_path).resolve()),
-        "image_root": test.image_root, "sources": out_sources, "fusion": fusion,
-        "thresholds": thr, "better_fusion": better_fusion, "best": best,
-        "images": {"val": records(val, scores_v), "test": records(test, scores_t)},
-    }
+def _image_records(labels: SplitLabels, scores: dict[str, np.ndarray], thr: dict[str, float]) -> list[dict]:
+    """Per image of the split: its id, file, truth, and score and decision (``score >= thr``) by method."""
+    return [{"image_id": iid, "file_name": fn, "defect_type": dt, "defect": dt != GOOD,
+             "scores": {n: float(s[k]) for n, s in scores.items()},
+             "decisions": {n: bool(s[k] >= thr[n]) for n, s in scores.items()}}
+            for k, (iid, fn, dt) in enumerate(zip(labels.image_ids, labels.file_names, labels.defect_types))]
 
 
 def fuse_files(val_preds: Sequence[Path], test_preds: Sequence[Path], *, val_gt: Path, test_gt: Path,
