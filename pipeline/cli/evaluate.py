@@ -8,49 +8,53 @@ from typing import List, Optional
 import typer
 
 from pipeline.core.console import echo
-from pipeline.core.errors import PipelineError
 
 
 def evaluate(
-    predictions: List[Path] = typer.Argument(..., help="Prediction files: COCO results JSON, classifier or anomaly JSON."),
-    gt: Optional[Path] = typer.Option(None, help="COCO ground truth of the same split (needed for COCO results and for the image-level decision)."),
+    predictions: List[Path] = typer.Argument(
+        ..., help="Prediction files: COCO results JSON, classifier or anomaly JSON."),
+    gt: Optional[Path] = typer.Option(
+        None, help="COCO ground truth of the same split (needed for COCO results and for the image-level decision)."),
     out: Path = typer.Option(Path("runs/evaluate"), help="Folder for metrics JSON and plots."),
-    val_predictions: Optional[List[Path]] = typer.Option(None, "--val-predictions", help="The same sources predicted on the val split, in the same order (repeat the option); turns on the image-level good/defect decision with val thresholds and fusion."),
-    val_gt: Optional[Path] = typer.Option(None, "--val-gt", help="COCO ground truth of the val split (annotations/<cat>/coco/val.json)."),
+    val_predictions: Optional[List[Path]] = typer.Option(
+        None, "--val-predictions",
+        help="The same sources predicted on the val split, in the same order (repeat the option); turns on the "
+             "image-level good/defect decision with val thresholds and fusion."),
+    val_gt: Optional[Path] = typer.Option(
+        None, "--val-gt", help="COCO ground truth of the val split (annotations/<cat>/coco/val.json)."),
     l2: float = typer.Option(1.0, "--l2", help="L2 penalty of the logistic-regression fusion."),
-    class_agnostic: bool = typer.Option(False, "--class-agnostic", help="Match COCO results whatever their class (for class-less sources such as PatchCore's regions)."),
+    class_agnostic: bool = typer.Option(
+        False, "--class-agnostic",
+        help="Match COCO results whatever their class (for class-less sources such as PatchCore's regions)."),
 ) -> None:
     """Score predictions: COCO mAP (bbox, segm), mask IoU/Dice, classifier and anomaly metrics.
 
-    With --val-predictions and --val-gt also the image-level good/defect decision of each source and of their fusion (any-source OR, logistic regression): thresholds chosen on val, metrics on the split of --gt; written to OUT/fusion.json (input of 'pipeline report')."""
-    from pipeline.evaluation.evaluate import evaluate_file
+    With --val-predictions and --val-gt also the image-level good/defect decision of each source and
+    of their fusion (any-source OR, logistic regression): thresholds chosen on val, metrics on the
+    split of --gt; written to OUT/fusion.json (input of 'pipeline report'). Every input is checked
+    before anything is written."""
+    from pipeline.evaluation.evaluate import evaluate_files
 
-    if val_predictions and (val_gt is None or gt is None):
-        raise PipelineError("--val-predictions needs --val-gt (val COCO ground truth) and --gt (ground truth of the evaluated split)")
-    for pred in predictions:
-        metrics = evaluate_file(pred, gt=gt, out_dir=out, class_agnostic=class_agnostic)
-        echo(metrics.pop("_summary", ""))
-    if val_predictions:
-        from pipeline.evaluation.fusion import format_table, fuse_files
-        from pipeline.core.io import atomic_write_json
-
-        result = fuse_files(val_predictions, predictions, val_gt=val_gt, test_gt=gt, l2=l2)
-        result["metrics_files"] = sorted(str(p.resolve()) for p in Path(out).glob("metrics_*.json"))
-        atomic_write_json(Path(out) / "fusion.json", result)
-        echo("image-level good/defect (thresholds from val):")
-        echo(format_table(result))
-        if result["better_fusion"]:
-            echo(f"better fusion: {result['better_fusion']}; best overall: {result['best']}")
+    lines = evaluate_files(predictions, gt=gt, out_dir=out, class_agnostic=class_agnostic,
+                           val_predictions=val_predictions, val_gt=val_gt, l2=l2)
+    for line in lines:
+        echo(line)
     echo(f"metrics and plots in {out}")
 
 
 def report(
-    runs: List[Path] = typer.Argument(..., help="Output folders of 'pipeline evaluate' (fusion.json and/or metrics_*.json), or fusion.json files."),
-    out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="Report folder: report.html, report.json, images/."),
-    gallery: int = typer.Option(6, "--gallery", help="Images per gallery group (most confident errors, least confident correct)."),
+    runs: List[Path] = typer.Argument(
+        ..., help="Output folders of 'pipeline evaluate' (fusion.json and/or metrics_*.json), or fusion.json files."),
+    out: Path = typer.Option(
+        Path("runs/report"), "--out", "-o", help="Report folder: report.html, report.json, images/."),
+    gallery: int = typer.Option(
+        6, "--gallery", help="Images per gallery group (most confident errors, least confident correct)."),
     max_side: int = typer.Option(320, "--max-side", help="Longer side of gallery images in pixels."),
     title: str = typer.Option("pipeline report", "--title", help="Report title."),
-    gallery_method: Optional[List[str]] = typer.Option(None, "--gallery-method", help="Source or fusion (fusion:or, fusion:logistic) to show a gallery for (repeat; default: the best on test)."),
+    gallery_method: Optional[List[str]] = typer.Option(
+        None, "--gallery-method",
+        help="Source or fusion (fusion:or, fusion:logistic) to show a gallery for (repeat; default: the best on "
+             "test)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ) -> None:
     """Write a self-contained HTML report (plus the same numbers as JSON): dataset counts, metrics tables,

@@ -29,9 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_savefig, atomic_write_json, image_size_hw, read_image, read_json
+from pipeline.data.mvtec import GOOD
+from pipeline.data.predictions import load_predictions
+from pipeline.evaluation.curves import binary_auroc, roc_curve
 
 PIXEL_BINS = 1 << 16
-GOOD = "good"
 _trapz = getattr(np, "trapezoid", None) or np.trapz  # numpy 2 renamed trapz
 
 
@@ -40,10 +43,8 @@ def auroc(scores, labels) -> float:
     """Exact ROC AUC of ``scores`` (higher = more anomalous) for binary ``labels`` (1 = defect).
 
     Returns ``nan`` when one class is absent. Ties count as half
-    (:func:`pipeline.evaluation.evaluate.binary_auroc`).
+    (:func:`pipeline.evaluation.curves.binary_auroc`).
     """
-    from pipeline.evaluation.evaluate import binary_auroc
-
     value = binary_auroc(scores, labels)
     return float("nan") if value is None else value
 
@@ -193,8 +194,6 @@ def load_map(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         m = np.load(path, allow_pickle=False)
     else:
-        from pipeline.core.io import read_image
-
         m = read_image(path)
         if m.ndim == 3:
             m = m[..., 0]
@@ -219,7 +218,6 @@ def _ground_truth(split_or_gt, pred: dict, pred_path: Path) -> tuple[Path, dict]
     ground-truth file (``coco/<split>.json``: ``defect_type`` and the union of the RLE annotations),
     a category folder or a :class:`pipeline.data.split.Split`. A mask loader returns an ``HxW`` bool
     array or ``None`` for good images."""
-    from pipeline.core.io import read_json
     from pipeline.data.mvtec import read_mask, scan_category
     from pipeline.data.split import Split, load_split
 
@@ -229,7 +227,8 @@ def _ground_truth(split_or_gt, pred: dict, pred_path: Path) -> tuple[Path, dict]
     if split_or_gt is None:
         root = pred.get("root")
         if not root:
-            raise PipelineError(f"{pred_path}: no ground truth given and no 'root' recorded (pass the split or category)")
+            raise PipelineError(f"{pred_path}: no ground truth given and no 'root' recorded "
+                                "(pass the split or category)")
         split_or_gt = Path(root)
     if isinstance(split_or_gt, Split):
         split = split_or_gt
@@ -237,7 +236,8 @@ def _ground_truth(split_or_gt, pred: dict, pred_path: Path) -> tuple[Path, dict]
         p = Path(split_or_gt)
         if p.is_dir():
             cat = scan_category(p, check_pixels=False)
-            return cat.root, {s.image.relative_to(cat.root).as_posix(): (s.label, from_path(s.mask)) for s in cat.test}
+            return cat.root, {s.image.relative_to(cat.root).as_posix(): (s.label, from_path(s.mask))
+                              for s in cat.test}
         doc = read_json(p)
         if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
             return _coco_ground_truth(doc, p, pred)
@@ -260,7 +260,8 @@ def _coco_ground_truth(doc: dict, path: Path, pred: dict) -> tuple[Path, dict]:
     for im in doc["images"]:
         label = im.get("defect_type")
         if label is None:
-            raise PipelineError(f"{path}: image {im.get('id')} has no 'defect_type' (expected pipeline convert-masks output)")
+            raise PipelineError(f"{path}: image {im.get('id')} has no 'defect_type' "
+                                "(expected pipeline convert-masks output)")
 
         def loader(im=im):
             a = anns.get(im["id"], [])
@@ -273,6 +274,65 @@ def _coco_ground_truth(doc: dict, path: Path, pred: dict) -> tuple[Path, dict]:
 
         gt[im["file_name"]] = (label, loader)
     return root, gt
+
+
+def _image_metrics(labels: list[str], scores: np.ndarray, threshold: float) -> dict[str, dict]:
+    """Image-level metrics of ``overall`` and each defect type (that type plus all good images).
+
+    Args:
+        labels: ``N`` true labels (:data:`GOOD` or a defect type). scores: ``N`` image scores.
+        threshold: the prediction file's decision threshold (``nan``: no ``at_threshold``).
+    """
+    lab = np.array(labels)
+    groups = {"overall": np.ones(len(lab), bool)}
+    for t in sorted({t for t in labels if t != GOOD}):
+        groups[t] = (lab == t) | (lab == GOOD)
+    res = {}
+    for name, sel in groups.items():
+        y = lab[sel] != GOOD
+        s = scores[sel]
+        f1, thr = f1_max(s, y)
+        g = {"n_images": int(sel.sum()), "n_defect": int(y.sum()), "image_auroc": auroc(s, y),
+             "image_f1_max": f1, "image_f1_threshold": thr}
+        if np.isfinite(threshold):
+            g["at_threshold"] = at_threshold(s, y, threshold)
+        res[name] = g
+    return res
+
+
+def _pixel_hists(records: list[dict], labels: list[str], gt: dict, root: Path, pred_path: Path) -> dict[str, PixelHist]:
+    """One :class:`PixelHist` per true label (:data:`GOOD` first), every map resized to its mask's
+    native size (a good image's size from its file) over one score range, that of all maps."""
+    maps = []
+    for p in records:
+        mp = Path(p["map"])
+        maps.append(load_map(mp if mp.is_absolute() else pred_path.parent / mp))
+    lo = float(min(m.min() for m in maps))
+    hi = float(max(m.max() for m in maps))
+    hists = {t: PixelHist(lo, hi) for t in [GOOD, *sorted({t for t in labels if t != GOOD})]}
+    for p, m, t in zip(records, maps, labels):
+        mask = gt[p["image"]][1]()
+        size = mask.shape if mask is not None else image_size_hw(root / p["image"])
+        hists[t].add(resize_map(m, size), mask)
+    return hists
+
+
+def _definitions(max_fpr: float) -> dict[str, str]:
+    return {
+        "image_auroc": "exact ROC AUC of image scores (defect = positive)",
+        "pixel_auroc": f"pixel ROC AUC at native mask resolution, maps resized bilinearly, {PIXEL_BINS} score bins",
+        "pro": f"normalised area under per-region overlap vs good-pixel FPR for FPR <= {max_fpr} "
+               "(8-connected GT components; Bergmann et al. 2020)",
+        "per_type": "images of that defect type plus all good images",
+    }
+
+
+def _summary(pred_path: Path, out: dict) -> str:
+    o = out["overall"]
+    line = f"{pred_path.name}: image AUROC {o['image_auroc']:.4f}, image F1-max {o['image_f1_max']:.4f}"
+    if out["pixel_metrics"]:
+        line += f", pixel AUROC {o['pixel_auroc']:.4f}, PRO {o['pro']:.4f}"
+    return line + f" ({out['backbone']}, {o['n_images']} images)"
 
 
 def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: float = 0.3, pixel: bool = True) -> dict:
@@ -297,104 +357,56 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
     Raises:
         PipelineError: not an anomaly file, images missing from the ground truth, unreadable maps.
     """
-    from pipeline.core.io import atomic_write_json, read_json
-
     pred_path = Path(pred_path)
-    pred = read_json(pred_path)
-    if not isinstance(pred, dict) or pred.get("kind") != "anomaly" or not isinstance(pred.get("predictions"), list):
-        raise PipelineError(f"{pred_path}: not an anomaly prediction file (expected {{'kind': 'anomaly', 'predictions': [...]}})")
-    if not pred["predictions"]:
+    loaded = load_predictions(pred_path)
+    if loaded.kind != "anomaly":
+        raise PipelineError(f"{pred_path}: not an anomaly prediction file (a {loaded.kind} file; "
+                            "expected {'kind': 'anomaly', 'predictions': [...]})")
+    pred, records = loaded.doc, loaded.records
+    if not records:
         raise PipelineError(f"{pred_path}: no predictions to evaluate")
     root, gt = _ground_truth(split_or_gt, pred, pred_path)
-    missing = [p["image"] for p in pred["predictions"] if p["image"] not in gt]
+    missing = [p["image"] for p in records if p["image"] not in gt]
     if missing:
-        raise PipelineError(f"{pred_path}: {len(missing)} image(s) not in the ground truth of {root}, e.g. {missing[0]}")
-    labels = [gt[p["image"]][0] for p in pred["predictions"]]
-    scores = np.array([float(p["score"]) for p in pred["predictions"]])
-    types = sorted({t for t in labels if t != GOOD})
+        raise PipelineError(f"{pred_path}: {len(missing)} image(s) not in the ground truth of {root}, "
+                            f"e.g. {missing[0]}")
+    labels = [gt[p["image"]][0] for p in records]
+    scores = np.array([float(p["score"]) for p in records])
     threshold = float(pred.get("threshold", float("nan")))
-
-    def image_group(sel: np.ndarray) -> dict:
-        y = np.array([labels[i] != GOOD for i in np.flatnonzero(sel)])
-        s = scores[sel]
-        f1, thr = f1_max(s, y)
-        g = {"n_images": int(sel.sum()), "n_defect": int(y.sum()), "image_auroc": auroc(s, y),
-             "image_f1_max": f1, "image_f1_threshold": thr}
-        if np.isfinite(threshold):
-            g["at_threshold"] = at_threshold(s, y, threshold)
-        return g
-
-    lab = np.array(labels)
-    groups = {"overall": np.ones(len(lab), bool)}
-    for t in types:
-        groups[t] = (lab == t) | (lab == GOOD)
-    res = {name: image_group(sel) for name, sel in groups.items()}
-
-    have_maps = all(p.get("map") for p in pred["predictions"])
+    res = _image_metrics(labels, scores, threshold)
+    with_pixels = pixel and all(p.get("map") for p in records)
     total = None
-    if pixel and have_maps:
-        maps = []
-        for p in pred["predictions"]:
-            mp = Path(p["map"])
-            maps.append(load_map(mp if mp.is_absolute() else pred_path.parent / mp))
-        lo = float(min(m.min() for m in maps))
-        hi = float(max(m.max() for m in maps))
-        hists = {t: PixelHist(lo, hi) for t in [GOOD, *types]}
-        from pipeline.core.io import image_size_hw
-
-        for p, m, t in zip(pred["predictions"], maps, labels):
-            mask = gt[p["image"]][1]()
-            size = mask.shape if mask is not None else image_size_hw(root / p["image"])
-            hists[t].add(resize_map(m, size), mask)
-        total = hists[GOOD]
-        for t in types:
-            total = total + hists[t]
-            res[t].update((hists[GOOD] + hists[t]).metrics(max_fpr=max_fpr))
+    if with_pixels:
+        hists = _pixel_hists(records, labels, gt, root, pred_path)
+        good = hists.pop(GOOD)
+        total = good
+        for t, h in hists.items():
+            total = total + h
+            res[t].update((good + h).metrics(max_fpr=max_fpr))
         res["overall"].update(total.metrics(max_fpr=max_fpr))
-    out = {
-        "kind": "anomaly",
-        "model": pred.get("model"),
-        "backbone": pred.get("backbone"),
-        "threshold": threshold,
-        "predictions": str(pred_path),
-        "definitions": {
-            "image_auroc": "exact ROC AUC of image scores (defect = positive)",
-            "pixel_auroc": f"pixel ROC AUC at native mask resolution, maps resized bilinearly, {PIXEL_BINS} score bins",
-            "pro": f"normalised area under per-region overlap vs good-pixel FPR for FPR <= {max_fpr} "
-                   "(8-connected GT components; Bergmann et al. 2020)",
-            "per_type": "images of that defect type plus all good images",
-        },
-        "pixel_metrics": bool(pixel and have_maps),
-        "overall": res.pop("overall"),
-        "per_type": res,
-    }
+    out = {"kind": "anomaly", "model": pred.get("model"), "backbone": pred.get("backbone"), "threshold": threshold,
+           "predictions": str(pred_path), "definitions": _definitions(max_fpr), "pixel_metrics": bool(with_pixels),
+           "overall": res.pop("overall"), "per_type": res}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "anomaly_metrics.json", _jsonable(out))
-        atomic_write_json(out_dir / "anomaly_table.json", _jsonable(table_rows(out)))
-        _plot_curves(out_dir / "anomaly_curves.png", scores, lab != GOOD, total, max_fpr, out)
-    o = out["overall"]
-    line = f"{pred_path.name}: image AUROC {o['image_auroc']:.4f}, image F1-max {o['image_f1_max']:.4f}"
-    if out["pixel_metrics"]:
-        line += f", pixel AUROC {o['pixel_auroc']:.4f}, PRO {o['pro']:.4f}"
-    out["_summary"] = line + f" ({out['backbone']}, {o['n_images']} images)"
+        atomic_write_json(out_dir / "anomaly_metrics.json", out)
+        atomic_write_json(out_dir / "anomaly_table.json", table_rows(out))
+        _plot_curves(out_dir / "anomaly_curves.png", scores, np.array(labels) != GOOD, total, max_fpr, out)
+    out["_summary"] = _summary(pred_path, out)
     return out
 
 
-def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist | None", max_fpr: float, m: dict) -> None:
+def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist | None", max_fpr: float,
+                 m: dict) -> None:
     """Image ROC, pixel ROC and the PRO curve (overall) in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.core.io import atomic_savefig
-
     n = 3 if hist is not None else 1
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
-    from pipeline.evaluation.evaluate import roc_curve
-
     fx, ty = roc_curve(scores, y)
     ax = axes[0, 0]
     ax.plot(fx, ty)
@@ -402,11 +414,12 @@ def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist
     if hist is not None:
         fpr, tpr, pro = hist.curves()
         axes[0, 1].plot(fpr, tpr)
-        axes[0, 1].set(title=f"pixel ROC (AUROC {m['overall']['pixel_auroc']:.4f})", xlabel="FPR", ylabel="TPR")
+        axes[0, 1].set(title=f"pixel ROC (AUROC {m['overall']['pixel_auroc']:.4f})", xlabel="FPR",
+                       ylabel="TPR")
         keep = fpr <= max_fpr
         axes[0, 2].plot(fpr[keep], pro[keep])
-        axes[0, 2].set(title=f"PRO up to FPR {max_fpr} (area {m['overall']['pro']:.4f})", xlabel="FPR", ylabel="PRO",
-                       xlim=(0, max_fpr), ylim=(0, 1))
+        axes[0, 2].set(title=f"PRO up to FPR {max_fpr} (area {m['overall']['pro']:.4f})", xlabel="FPR",
+                       ylabel="PRO", xlim=(0, max_fpr), ylim=(0, 1))
     fig.suptitle(f"{m.get('backbone') or ''} {Path(m['predictions']).name}")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
@@ -416,18 +429,8 @@ def table_rows(metrics: dict) -> list[dict]:
     """One row per group (``overall`` first) with the headline numbers, for printing."""
     rows = []
     for name, g in [("overall", metrics["overall"]), *metrics["per_type"].items()]:
-        rows.append({"group": name, "n": g["n_images"], "image_auroc": g["image_auroc"], "image_f1_max": g["image_f1_max"],
-                     "pixel_auroc": g.get("pixel_auroc"), "pro": g.get("pro"), "pixel_f1_max": g.get("pixel_f1_max")})
+        rows.append({"group": name, "n": g["n_images"], "image_auroc": g["image_auroc"],
+                     "image_f1_max": g["image_f1_max"], "pixel_auroc": g.get("pixel_auroc"), "pro": g.get("pro"),
+                     "pixel_f1_max": g.get("pixel_f1_max")})
     return rows
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
-    return obj

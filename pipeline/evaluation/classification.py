@@ -30,9 +30,10 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_json, read_json
-
-GOOD = "good"
+from pipeline.core.io import atomic_savefig, atomic_write_json, read_json
+from pipeline.data.mvtec import GOOD
+from pipeline.data.predictions import load_predictions
+from pipeline.evaluation.curves import binary_auroc as auroc
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
@@ -82,24 +83,12 @@ def summarize_confusion(cm: np.ndarray, classes: Sequence[str]) -> dict:
     }
 
 
-def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
-    """Area under the ROC curve of ``scores`` for the ``positive`` images (ties count one half).
-
-    Returns ``None`` when one of the two groups is empty (AUROC undefined).
-    """
-    from pipeline.evaluation.evaluate import binary_auroc
-
-    return binary_auroc(scores, positive)
-
-
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, *, title: str = "") -> Path:
     """Write the confusion matrix (counts, row-normalised colour) as a PNG; returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pipeline.core.io import atomic_savefig
 
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -112,7 +101,8 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, *, title:
     ax.set_ylabel("true")
     for r in range(n):
         for c in range(n):
-            ax.text(c, r, str(int(cm[r, c])), ha="center", va="center", color="white" if norm[r, c] > 0.5 else "black")
+            ax.text(c, r, str(int(cm[r, c])), ha="center", va="center",
+                    color="white" if norm[r, c] > 0.5 else "black")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
     atomic_savefig(fig, Path(path), dpi=100)
@@ -128,8 +118,6 @@ def plot_history(history: Sequence[dict], path: Path, *, title: str = "") -> Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pipeline.core.io import atomic_savefig
 
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -158,7 +146,7 @@ def _label_from_path(image: str) -> str | None:
     return None
 
 
-def _truth_lookup(doc: dict, pred_path: Path) -> dict[str, str]:
+def _truth_lookup(doc: dict) -> dict[str, str]:
     """image (relative path) -> true label, from the named split manifest when readable."""
     m = doc.get("split_manifest")
     if not m:
@@ -176,8 +164,10 @@ def _truth_lookup(doc: dict, pred_path: Path) -> dict[str, str]:
     return out
 
 
-def classification_metrics(true: Sequence[str], pred: Sequence[str], p_good: Sequence[float] | None, classes: Sequence[str]) -> dict:
-    """All metrics for label lists (strings); ``p_good`` (probability of ``good``) gives the AUROC."""
+def classification_metrics(true: Sequence[str], pred: Sequence[str], p_good: Sequence[float] | None,
+                           classes: Sequence[str]) -> dict:
+    """All metrics for label lists (strings); ``p_good`` (probability of ``good``) gives the AUROC
+    (defect score ``1 - p_good``, see :func:`pipeline.evaluation.curves.binary_auroc`)."""
     index = {c: i for i, c in enumerate(classes)}
     cm = confusion_matrix([index[t] for t in true], [index[p] for p in pred], len(classes))
     out = summarize_confusion(cm, classes)
@@ -209,22 +199,24 @@ def evaluate_classification(pred_path: Path, out_dir: Path, *, split_path: Path 
             or an image whose true label cannot be found.
     """
     pred_path = Path(pred_path)
-    doc = read_json(pred_path)
-    if not isinstance(doc, dict) or doc.get("kind") != "classification":
-        raise PipelineError(f"{pred_path}: not a classification prediction file (expected \"kind\": \"classification\")")
+    loaded = load_predictions(pred_path)
+    if loaded.kind != "classification":
+        raise PipelineError(f"{pred_path}: not a classification prediction file (a {loaded.kind} file; "
+                            "expected \"kind\": \"classification\")")
+    doc, preds = loaded.doc, loaded.records
     classes = doc.get("classes")
-    preds = doc.get("predictions")
-    if not isinstance(classes, list) or not classes or not isinstance(preds, list):
-        raise PipelineError(f"{pred_path}: expected 'classes' (non-empty list) and 'predictions' (list)")
+    if not isinstance(classes, list) or not classes:
+        raise PipelineError(f"{pred_path}: expected 'classes' (a non-empty list of class names)")
     if split_path is not None:
         doc = {**doc, "split_manifest": str(split_path)}
-    lookup = _truth_lookup(doc, pred_path)
+    lookup = _truth_lookup(doc)
     binary = doc.get("task") == "binary" or list(classes) == [GOOD, "defect"]
     true, pred, p_good = [], [], []
     for i, p in enumerate(preds):
         for key in ("image", "label", "scores"):
             if key not in p:
-                raise PipelineError(f"{pred_path}: predictions[{i}] has no {key!r} (expected image, label, scores)")
+                raise PipelineError(f"{pred_path}: predictions[{i}] has no {key!r} "
+                                    "(expected image, label, scores)")
         t = lookup.get(p["image"]) or _label_from_path(p["image"])
         if t is None:
             raise PipelineError(f"{pred_path}: no true label for {p['image']} (pass the split manifest)")
@@ -233,7 +225,8 @@ def evaluate_classification(pred_path: Path, out_dir: Path, *, split_path: Path 
         if t not in classes:
             raise PipelineError(f"{pred_path}: true label {t!r} of {p['image']} is not among classes {classes}")
         if p["label"] not in classes:
-            raise PipelineError(f"{pred_path}: predicted label {p['label']!r} of {p['image']} is not among classes {classes}")
+            raise PipelineError(f"{pred_path}: predicted label {p['label']!r} of {p['image']} "
+                                f"is not among classes {classes}")
         true.append(t)
         pred.append(p["label"])
         p_good.append(float(p["scores"].get(GOOD, 0.0)))
@@ -246,7 +239,8 @@ def evaluate_classification(pred_path: Path, out_dir: Path, *, split_path: Path 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{doc.get('model', '')} {doc.get('subset') or ''}".strip()
-    metrics["confusion_matrix_png"] = str(plot_confusion(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion_matrix.png", title=title))
+    png = plot_confusion(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion_matrix.png", title=title)
+    metrics["confusion_matrix_png"] = str(png)
     run_dir = doc.get("run_dir")
     if run_dir and (Path(run_dir) / "history.json").is_file():
         hist = read_json(Path(run_dir) / "history.json")

@@ -1,282 +1,163 @@
-"""Detection and segmentation metrics: pycocotools COCOeval (bbox / segm), mask IoU and Dice.
+"""``pipeline evaluate``: score prediction files by their kind, and optionally the fused image-level decision.
 
-``pipeline evaluate`` reads prediction files and dispatches on their shape: a JSON list is COCO
-results (Lin et al. 2014, https://cocodataset.org/#detection-eval) scored here; a JSON object with
-``"kind": "classification"`` or ``"kind": "anomaly"`` goes to :mod:`pipeline.evaluation.classification` or
-:mod:`pipeline.evaluation.anomaly`.
+The kind of a file is told by :func:`pipeline.data.predictions.load_predictions`: COCO results go
+to :mod:`pipeline.evaluation.coco`, ``"kind": "classification"`` files to
+:mod:`pipeline.evaluation.classification`, ``"kind": "anomaly"`` files to
+:mod:`pipeline.evaluation.anomaly`. Each file's outputs carry its :func:`result_tag`, so several
+files (and runs) can be scored into one folder. With val predictions, :mod:`pipeline.evaluation.fusion`
+adds the image-level good/defect decision of each source and of their fusion (``fusion.json``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-
-import numpy as np
+from typing import Iterator, Sequence
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json, read_json
-from pipeline.data.coco import check_results, load_coco_gt
+from pipeline.data.predictions import load_predictions
+from pipeline.evaluation.coco import evaluate_coco_results, result_tag
 
-COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100",
-              "AR_small", "AR_medium", "AR_large")
+def _needs_gt(pred_path: Path) -> PipelineError:
+    return PipelineError(f"{pred_path}: COCO results need --gt (the split's COCO ground truth)")
 
 
-def binary_auroc(scores, positive) -> float | None:
-    """Area under the ROC curve as the Mann-Whitney U statistic (ties count one half).
+def _coco_summary(tag: str, m: dict) -> str:
+    b = m["bbox"]
+    line = f"{tag}: bbox AP {b['AP']:.4f} AP50 {b['AP50']:.4f} AP75 {b['AP75']:.4f} AR100 {b['AR100']:.4f}"
+    if "segm" in m:
+        line += f" | segm AP {m['segm']['AP']:.4f} mIoU {m['masks']['mIoU']:.4f} mDice {m['masks']['mDice']:.4f}"
+    return line
 
-    Args:
-        scores: ``N`` scores, higher = more likely positive (defect).
-        positive: ``N`` bools, True = positive.
 
-    Returns:
-        AUROC in [0, 1], or ``None`` when one of the two classes is absent (undefined).
+@contextmanager
+def _tagged_outputs(out_dir: Path, tag: str) -> Iterator[Path]:
+    """A temporary folder inside ``out_dir`` whose files move to ``out_dir/<stem>_<tag><suffix>`` on
+    success (``metrics.json`` and ``anomaly_metrics.json`` both become ``metrics_<tag>.json``).
+
+    The classifier and anomaly evaluators write fixed names; tagging them as COCO results are
+    tagged lets several files be scored into one folder. On an error nothing is moved.
     """
-    s = np.asarray(scores, np.float64).ravel()
-    y = np.asarray(positive).astype(bool).ravel()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    neg = np.sort(s[~y])
-    below = np.searchsorted(neg, s[y], side="left")  # negatives strictly lower than each positive
-    ties = np.searchsorted(neg, s[y], side="right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (n_pos * n_neg))
-
-
-def _counts_at_thresholds(scores, positive) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True and false positives called at each distinct score, high to low: ``(tps, fps, n_called)``."""
-    s = np.asarray(scores, np.float64).ravel()
-    y = np.asarray(positive).astype(bool).ravel()
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    return np.cumsum(y)[last], np.cumsum(~y)[last], last + 1
-
-
-def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
-    """``(fpr, tpr)`` ascending, one point per distinct threshold, starting at (0, 0)."""
-    y = np.asarray(positive).astype(bool).ravel()
-    tps, fps, _ = _counts_at_thresholds(scores, y)
-    return np.r_[0.0, fps / max(int((~y).sum()), 1)], np.r_[0.0, tps / max(int(y.sum()), 1)]
-
-
-def pr_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
-    """``(recall, precision)`` of the positive class, one point per distinct threshold, high to low."""
-    y = np.asarray(positive).astype(bool).ravel()
-    tps, _, called = _counts_at_thresholds(scores, y)
-    return tps / max(int(y.sum()), 1), tps / called
-
-
-def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox", class_agnostic: bool = False) -> dict:
-    """Run COCOeval and return its summary numbers, per-class AP and the PR curves at IoU 0.5.
-
-    Args:
-        coco_gt: a pycocotools ``COCO`` with the ground truth (every image of the split).
-        results: COCO results; ``segmentation`` (RLE) needed for ``iou_type="segm"``.
-        iou_type: ``"bbox"`` or ``"segm"``.
-        class_agnostic: match predictions to ground truth whatever their classes (pycocotools
-            ``useCats=0``), for class-less sources such as PatchCore's thresholded maps; the
-            per-class entries then hold one key, ``"all"``.
-
-    Returns:
-        ``{"AP", "AP50", ..., "AR100", "per_class_AP": {name: AP}, "per_class_AP50": {...},
-        "pr_curve_50": {name: [precision at recall 0, 0.01, ..., 1]}, "n_predictions"}``; values in [0, 1]
-        (-1 where COCOeval has nothing to average, e.g. no ground truth in a size bucket). With no
-        predictions at all every AP/AR is 0.0 (pycocotools' ``loadRes([])`` would crash).
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    cats = coco_gt.loadCats(coco_gt.getCatIds())
-    if not results:
-        zero = {k: 0.0 for k in COCO_STATS}
-        return {**zero, "per_class_AP": {c["name"]: 0.0 for c in cats},
-                "per_class_AP50": {c["name"]: 0.0 for c in cats}, "pr_curve_50": {}, "n_predictions": 0}
-    if iou_type == "segm":
-        results = [r for r in results if "segmentation" in r]
-        if not results:
-            raise PipelineError("segm evaluation needs predictions with 'segmentation' (RLE)")
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = coco_gt.loadRes([dict(r) for r in results])
-        ev = COCOeval(coco_gt, dt, iouType=iou_type)
-        if class_agnostic:
-            ev.params.useCats = 0
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    out = {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
-    prec = ev.eval["precision"]  # [T=10 IoU, R=101 recall, K classes, A=4 areas, M=3 maxDets]
-    per_ap, per_ap50, curves = {}, {}, {}
-    names = {c["id"]: c["name"] for c in cats}
-    for k, cid in enumerate(ev.params.catIds if ev.params.useCats else [None]):
-        name = names[int(cid)] if cid is not None else "all"
-        p = prec[:, :, k, 0, -1]
-        per_ap[name] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
-        p50 = prec[0, :, k, 0, -1]
-        per_ap50[name] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0
-        curves[name] = [float(max(v, 0.0)) for v in p50]
-    out.update({"per_class_AP": per_ap, "per_class_AP50": per_ap50, "pr_curve_50": curves, "n_predictions": len(results)})
-    return out
-
-
-def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5, class_agnostic: bool = False) -> dict:
-    """Per-class mean IoU and Dice of predicted vs true masks at native resolution.
-
-    For each image whose ground truth has class ``c``, the union of its true ``c`` masks is compared
-    with the union of predicted ``c`` masks scoring ``>= score_threshold`` (empty when none):
-    IoU = |P & G| / |P | G|, Dice = 2|P & G| / (|P| + |G|). Means are over those images.
-    With ``class_agnostic`` all classes are pooled into one, ``"all"``.
-    ``pixel_*`` pool all pixels of all images and classes (false positives on good images count).
-
-    Returns:
-        ``{"per_class": {name: {"IoU", "Dice", "n_images"}}, "mIoU", "mDice", "pixel_IoU", "pixel_Dice"}``.
-    """
-    from pipeline.data.instances import decode_rle
-
-    cats = [(c["name"], [c["id"]]) for c in coco_gt.loadCats(coco_gt.getCatIds())]
-    if class_agnostic:
-        cats = [("all", coco_gt.getCatIds())]
-    by_img: dict[tuple[int, int], list] = {}
-    for r in results:
-        if r.get("score", 1.0) >= score_threshold and "segmentation" in r:
-            key = (r["image_id"], cats[0][1][0] if class_agnostic else r["category_id"])
-            by_img.setdefault(key, []).append(r["segmentation"])
-    per: dict[str, dict] = {}
-    inter_all = union_all = sum_all = 0
-    for name, cat_ids in cats:
-        ious, dices = [], []
-        for img_id in coco_gt.getImgIds():
-            info = coco_gt.imgs[img_id]
-            h, w = info["height"], info["width"]
-            anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_id, catIds=cat_ids))
-            g = np.zeros((h, w), bool)
-            for a in anns:
-                g |= decode_rle(a["segmentation"])
-            p = np.zeros((h, w), bool)
-            for rle in by_img.get((img_id, cat_ids[0]), []):
-                m = decode_rle(rle)
-                if m.shape != (h, w):
-                    raise PipelineError(f"prediction mask {m.shape[::-1]} for image {img_id} is not at its native size {w}x{h}")
-                p |= m
-            inter, union, total = int((p & g).sum()), int((p | g).sum()), int(p.sum() + g.sum())
-            inter_all, union_all, sum_all = inter_all + inter, union_all + union, sum_all + total
-            if anns:
-                ious.append(inter / union if union else 1.0)
-                dices.append(2 * inter / total if total else 1.0)
-        per[name] = {"IoU": float(np.mean(ious)) if ious else float("nan"),
-                            "Dice": float(np.mean(dices)) if dices else float("nan"), "n_images": len(ious)}
-    valid = [v for v in per.values() if v["n_images"]]
-    return {
-        "per_class": per,
-        "mIoU": float(np.mean([v["IoU"] for v in valid])) if valid else float("nan"),
-        "mDice": float(np.mean([v["Dice"] for v in valid])) if valid else float("nan"),
-        "pixel_IoU": inter_all / union_all if union_all else 1.0,
-        "pixel_Dice": 2 * inter_all / sum_all if sum_all else 1.0,
-        "score_threshold": score_threshold,
-    }
-
-
-def plot_pr_curves(curves: dict[str, list[float]], path: Path, *, title: str) -> None:
-    """PR curves (precision vs recall at IoU 0.5, COCO's 101 recall points) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    recall = np.linspace(0, 1, 101)
-    for name, prec in curves.items():
-        ax.plot(recall, prec, label=f"{name} (AP50 {np.mean(prec):.3f})")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
-    if curves:
-        ax.legend(fontsize=7, loc="lower left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    from pipeline.core.io import atomic_savefig
-
-    atomic_savefig(fig, path)
-
-
-def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path, *, class_agnostic: bool = False) -> dict:
-    """Score a COCO results file against COCO ground truth; write metrics JSON and PR plots.
-
-    bbox metrics always; segm metrics and mask IoU/Dice when the predictions carry ``segmentation``.
-    ``class_agnostic`` scores boxes and masks whatever their class (see :func:`coco_eval`); mask
-    IoU/Dice then compare all predicted against all true defect pixels of each image.
-
-    Returns:
-        ``{"bbox": {...}, "segm": {...}?, "masks": {...}?}`` (also written to
-        ``out_dir/metrics_<parent>-<stem>.json``, see :func:`result_tag`).
-
-    Raises:
-        PipelineError: unreadable files, results naming unknown images or categories.
-    """
-    gt = load_coco_gt(gt_path)
-    results = read_json(pred_path)
-    if not isinstance(results, list):
-        raise PipelineError(f"{pred_path}: expected a JSON list of COCO results")
-    check_results(results, gt, pred_path)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = result_tag(pred_path)
-    metrics: dict = {"ground_truth": str(gt_path), "predictions": str(pred_path)}
-    metrics["class_agnostic"] = class_agnostic
-    metrics["bbox"] = coco_eval(gt, [r for r in results if "bbox" in r], iou_type="bbox", class_agnostic=class_agnostic)
-    plot_pr_curves(metrics["bbox"]["pr_curve_50"], out_dir / f"pr_bbox_{tag}.png", title="bbox PR @ IoU 0.5")
-    if any("segmentation" in r for r in results):
-        metrics["segm"] = coco_eval(gt, results, iou_type="segm", class_agnostic=class_agnostic)
-        metrics["masks"] = mask_iou_dice(gt, results, class_agnostic=class_agnostic)
-        plot_pr_curves(metrics["segm"]["pr_curve_50"], out_dir / f"pr_segm_{tag}.png", title="mask PR @ IoU 0.5")
-    atomic_write_json(out_dir / f"metrics_{tag}.json", metrics)
-    return metrics
-
-
-def result_tag(pred_path: Path) -> str:
-    """Name for a prediction file's outputs: ``<parent folder>-<stem>`` (``runs/sam-ft/predictions.json``
-    -> ``sam-ft-predictions``), so several runs' files can be scored into one folder."""
-    p = Path(pred_path).resolve()
-    return f"{p.parent.name}-{p.stem}"
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".eval-") as tmp:
+        yield Path(tmp)
+        for f in Path(tmp).iterdir():
+            stem = "metrics" if f.stem in ("metrics", "anomaly_metrics") else f.stem
+            os.replace(f, out_dir / f"{stem}_{tag}{f.suffix}")
 
 
 def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agnostic: bool = False) -> dict:
     """Evaluate one prediction file by its kind; the result holds a printable ``_summary`` line.
 
-    ``gt``: the split's COCO ground truth (required for COCO results; for anomaly files it selects
-    the images' masks, default the category recorded in the file). ``class_agnostic``: see
-    :func:`coco_eval`.
-    """
-    from pipeline.data.predictions import prediction_kind
+    Args:
+        pred_path: COCO results, classification or anomaly prediction file.
+        gt: the split's COCO ground truth (required for COCO results; for anomaly files it selects
+            the images' masks, default the category recorded in the file).
+        out_dir: folder for the metrics JSON and plots (created), names tagged by :func:`result_tag`.
+        class_agnostic: see :func:`pipeline.evaluation.coco.coco_eval`.
 
-    kind = prediction_kind(pred_path)
+    Raises:
+        PipelineError: unreadable or unknown file, COCO results without ``gt``, and the errors of
+            the evaluator of the file's kind.
+    """
+    kind = load_predictions(pred_path).kind
+    out_dir = Path(out_dir)
+    tag = result_tag(pred_path)
     if kind == "coco":
         if gt is None:
-            raise PipelineError(f"{pred_path}: COCO results need --gt (the split's COCO ground truth)")
+            raise _needs_gt(pred_path)
         m = evaluate_coco_results(gt, pred_path, out_dir, class_agnostic=class_agnostic)
-        b = m["bbox"]
-        line = f"{result_tag(pred_path)}: bbox AP {b['AP']:.4f} AP50 {b['AP50']:.4f} AP75 {b['AP75']:.4f} AR100 {b['AR100']:.4f}"
-        if "segm" in m:
-            line += f" | segm AP {m['segm']['AP']:.4f} mIoU {m['masks']['mIoU']:.4f} mDice {m['masks']['mDice']:.4f}"
-        m["_summary"] = line
+        m["_summary"] = _coco_summary(tag, m)
         return m
-    import os
-    import tempfile
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = result_tag(pred_path)
-    # the classifier and anomaly evaluators write fixed names (metrics.json, ...): give each file's
-    # outputs its tag, as COCO results get, so several files can be scored into one folder
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".eval-") as tmp:
+    with _tagged_outputs(out_dir, tag) as tmp:
         if kind == "classification":
             from pipeline.evaluation.classification import evaluate_classification
 
-            m = evaluate_classification(pred_path, Path(tmp))
+            m = evaluate_classification(pred_path, tmp)
         else:
             from pipeline.evaluation.anomaly import evaluate_anomaly
 
-            m = evaluate_anomaly(pred_path, gt, out_dir=Path(tmp))
-        for f in Path(tmp).iterdir():
-            stem = "metrics" if f.stem in ("metrics", "anomaly_metrics") else f.stem
-            os.replace(f, out_dir / f"{stem}_{tag}{f.suffix}")
+            m = evaluate_anomaly(pred_path, gt, out_dir=tmp)
     m.setdefault("_summary", f"{tag}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
     return m
+
+
+def check_inputs(predictions: Sequence[Path], *, gt: Path | None, val_predictions: Sequence[Path] = (),
+                 val_gt: Path | None = None) -> None:
+    """Refuse bad inputs of :func:`evaluate_files` before anything is written.
+
+    Checks that every prediction file (test and val) is readable and of a known kind, that COCO
+    results come with ``gt``, that the ground truths are readable JSON (a category folder is
+    accepted as ``gt`` for anomaly files), and with val predictions that ``val_gt`` and ``gt``
+    are given, hold ``defect_type`` per image, and that val and test name the same sources in the
+    same order. Deeper checks (image ids, mask sizes) stay with each evaluator.
+
+    Raises:
+        PipelineError: the first bad input, as one line naming it.
+    """
+    if val_predictions and (val_gt is None or gt is None):
+        raise PipelineError("--val-predictions needs --val-gt (val COCO ground truth) and --gt "
+                            "(ground truth of the evaluated split)")
+    kinds = [load_predictions(p).kind for p in predictions]
+    if gt is None and "coco" in kinds:
+        raise _needs_gt(predictions[kinds.index("coco")])
+    if val_predictions:
+        from pipeline.evaluation.fusion import check_pairs, load_split_labels
+
+        val_kinds = [load_predictions(p).kind for p in val_predictions]
+        check_pairs(list(zip(map(str, val_predictions), val_kinds)), list(zip(map(str, predictions), kinds)))
+        load_split_labels(val_gt)
+        load_split_labels(gt)
+    elif gt is not None and not Path(gt).is_dir():
+        read_json(gt)
+
+
+def _write_fusion(out_dir: Path, val_predictions: Sequence[Path], predictions: Sequence[Path], *,
+                  val_gt: Path, gt: Path, l2: float) -> list[str]:
+    """Fused image-level decision into ``out_dir/fusion.json``; returns the lines to print."""
+    from pipeline.evaluation.fusion import format_table, fuse_files
+
+    result = fuse_files(val_predictions, predictions, val_gt=val_gt, test_gt=gt, l2=l2)
+    result["metrics_files"] = sorted(str(p.resolve()) for p in out_dir.glob("metrics_*.json"))
+    atomic_write_json(out_dir / "fusion.json", result)
+    lines = ["image-level good/defect (thresholds from val):", format_table(result)]
+    if result["better_fusion"]:
+        lines.append(f"better fusion: {result['better_fusion']}; best overall: {result['best']}")
+    return lines
+
+
+def evaluate_files(predictions: Sequence[Path], *, gt: Path | None, out_dir: Path, class_agnostic: bool = False,
+                   val_predictions: Sequence[Path] | None = None, val_gt: Path | None = None,
+                   l2: float = 1.0) -> list[str]:
+    """``pipeline evaluate``: every file scored by its kind, then (with val predictions) the fusion.
+
+    All inputs are checked first (:func:`check_inputs`), so a bad file leaves ``out_dir`` untouched.
+
+    Args:
+        predictions: prediction files of the evaluated split (COCO results, classifier, anomaly).
+        gt: COCO ground truth of that split (needed for COCO results and for the fusion).
+        out_dir: folder for ``metrics_<tag>.json``, plots and ``fusion.json``.
+        class_agnostic: match COCO results whatever their class.
+        val_predictions: the same sources predicted on val, in the same order; turns on the
+            image-level decision (thresholds from val, see :mod:`pipeline.evaluation.fusion`).
+        val_gt: COCO ground truth of the val split.
+        l2: L2 penalty of the logistic-regression fusion.
+
+    Returns:
+        The lines to print: one summary per file, then the fusion table when asked for.
+
+    Raises:
+        PipelineError: a bad input (before anything is written) or an evaluator's error.
+    """
+    val_predictions = list(val_predictions or [])
+    check_inputs(predictions, gt=gt, val_predictions=val_predictions, val_gt=val_gt)
+    out_dir = Path(out_dir)
+    lines = [evaluate_file(p, gt=gt, out_dir=out_dir, class_agnostic=class_agnostic).pop("_summary", "")
+             for p in predictions]
+    if val_predictions:
+        lines += _write_fusion(out_dir, val_predictions, predictions, val_gt=val_gt, gt=gt, l2=l2)
+    return lines

@@ -44,15 +44,20 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_json
+from pipeline.data.mvtec import GOOD
+from pipeline.data.predictions import load_predictions
+from pipeline.evaluation.curves import binary_auroc as auroc
 
-GOOD = "good"
 FUSION_RULES = ("or", "logistic")
 DEFINITIONS = {
-    "source_score": "COCO results: max score per image (0 when none); classifier: 1 - p(good) (p(defect) without 'good'); anomaly: image score",
+    "source_score": "COCO results: max score per image (0 when none); classifier: 1 - p(good) "
+                    "(p(defect) without 'good'); anomaly: image score",
     "truth": "defect_type != 'good' in the split's COCO ground truth",
-    "threshold": "chosen on val: F1-optimal for defects (ties: balanced accuracy, then the higher threshold), halfway to the next lower val score; decision score >= threshold",
+    "threshold": "chosen on val: F1-optimal for defects (ties: balanced accuracy, then the higher threshold), "
+                 "halfway to the next lower val score; decision score >= threshold",
     "or": "defect when any source scores >= its val threshold; continuous score max_i (s_i - t_i) / sd_i (sd on val)",
-    "logistic": "L2 (l2 * |w|^2 / 2) logistic regression on val-standardised source scores, class-balanced, Newton/IRLS; threshold on val by the F1 rule",
+    "logistic": "L2 (l2 * |w|^2 / 2) logistic regression on val-standardised source scores, class-balanced, "
+                "Newton/IRLS; threshold on val by the F1 rule",
     "confusion_matrix": "[[TN, FP], [FN, TP]]: rows truth good/defect, columns decision good/defect",
     "auroc": "Mann-Whitney U / (n_defect * n_good), ties count one half",
 }
@@ -95,13 +100,15 @@ def load_split_labels(gt_path: Path) -> SplitLabels:
     ids, names, types = [], [], []
     for i, im in enumerate(doc["images"]):
         if not isinstance(im, dict) or "id" not in im or "defect_type" not in im:
-            raise PipelineError(f"{gt_path}: image {i} lacks id/defect_type (expected the files of 'pipeline convert-masks')")
+            raise PipelineError(f"{gt_path}: image {i} lacks id/defect_type "
+                                "(expected the files of 'pipeline convert-masks')")
         ids.append(int(im["id"]))
         names.append(str(im.get("file_name", "")))
         types.append(str(im["defect_type"]))
     if not ids:
         raise PipelineError(f"{gt_path}: no images")
-    return SplitLabels(tuple(ids), tuple(names), tuple(types), str(doc.get("info", {}).get("image_root", "")), str(gt_path))
+    root = str(doc.get("info", {}).get("image_root", ""))
+    return SplitLabels(tuple(ids), tuple(names), tuple(types), root, str(gt_path))
 
 
 @dataclass
@@ -146,29 +153,27 @@ def source_scores(pred_path: Path, labels: SplitLabels) -> Source:
         a :class:`Source` whose ``scores`` follow ``labels.image_ids``.
 
     Raises:
-        PipelineError: unknown file shape, records naming images outside the split, a classifier or
+        PipelineError: not a prediction file, records naming images outside the split, a classifier or
         anomaly file that misses some image of the split, or a classifier without ``good``/``defect``.
     """
     pred_path = Path(pred_path)
-    doc = read_json(pred_path)
+    pred = load_predictions(pred_path)
     by_id, by_name = _index(labels)
     n = len(labels.image_ids)
-    if isinstance(doc, list):
+    if pred.kind == "coco":
         scores = np.zeros(n, np.float64)
         masks = False
-        for i, r in enumerate(doc):
+        for i, r in enumerate(pred.records):
             if not isinstance(r, dict) or "score" not in r:
                 raise PipelineError(f"{pred_path}: result {i} lacks a score (expected COCO results)")
             k = _row(r, by_id, by_name, pred_path, i)
             scores[k] = max(scores[k], float(r["score"]))
             masks = masks or "segmentation" in r
-        return Source(f"{'masks' if masks else 'boxes'}:{pred_path.stem}", "masks" if masks else "boxes", str(pred_path), scores)
-    if not isinstance(doc, dict) or doc.get("kind") not in ("classification", "anomaly") or not isinstance(doc.get("predictions"), list):
-        raise PipelineError(f"{pred_path}: unknown prediction file (expected a COCO results list or an object with "
-                            "kind classification/anomaly and a predictions list)")
-    kind = "classifier" if doc["kind"] == "classification" else "anomaly"
+        kind = "masks" if masks else "boxes"
+        return Source(f"{kind}:{pred_path.stem}", kind, str(pred_path), scores)
+    kind = "classifier" if pred.kind == "classification" else "anomaly"
     scores = np.full(n, np.nan)
-    for i, p in enumerate(doc["predictions"]):
+    for i, p in enumerate(pred.records):
         k = _row(p, by_id, by_name, pred_path, i)
         if kind == "anomaly":
             if "score" not in p:
@@ -181,7 +186,8 @@ def source_scores(pred_path: Path, labels: SplitLabels) -> Source:
             elif "defect" in probs:
                 scores[k] = float(probs["defect"])
             else:
-                raise PipelineError(f"{pred_path}: prediction {i} scores have neither 'good' nor 'defect' (got {sorted(probs)})")
+                raise PipelineError(f"{pred_path}: prediction {i} scores have neither {GOOD!r} nor 'defect' "
+                                    f"(got {sorted(probs)})")
     missing = np.flatnonzero(np.isnan(scores))
     if len(missing):
         raise PipelineError(f"{pred_path}: no prediction for {len(missing)} image(s) of {labels.gt_path}, "
@@ -200,13 +206,6 @@ def unique_names(sources: Sequence[Source]) -> None:
 
 
 # ----------------------------------------------------------------------------- metrics
-def auroc(scores: Sequence[float], y: Sequence[bool]) -> float | None:
-    """AUROC with ties counting one half; ``None`` when a class is absent (see :func:`pipeline.evaluation.evaluate.binary_auroc`)."""
-    from pipeline.evaluation.evaluate import binary_auroc
-
-    return binary_auroc(scores, y)
-
-
 def decision_metrics(scores: Sequence[float], y: Sequence[bool], threshold: float) -> dict:
     """Image-level metrics of the decision ``scores >= threshold`` (defect = positive class).
 
@@ -341,6 +340,24 @@ def _better(a: dict, b: dict) -> bool:
     return ka > kb
 
 
+def check_pairs(val: Sequence[tuple[str, str]], test: Sequence[tuple[str, str]]) -> None:
+    """Val and test files name the same sources in the same order.
+
+    Args:
+        val, test: ``(path, kind)`` per file, in the order given.
+
+    Raises:
+        PipelineError: no test files, the two lists differ in length, or a pair differs in kind.
+    """
+    if len(val) != len(test) or not test:
+        raise PipelineError(f"give the same prediction sources for val and test "
+                            f"({len(val)} val vs {len(test)} test files)")
+    for (vp, vk), (tp, tk) in zip(val, test):
+        if vk != tk:
+            raise PipelineError(f"{vp} ({vk}) and {tp} ({tk}): val and test files must be given in the same order "
+                                "and kinds")
+
+
 def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: SplitLabels, test: SplitLabels,
          *, l2: float = 1.0) -> dict:
     """Thresholds on val, metrics on test, for each source and (with two or more sources) each fusion rule.
@@ -360,11 +377,7 @@ def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: Spl
     Raises:
         PipelineError: the two lists differ in length or kinds.
     """
-    if len(val_sources) != len(test_sources) or not test_sources:
-        raise PipelineError(f"give the same prediction sources for val and test ({len(val_sources)} val vs {len(test_sources)} test files)")
-    for v, t in zip(val_sources, test_sources):
-        if v.kind != t.kind:
-            raise PipelineError(f"{v.path} ({v.kind}) and {t.path} ({t.kind}): val and test files must be given in the same order and kinds")
+    check_pairs([(s.path, s.kind) for s in val_sources], [(s.path, s.kind) for s in test_sources])
     yv, yt = val.y, test.y
     xv = np.stack([s.scores for s in val_sources], 1)
     xt = np.stack([s.scores for s in test_sources], 1)
@@ -381,22 +394,43 @@ def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: Spl
                             "test": decision_metrics(xt[:, j], yt, thresholds[j])})
     fusion: dict = {}
     if len(names) >= 2:
-        sd = xv.std(0)
-        sd = np.where(sd > 0, sd, 1.0)
-        ov, ot = _or_scores(xv, thresholds, sd), _or_scores(xt, thresholds, sd)
-        fusion["or"] = {"rule": "defect when any source scores >= its val threshold; score max_i (s_i - t_i) / sd_i",
-                        "threshold": 0.0, "source_sd": sd.tolist(),
-                        "val": decision_metrics(ov, yv, 0.0), "test": decision_metrics(ot, yt, 0.0)}
-        model = fit_logistic(xv, yv, l2=l2)
-        pv, pt = model.predict(xv), model.predict(xt)
-        t_lr = f1_threshold(pv, yv)
-        fusion["logistic"] = {"rule": "L2 logistic regression on standardised val scores (IRLS, balanced); F1-optimal val threshold",
-                              "threshold": t_lr, "model": model.to_dict(),
-                              "val": decision_metrics(pv, yv, t_lr), "test": decision_metrics(pt, yt, t_lr)}
-        scores_v.update({"fusion:or": ov, "fusion:logistic": pv})
-        scores_t.update({"fusion:or": ot, "fusion:logistic": pt})
-        thr.update({"fusion:or": 0.0, "fusion:logistic": t_lr})
-    rows = {s["name"]: s["test"] for s in out_sources}
+        fusion, fused_v, fused_t = _fusion_rules(xv, xt, yv, yt, thresholds, l2=l2)
+        scores_v.update(fused_v)
+        scores_t.update(fused_t)
+        thr.update({f"fusion:{k}": v["threshold"] for k, v in fusion.items()})
+    best, better_fusion = _best(out_sources, fusion)
+    return {
+        "definitions": DEFINITIONS,
+        "val_gt": str(Path(val.gt_path).resolve()), "test_gt": str(Path(test.gt_path).resolve()),
+        "image_root": test.image_root, "sources": out_sources, "fusion": fusion,
+        "thresholds": thr, "better_fusion": better_fusion, "best": best,
+        "images": {"val": _image_records(val, scores_v, thr), "test": _image_records(test, scores_t, thr)},
+    }
+
+
+def _fusion_rules(xv: np.ndarray, xt: np.ndarray, yv: np.ndarray, yt: np.ndarray, thresholds: np.ndarray, *,
+                  l2: float) -> tuple[dict, dict, dict]:
+    """The ``or`` and ``logistic`` fusion of ``NxD`` source scores (val ``xv``, test ``xt``):
+    ``({rule: {"rule", "threshold", ..., "val", "test"}}, val scores, test scores by "fusion:<rule>")``."""
+    sd = xv.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    ov, ot = _or_scores(xv, thresholds, sd), _or_scores(xt, thresholds, sd)
+    fusion = {"or": {"rule": "defect when any source scores >= its val threshold; score max_i (s_i - t_i) / sd_i",
+                     "threshold": 0.0, "source_sd": sd.tolist(),
+                     "val": decision_metrics(ov, yv, 0.0), "test": decision_metrics(ot, yt, 0.0)}}
+    model = fit_logistic(xv, yv, l2=l2)
+    pv, pt = model.predict(xv), model.predict(xt)
+    t_lr = f1_threshold(pv, yv)
+    fusion["logistic"] = {"rule": "L2 logistic regression on standardised val scores (IRLS, balanced); "
+                                  "F1-optimal val threshold",
+                          "threshold": t_lr, "model": model.to_dict(),
+                          "val": decision_metrics(pv, yv, t_lr), "test": decision_metrics(pt, yt, t_lr)}
+    return fusion, {"fusion:or": ov, "fusion:logistic": pv}, {"fusion:or": ot, "fusion:logistic": pt}
+
+
+def _best(sources: list[dict], fusion: dict) -> tuple[str, str | None]:
+    """The best source or fusion on test (:func:`_better`) and the better fusion rule (``None`` without)."""
+    rows = {s["name"]: s["test"] for s in sources}
     rows.update({f"fusion:{k}": v["test"] for k, v in fusion.items()})
     best = None
     for name, m in rows.items():
@@ -405,20 +439,15 @@ def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: Spl
     better_fusion = None
     if fusion:
         better_fusion = "logistic" if _better(fusion["logistic"]["test"], fusion["or"]["test"]) else "or"
+    return best, better_fusion
 
-    def records(labels: SplitLabels, scores: dict) -> list[dict]:
-        return [{"image_id": iid, "file_name": fn, "defect_type": dt, "defect": dt != GOOD,
-                 "scores": {n: float(s[k]) for n, s in scores.items()},
-                 "decisions": {n: bool(s[k] >= thr[n]) for n, s in scores.items()}}
-                for k, (iid, fn, dt) in enumerate(zip(labels.image_ids, labels.file_names, labels.defect_types))]
 
-    return {
-        "definitions": DEFINITIONS,
-        "val_gt": str(Path(val.gt_path).resolve()), "test_gt": str(Path(test.gt_path).resolve()),
-        "image_root": test.image_root, "sources": out_sources, "fusion": fusion,
-        "thresholds": thr, "better_fusion": better_fusion, "best": best,
-        "images": {"val": records(val, scores_v), "test": records(test, scores_t)},
-    }
+def _image_records(labels: SplitLabels, scores: dict[str, np.ndarray], thr: dict[str, float]) -> list[dict]:
+    """Per image of the split: its id, file, truth, and score and decision (``score >= thr``) by method."""
+    return [{"image_id": iid, "file_name": fn, "defect_type": dt, "defect": dt != GOOD,
+             "scores": {n: float(s[k]) for n, s in scores.items()},
+             "decisions": {n: bool(s[k] >= thr[n]) for n, s in scores.items()}}
+            for k, (iid, fn, dt) in enumerate(zip(labels.image_ids, labels.file_names, labels.defect_types))]
 
 
 def fuse_files(val_preds: Sequence[Path], test_preds: Sequence[Path], *, val_gt: Path, test_gt: Path,
@@ -441,7 +470,8 @@ def summary_rows(result: dict) -> list[tuple[str, dict]]:
 
 def format_table(result: dict) -> str:
     """Plain-text table of the test metrics (thresholds from val), one line per source / fusion."""
-    head = f"{'source':32s} {'thr':>9s} {'acc':>6s} {'bacc':>6s} {'prec':>6s} {'rec':>6s} {'F1':>6s} {'AUROC':>6s}  [[TN FP] [FN TP]]"
+    head = (f"{'source':32s} {'thr':>9s} {'acc':>6s} {'bacc':>6s} {'prec':>6s} {'rec':>6s} {'F1':>6s} {'AUROC':>6s}"
+            "  [[TN FP] [FN TP]]")
     lines = [head]
     for name, m in summary_rows(result):
         au = f"{m['auroc']:.3f}" if m["auroc"] is not None else "  n/a"

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.data.convert import convert_category
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.evaluate import coco_eval, evaluate_coco_results, mask_iou_dice
+from pipeline.evaluation.coco import coco_eval, evaluate_coco_results, mask_iou_dice
 from pipeline.data.coco import load_coco_gt
 from pipeline.data.instances import encode_rle
 
@@ -98,3 +98,38 @@ def test_class_agnostic_matches_whatever_the_class(gt_path):
     assert agnostic["AP"] == pytest.approx(1.0) and list(agnostic["per_class_AP"]) == ["all"]
     m = mask_iou_dice(coco, results, class_agnostic=True)
     assert m["per_class"]["all"]["IoU"] == 1.0 and m["pixel_IoU"] == 1.0
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("unknown_kind", "not a prediction file"),  # the second file is no prediction file
+    ("missing_file", "file not found"),  # the second file does not exist
+    ("no_gt", "COCO results need --gt"),  # COCO results without ground truth
+    ("missing_gt", "file not found"),  # the ground truth does not exist
+    ("val_without_val_gt", "--val-gt"),  # fusion asked for without the val ground truth
+    ("val_count", "same prediction sources"),  # one val file for two test files
+    ("val_kind", "same order and kinds"),  # val files in another order than the test files
+])
+def test_evaluate_files_checks_every_input_before_writing(gt_path, tmp_path, case, needle):
+    from pipeline.evaluation.evaluate import evaluate_files
+
+    gt = json.loads(gt_path.read_text())
+    det = tmp_path / "det.json"
+    det.write_text(json.dumps(_gt_as_results(gt)))
+    cls = tmp_path / "cls.json"
+    cls.write_text(json.dumps({"kind": "classification", "classes": ["good", "defect"], "predictions": []}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"kind": "other"}))
+    kw = {"predictions": [det, cls], "gt": gt_path, "val_predictions": None, "val_gt": None}
+    kw.update({
+        "unknown_kind": {"predictions": [det, other]},
+        "missing_file": {"predictions": [det, tmp_path / "nope.json"]},
+        "no_gt": {"gt": None},
+        "missing_gt": {"gt": tmp_path / "nope_gt.json"},
+        "val_without_val_gt": {"val_predictions": [det, cls]},
+        "val_count": {"val_predictions": [det], "val_gt": gt_path},
+        "val_kind": {"val_predictions": [cls, det], "val_gt": gt_path},
+    }[case])
+    out = tmp_path / "ev"
+    with pytest.raises(PipelineError, match=needle):
+        evaluate_files(kw.pop("predictions"), out_dir=out, **kw)
+    assert not out.exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.evaluate import pr_curve, roc_curve
+from pipeline.evaluation.curves import pr_curve, roc_curve
 from pipeline.evaluation.fusion import auroc, decision_metrics, f1_threshold, fit_logistic, fuse_files, load_split_labels, source_scores
 
 
@@ -64,7 +64,7 @@ def test_scores_from_each_kind(tmp_path):
     ([{"image_id": 99, "category_id": 1, "score": 0.5}], "image_id 99 not in the ground truth"),  # foreign image
     ({"kind": "anomaly", "predictions": [{"image_id": 11, "score": 1.0}]}, "no prediction for 3 image"),  # incomplete
     ({"kind": "classification", "predictions": [{"image_id": i, "scores": {"a": 1.0}} for i, _ in TEST]}, "neither"),
-    ({"kind": "other"}, "unknown prediction file"),
+    ({"kind": "other"}, "not a prediction file"),
 ])
 def test_bad_prediction_files(tmp_path, obj, match):
     labels = load_split_labels(_gt(tmp_path / "test.json", TEST))

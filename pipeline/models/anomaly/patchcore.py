@@ -691,7 +691,7 @@ def fit_run(category_dir: Path | None, *, out: Path, config: PatchCoreConfig = P
 
 
 def _json_safe(obj):
-    from pipeline.evaluation.anomaly import _jsonable
+    from pipeline.core.io import to_json_plain as _jsonable
 
     return _jsonable(obj)
 

@@ -429,7 +429,7 @@ def test_cli_finetune_predict_evaluate_on_synthetic(ann, cache, tmp_path, monkey
 @pytest.mark.slow
 def test_bottle_finetune_predict_evaluate_tiny(mvtec_root, tmp_path):
     from pipeline.data.convert import convert_category
-    from pipeline.evaluation.evaluate import evaluate_coco_results
+    from pipeline.evaluation.coco import evaluate_coco_results
     from pipeline.data.instances import decode_rle
     from pipeline.models.sam.train import finetune_sam
     from pipeline.models.sam.predict import predict_sam
