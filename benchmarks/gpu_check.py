@@ -106,7 +106,7 @@ def check_classifier(size: str, device: str, steps: int) -> dict:
 
 def _sam_inputs(work: Path):
     from pipeline.data.convert import convert_category
-    from pipeline.models.sam.predict import group_by_image, read_records
+    from pipeline.data.sam_records import group_by_image, read_records
     from pipeline.data.synth import generate_category
 
     ann = work / "ann"
@@ -140,7 +140,8 @@ def check_sam(size: str, device: str, steps: int, work: Path) -> list[dict]:
     distinct = list({str(g.image): g for g in groups}.values())
     embedder.compute(distinct[0].image)  # warm-up
     _reset_peak(device)
-    from pipeline.models.sam.model import image_to_input, read_rgb
+    from pipeline.core.io import read_rgb
+    from pipeline.models.sam.model import image_to_input
 
     data_s = compute_s = 0.0
     t0 = time.perf_counter()

@@ -40,9 +40,9 @@ def _records(tmp: Path) -> Path:
 def bench(model_type: str, n_images: int, ann: Path, cache: Path, *, loss_resolution: str) -> dict:
     import torch
 
+    from pipeline.data.sam_records import group_by_image, read_records
     from pipeline.models.sam.model import Embedder, build_sam
     from pipeline.models.sam.train import SamTrainConfig, _set_trainable, train_one_epoch
-    from pipeline.models.sam.predict import group_by_image, read_records
 
     cfg = SamTrainConfig(train_records=str(ann / "sam" / "train.jsonl"), val_records=str(ann / "sam" / "val.jsonl"),
                          model_type=model_type, lr=1e-4, loss_resolution=loss_resolution)

@@ -64,18 +64,16 @@ def finetune_sam_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ) -> None:
     """Fine-tune SAM's mask decoder on defect components (box -> mask), image embeddings cached on disk."""
+    from pipeline.core import distributed
     from pipeline.models.sam.train import SamTrainConfig, finetune_sam
 
-    train = ("mask_decoder",) + (("prompt_encoder",) if train_prompt_encoder else ()) + (("image_encoder",) if train_image_encoder else ())
-    cfg = SamTrainConfig(
-        train_records=str(Path(annotations) / "sam" / "train.jsonl"), val_records=str(Path(annotations) / "sam" / "val.jsonl"),
-        model_type=model_type, checkpoint=checkpoint, tiny_seed=seed, train=train, epochs=epochs, lr=lr,
-        weight_decay=weight_decay, seed=seed, box_jitter_px=box_jitter, mask_loss=mask_loss, loss_resolution=loss_resolution,
+    cfg = SamTrainConfig.from_annotations(
+        annotations, train_prompt_encoder=train_prompt_encoder, train_image_encoder=train_image_encoder,
+        model_type=model_type, checkpoint=checkpoint, tiny_seed=seed, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        seed=seed, box_jitter_px=box_jitter, mask_loss=mask_loss, loss_resolution=loss_resolution,
         cache_dir=str(cache_dir) if cache_dir else None, device=device, allow_download=allow_download,
         images_per_step=images_per_step, amp=amp)
     run = finetune_sam(cfg, out, resume=resume, force=force)
-    from pipeline.core import distributed
-
     if distributed.is_main():
         echo(f"run folder: {run} (best.pt, last.pt, metrics.json, curves.png)")
 

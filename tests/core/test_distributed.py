@@ -312,7 +312,7 @@ def test_sam_resume_after_restart_under_two_ranks(ann, sam_runs, tmp_path):
     """A 2-rank run stopped after epoch 1 and restarted with ``resume`` ends where an uninterrupted one does."""
     env = {"SAM_CONFIG": json.dumps(_sam_config(ann, sam_runs))}
     _launch(tmp_path, ["sam", str(tmp_path / "part"), str(ann)], nproc=2, env={**env, "SAM_STOP_AT": "2"}, ok=False)
-    from pipeline.models.sam.predict import read_finetuned
+    from pipeline.models.sam.model import read_finetuned
 
     assert read_finetuned(tmp_path / "part" / "last.pt")["epoch"] == 1
     _launch(tmp_path, ["sam", str(tmp_path / "part"), str(ann)], nproc=2, env={**env, "SAM_RESUME": "1"})

@@ -1,4 +1,4 @@
-"""Segment Anything: model construction, prompt/mask geometry and the image-embedding cache.
+"""Segment Anything: model construction, checkpoints, prompt/mask geometry and the image-embedding cache.
 
 The only module importing ``segment_anything`` (Kirillov et al., "Segment Anything", ICCV 2023).
 
@@ -17,7 +17,7 @@ the image (``apply_boxes_torch``), which differs slightly between x and y on non
 from __future__ import annotations
 
 import hashlib
-import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_bytes, read_image
+from pipeline.core.io import atomic_torch_save, load_torch_file, read_rgb
 
 MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
 OFFICIAL_CHECKPOINTS = {
@@ -50,13 +50,9 @@ TINY = {
 }
 # Bump when image preprocessing changes: part of every embedding-cache key.
 PREPROCESS_VERSION = "rls-pil-v1"
-
-
-def default_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# Fine-tuned checkpoints (``finetune sam``): format tag and version, checked on every load.
+CKPT_FORMAT = "pipeline.sam-finetune"
+CKPT_VERSION = 1
 
 
 def _build_tiny(seed: int):
@@ -167,7 +163,8 @@ def _read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of all kinds
-        raise PipelineError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        raise PipelineError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -189,7 +186,8 @@ def _check_state(state: dict, expected: dict[str, tuple], *, where: str, what: s
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if shapes:
         k = shapes[0]
-        parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} in file, {expected[k]} expected)")
+        parts.append(f"{len(shapes)} shape mismatches "
+                     f"(e.g. {k}: {tuple(state[k].shape)} in file, {expected[k]} expected)")
     hint = ", ".join(f"{n} is {t}" for t, n in OFFICIAL_CHECKPOINTS.items())
     raise PipelineError(f"{where}: does not match {what}: {'; '.join(parts)} (pair type and file: {hint})")
 
@@ -199,6 +197,50 @@ def load_state_strict(module, state: dict, *, where: str, what: str) -> None:
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     _check_state(state, expected, where=where, what=what)
     module.load_state_dict(state, strict=True)
+
+
+def resolve_base_checkpoint(model_type: str, checkpoint: str | None, *, allow_download: bool = False) -> Path | None:
+    """The full SAM checkpoint to start from: required for vit_b/l/h (name or path), optional for tiny.
+
+    Raises:
+        PipelineError: vit_* without a checkpoint, or the file not found (see ``pipeline.core.weights``).
+    """
+    from pipeline.core.weights import resolve_weights
+
+    if model_type not in MODEL_TYPES:
+        raise PipelineError(f"--model-type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+    if checkpoint is None:
+        if model_type == "tiny":
+            return None
+        raise PipelineError(f"--model-type {model_type} needs --checkpoint "
+                            f"(the official file is {OFFICIAL_CHECKPOINTS[model_type]})")
+    return resolve_weights(checkpoint, allow_download=allow_download)
+
+
+def save_finetuned(path: Path, *, sam, config: dict, trained: list[str], extra: dict | None = None) -> None:
+    """Write a fine-tuned checkpoint: the trained modules' state dicts and the config, atomically.
+
+    Content: ``{"format", "version", "config", "trained", "state": {module: state_dict}, **extra}``;
+    loadable with ``torch.load(..., weights_only=True)``.
+    """
+    obj = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": config, "trained": list(trained),
+           "state": {m: {k: v.detach().cpu() for k, v in getattr(sam, m).state_dict().items()} for m in trained}}
+    obj.update(extra or {})
+    atomic_torch_save(Path(path), obj)
+
+
+def read_finetuned(path: Path) -> dict:
+    """Load a fine-tuned checkpoint's dict (``map_location="cpu"``, ``weights_only=True``).
+
+    Raises:
+        PipelineError: missing, unreadable, or not written by :func:`save_finetuned`.
+    """
+    obj = load_torch_file(path, what="fine-tuned SAM checkpoint")
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise PipelineError(f"{path}: not a fine-tuned SAM checkpoint (expected one written by pipeline finetune sam)")
+    if obj.get("version") != CKPT_VERSION:
+        raise PipelineError(f"{path}: checkpoint version {obj.get('version')} (expected {CKPT_VERSION})")
+    return obj
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -237,7 +279,8 @@ def logits_to_native(sam, low_res_logits, *, size_hw: tuple[int, int]):
     """
     img_size = sam.image_encoder.img_size
     return sam.postprocess_masks(
-        low_res_logits, input_size=input_shape_hw(size_hw, img_size=img_size), original_size=tuple(int(s) for s in size_hw)
+        low_res_logits, input_size=input_shape_hw(size_hw, img_size=img_size),
+        original_size=tuple(int(s) for s in size_hw),
     )
 
 
@@ -266,20 +309,6 @@ def lowres_target(mask: np.ndarray, *, img_size: int) -> tuple[np.ndarray, np.nd
     valid[:h, :w] = 1.0
     g = img_size // 4
     return big.reshape(g, 4, g, 4).mean((1, 3)), valid.reshape(g, 4, g, 4).mean((1, 3))
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Read an image as ``HxWx3`` uint8 RGB (SAM's format; OpenCV reads BGR). Grey is repeated."""
-    import cv2
-
-    img = read_image(path)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    elif img.shape[2] == 4:
-        img = img[..., :3]
-    if img.dtype != np.uint8:
-        raise PipelineError(f"{path}: {img.dtype} image (expected 8-bit)")
-    return np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
 
 
 def image_to_input(sam, image_rgb: np.ndarray):
@@ -315,6 +344,13 @@ def decode(sam, embedding, boxes_input, *, multimask: bool = False):
 
 
 # ----------------------------------------------------------------------------- embedding cache
+
+
+def default_cache_dir() -> Path:
+    """``$PIPELINE_CACHE/sam-embeddings``, else ``$XDG_CACHE_HOME/pipeline/sam-embeddings`` (``~/.cache``)."""
+    if os.environ.get("PIPELINE_CACHE"):
+        return Path(os.environ["PIPELINE_CACHE"]).expanduser() / "sam-embeddings"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "pipeline" / "sam-embeddings"
 
 
 def encoder_fingerprint(sam) -> str:
@@ -400,7 +436,5 @@ class Embedder:
             except Exception:  # a corrupt cache entry is recomputed, not fatal
                 pass
         emb = self.compute(image)
-        buf = io.BytesIO()
-        torch.save(emb[0].detach().float().cpu().clone(), buf)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_torch_save(path, emb[0].detach().float().cpu().clone())
         return emb

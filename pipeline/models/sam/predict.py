@@ -1,205 +1,29 @@
-"""SAM masks from boxes: records, fine-tuned checkpoints, prediction to COCO results, overlays.
+"""SAM masks from boxes: load a (fine-tuned) model, predict one mask per box, write COCO results and overlays.
 
 Segment Anything (Kirillov et al., ICCV 2023) turns a box into a mask. Here the boxes come from
 a detector's COCO results or from the ground truth, the image embedding comes from a disk cache
 (:class:`pipeline.models.sam.model.Embedder`) and the mask decoder is the official one or a fine-tuned one
 (:mod:`pipeline.models.sam.train`). Masks are written as COCO RLE at the original image size.
 
-Model code and geometry live in :mod:`pipeline.models.sam.model` (the only module importing
-``segment_anything``); the training loop in :mod:`pipeline.models.sam.train`.
+Model code, checkpoints and geometry live in :mod:`pipeline.models.sam.model` (the only module
+importing ``segment_anything``); the training loop in :mod:`pipeline.models.sam.train`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import (
-    atomic_write_bytes, atomic_write_json, atomic_write_text, image_size_hw, load_torch_file, read_json, staged_dir,
+from pipeline.core.io import atomic_write_bytes, atomic_write_json, read_image, read_json
+from pipeline.data.instances import decode_rle, encode_rle
+from pipeline.models.sam.model import (
+    Embedder, boxes_to_input, build_sam, decode, default_cache_dir, load_state_strict, logits_to_native,
+    read_finetuned, resolve_base_checkpoint,
 )
 
-CKPT_FORMAT = "pipeline.sam-finetune"
-CKPT_VERSION = 1
 PREDICTABLE_MODULES = ("mask_decoder", "prompt_encoder", "image_encoder")
-
-
-def default_cache_dir() -> Path:
-    """``$PIPELINE_CACHE/sam-embeddings``, else ``$XDG_CACHE_HOME/pipeline/sam-embeddings`` (``~/.cache``)."""
-    if os.environ.get("PIPELINE_CACHE"):
-        return Path(os.environ["PIPELINE_CACHE"]).expanduser() / "sam-embeddings"
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "pipeline" / "sam-embeddings"
-
-
-# ----------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class SamRecord:
-    """One defect component: the prompt box and its true mask (a line of ``sam/<split>.jsonl``).
-
-    Attributes:
-        image: absolute image path.
-        size_hw: original image ``(H, W)`` in pixels.
-        bbox_xyxy: ``(x0, y0, x1, y1)`` original pixels, ``x1``/``y1`` exclusive.
-        segmentation: COCO compressed RLE of the component mask, size ``size_hw``.
-    """
-
-    image: Path
-    image_id: int
-    annotation_id: int
-    size_hw: tuple[int, int]
-    category_id: int
-    category: str
-    bbox_xyxy: tuple[float, float, float, float]
-    segmentation: dict
-
-
-@dataclass
-class ImageGroup:
-    """All records of one image: one embedding, a batch of ``B`` boxes, ``B`` true masks."""
-
-    image: Path
-    image_id: int
-    size_hw: tuple[int, int]
-    records: list[SamRecord]
-    masks: list[np.ndarray] | None = None  # HxW bool each, decoded lazily
-    extra: dict = field(default_factory=dict)  # derived per-image data (e.g. low-res loss targets)
-
-    def bbox_xyxy(self) -> np.ndarray:
-        """``Bx4`` float32 boxes, original pixels."""
-        return np.array([r.bbox_xyxy for r in self.records], np.float32).reshape(-1, 4)
-
-    def true_masks(self) -> list[np.ndarray]:
-        from pipeline.data.instances import decode_rle
-
-        if self.masks is None:
-            self.masks = [decode_rle(r.segmentation) for r in self.records]
-        return self.masks
-
-
-def read_records(path: Path) -> list[SamRecord]:
-    """Read and validate SAM records (JSON Lines written by ``pipeline convert-masks``).
-
-    Checks each record: keys present, image file exists with size ``size_hw``, box inside the
-    image with positive width and height, RLE of size ``size_hw`` and not empty.
-
-    Raises:
-        PipelineError: one line ``<file>:<line>: <what is wrong>`` for the first bad record.
-    """
-    from pipeline.data.instances import decode_rle
-
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: file not found (expected SAM records sam/<split>.jsonl from convert-masks)")
-    records: list[SamRecord] = []
-    sizes: dict[Path, tuple[int, int]] = {}
-    keys = ("image", "image_id", "annotation_id", "size_hw", "category_id", "bbox_xyxy", "segmentation")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PipelineError(f"{where}: not valid JSON ({exc})") from None
-        if not isinstance(d, dict) or not all(k in d for k in keys):
-            raise PipelineError(f"{where}: expected a SAM record with keys {', '.join(keys)}")
-        image = Path(d["image"])
-        if not image.is_file():
-            raise PipelineError(f"{where}: image {image} not found")
-        if image not in sizes:
-            sizes[image] = image_size_hw(image)
-        h, w = (int(v) for v in d["size_hw"])
-        if sizes[image] != (h, w):
-            raise PipelineError(f"{where}: image {image} is {sizes[image][1]}x{sizes[image][0]}, record says size_hw {[h, w]}")
-        try:
-            x0, y0, x1, y1 = (float(v) for v in d["bbox_xyxy"])
-        except (TypeError, ValueError):
-            raise PipelineError(f"{where}: bbox_xyxy {d['bbox_xyxy']!r} (expected four numbers x0, y0, x1, y1)") from None
-        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-            raise PipelineError(f"{where}: bbox_xyxy {[x0, y0, x1, y1]} outside the {w}x{h} image or empty (expected 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H)")
-        seg = d["segmentation"]
-        if not isinstance(seg, dict) or list(seg.get("size", [])) != [h, w] or "counts" not in seg:
-            raise PipelineError(f"{where}: segmentation is not an RLE of size {[h, w]}")
-        try:
-            m = decode_rle(seg)
-        except Exception as exc:  # pycocotools raises bare errors for bad counts
-            raise PipelineError(f"{where}: segmentation RLE does not decode ({exc})") from None
-        if not m.any():
-            raise PipelineError(f"{where}: empty mask (annotation {d['annotation_id']} has no pixels)")
-        records.append(
-            SamRecord(image=image, image_id=int(d["image_id"]), annotation_id=int(d["annotation_id"]), size_hw=(h, w),
-                      category_id=int(d["category_id"]), category=str(d.get("category", d["category_id"])),
-                      bbox_xyxy=(x0, y0, x1, y1), segmentation=seg)
-        )
-    return records
-
-
-def group_by_image(records: list[SamRecord]) -> list[ImageGroup]:
-    """Records grouped per image, in order of first appearance."""
-    groups: dict[Path, ImageGroup] = {}
-    for r in records:
-        g = groups.setdefault(r.image, ImageGroup(image=r.image, image_id=r.image_id, size_hw=r.size_hw, records=[]))
-        g.records.append(r)
-    return list(groups.values())
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def resolve_base_checkpoint(model_type: str, checkpoint: str | None, *, allow_download: bool = False) -> Path | None:
-    """The full SAM checkpoint to start from: required for vit_b/l/h (name or path), optional for tiny.
-
-    Raises:
-        PipelineError: vit_* without a checkpoint, or the file not found (see ``pipeline.core.weights``).
-    """
-    from pipeline.models.sam.model import MODEL_TYPES, OFFICIAL_CHECKPOINTS
-    from pipeline.core.weights import resolve_weights
-
-    if model_type not in MODEL_TYPES:
-        raise PipelineError(f"--model-type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
-    if checkpoint is None:
-        if model_type == "tiny":
-            return None
-        raise PipelineError(f"--model-type {model_type} needs --checkpoint (the official file is {OFFICIAL_CHECKPOINTS[model_type]})")
-    return resolve_weights(checkpoint, allow_download=allow_download)
-
-
-def save_finetuned(path: Path, *, sam, config: dict, trained: list[str], extra: dict | None = None) -> None:
-    """Write a fine-tuned checkpoint: the trained modules' state dicts and the config, atomically.
-
-    Content: ``{"format", "version", "config", "trained", "state": {module: state_dict}, **extra}``;
-    loadable with ``torch.load(..., weights_only=True)``.
-    """
-    import io
-
-    import torch
-
-    obj = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": config, "trained": list(trained),
-           "state": {m: {k: v.detach().cpu() for k, v in getattr(sam, m).state_dict().items()} for m in trained}}
-    obj.update(extra or {})
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
-
-
-def read_finetuned(path: Path) -> dict:
-    """Load a fine-tuned checkpoint's dict (``map_location="cpu"``, ``weights_only=True``).
-
-    Raises:
-        PipelineError: missing, unreadable, or not written by :func:`save_finetuned`.
-    """
-    obj = load_torch_file(path, what="fine-tuned SAM checkpoint")
-    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
-        raise PipelineError(f"{path}: not a fine-tuned SAM checkpoint (expected one written by pipeline finetune sam)")
-    if obj.get("version") != CKPT_VERSION:
-        raise PipelineError(f"{path}: checkpoint version {obj.get('version')} (expected {CKPT_VERSION})")
-    return obj
 
 
 def load_sam(
@@ -218,7 +42,7 @@ def load_sam(
             names the model type, base checkpoint and tiny seed.
         model_type: ``tiny|vit_b|vit_l|vit_h``; with ``weights`` it must agree with the checkpoint.
         checkpoint: full SAM checkpoint (name or path) overriding the one recorded in ``weights``.
-        device: default CUDA when present.
+        device: a ``--device`` spec (:func:`pipeline.core.device.resolve_device`; default CUDA when present).
 
     Returns:
         ``(sam, info)``: model in eval mode, and a dict saying what was loaded.
@@ -226,9 +50,9 @@ def load_sam(
     Raises:
         PipelineError: type mismatch, missing files, keys or shapes not matching (strict).
     """
-    from pipeline.models.sam.model import build_sam, default_device, load_state_strict
+    from pipeline.core.device import resolve_device
 
-    device = device or default_device()
+    device = resolve_device(device)
     ckpt = None
     if weights is not None:
         ckpt = read_finetuned(weights)
@@ -268,8 +92,6 @@ def predict_group(sam, embedding, bbox_xyxy: np.ndarray, *, size_hw: tuple[int, 
     """
     import torch
 
-    from pipeline.models.sam.model import boxes_to_input, decode, logits_to_native
-
     masks, ious = [], []
     with torch.no_grad():
         for s in range(0, len(bbox_xyxy), max_batch):
@@ -281,6 +103,19 @@ def predict_group(sam, embedding, bbox_xyxy: np.ndarray, *, size_hw: tuple[int, 
     if not masks:
         return np.zeros((0, h, w), bool), np.zeros((0,), np.float32)
     return np.concatenate(masks), np.concatenate(ious)
+
+
+def _read_gt(gt: Path) -> tuple[dict, dict[int, tuple[Path, tuple[int, int]]]]:
+    """COCO ground truth and ``{image_id: (image path, size_hw)}``; every image must exist."""
+    gt_data = read_json(gt)
+    if not isinstance(gt_data, dict) or not {"images", "annotations", "categories"} <= set(gt_data):
+        raise PipelineError(f"{gt}: not COCO ground truth (expected images, annotations, categories)")
+    root = Path(gt_data.get("info", {}).get("image_root", Path(gt).parent))
+    images = {im["id"]: (root / im["file_name"], (int(im["height"]), int(im["width"]))) for im in gt_data["images"]}
+    for img_id, (p, _) in images.items():
+        if not p.is_file():
+            raise PipelineError(f"{gt}: image {p} (id {img_id}) not found")
+    return gt_data, images
 
 
 def _prompts_from_gt(gt: dict) -> list[dict]:
@@ -314,6 +149,36 @@ def _prompts_from_results(path: Path, gt: dict, *, min_score: float) -> list[dic
     return out
 
 
+def _prompts_by_image(prompts: list[dict], images: dict, *, source: Path) -> dict[int, list[dict]]:
+    """Prompts grouped per image id, each box checked against its image (``bbox`` is XYWH pixels)."""
+    by_image: dict[int, list[dict]] = {}
+    for p in prompts:
+        h, w = images[p["image_id"]][1]
+        x, y, bw, bh = p["bbox"]
+        if not (bw > 0 and bh > 0 and x >= 0 and y >= 0 and x + bw <= w + 1e-6 and y + bh <= h + 1e-6):
+            raise PipelineError(f"{source}: box {p['bbox']} on image {p['image_id']} "
+                                f"outside the {w}x{h} image or empty")
+        by_image.setdefault(p["image_id"], []).append(p)
+    return by_image
+
+
+def _image_results(sam, embedder, path: Path, size_hw: tuple[int, int], prompts: list[dict], img_id: int):
+    """COCO results (one per prompt) and the ``HxW`` bool masks of one image.
+
+    With ground-truth prompts (``score`` None) the score is ``(1 + clip(iou_pred, 0, 1)) / 2``.
+    """
+    xyxy = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (p["bbox"] for p in prompts)], np.float32)
+    masks, ious = predict_group(sam, embedder(path), xyxy, size_hw=size_hw)
+    results = []
+    for p, m, iou in zip(prompts, masks, ious):
+        q = float(np.clip(iou, 0.0, 1.0))
+        score = p["score"] if p["score"] is not None else (1.0 + q) / 2.0
+        results.append({"image_id": img_id, "category_id": p["category_id"],
+                        "bbox": [round(float(v), 3) for v in p["bbox"]], "score": round(score, 6),
+                        "segmentation": encode_rle(m), "iou_pred": round(float(iou), 6)})
+    return results, list(masks)
+
+
 def predict_sam(
     *,
     gt: Path,
@@ -335,96 +200,73 @@ def predict_sam(
     Args:
         gt: COCO ground truth of the split (``annotations/<cat>/coco/<split>.json``): images, sizes,
             image root; also the boxes when ``boxes`` is ``None`` (upper bound: perfect detector).
-        out: run folder to create: ``predictions.json`` (COCO results: ``image_id``,
-            ``category_id``, ``bbox`` [x, y, w, h] = the prompt box, ``score``, ``segmentation``
-            RLE at the original size, ``iou_pred``), ``config.yaml``, ``overlays/*.png``.
+        out: run folder (:class:`pipeline.core.runs.RunDir`, kind ``predict-sam``): ``predictions.json``
+            (COCO results: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] = the prompt box,
+            ``score``, ``segmentation`` RLE at the original size, ``iou_pred``), ``config.yaml``
+            (``prompt: gt`` or ``prompt: detector:<file>``, the model loaded), ``summary.json``,
+            ``overlays/*.png``.
         boxes: a detector's COCO results; boxes are clipped to the image, scores kept.
             With ground-truth boxes, ``score = (1 + clip(iou_pred, 0, 1)) / 2``: every mask passes
             a 0.5 score threshold and COCOeval still ranks by SAM's own quality estimate.
         weights: fine-tuned checkpoint; ``None`` is the zero-shot baseline (``model_type`` + ``checkpoint``).
-        cache_dir: image-embedding cache (default :func:`default_cache_dir`).
+        cache_dir: image-embedding cache (default :func:`pipeline.models.sam.model.default_cache_dir`).
         min_score: detector boxes scoring lower are skipped.
         n_overlays: images drawn (predicted vs true masks), evenly spread over the split.
+        force: replace an earlier ``predict sam`` run in ``out``.
 
     Returns:
         ``out``.
 
     Raises:
-        PipelineError: bad files or boxes, missing images, model mismatch; nothing is written then.
+        PipelineError: ``out`` not empty without ``force``; bad files or boxes, missing images, model
+            mismatch: nothing is written then. A failure while predicting removes what this run wrote.
     """
-    import yaml
+    from pipeline.core.console import progress as progress_bar
+    from pipeline.core.runs import RunDir
 
-    from pipeline.data.instances import encode_rle
-    from pipeline.models.sam.model import Embedder
-
-    gt_data = read_json(gt)
-    if not isinstance(gt_data, dict) or not {"images", "annotations", "categories"} <= set(gt_data):
-        raise PipelineError(f"{gt}: not COCO ground truth (expected images, annotations, categories)")
-    root = Path(gt_data.get("info", {}).get("image_root", Path(gt).parent))
-    images = {im["id"]: (root / im["file_name"], (int(im["height"]), int(im["width"]))) for im in gt_data["images"]}
-    for img_id, (p, _) in images.items():
-        if not p.is_file():
-            raise PipelineError(f"{gt}: image {p} (id {img_id}) not found")
+    run = RunDir.open(out, kind="predict-sam", force=force)
+    gt_data, images = _read_gt(gt)
     prompts = _prompts_from_results(Path(boxes), gt_data, min_score=min_score) if boxes else _prompts_from_gt(gt_data)
-    for p in prompts:
-        h, w = images[p["image_id"]][1]
-        x, y, bw, bh = p["bbox"]
-        if not (bw > 0 and bh > 0 and x >= 0 and y >= 0 and x + bw <= w + 1e-6 and y + bh <= h + 1e-6):
-            raise PipelineError(f"{boxes or gt}: box {p['bbox']} on image {p['image_id']} outside the {w}x{h} image or empty")
+    by_image = _prompts_by_image(prompts, images, source=Path(boxes or gt))
     sam, info = load_sam(weights=weights, model_type=model_type, checkpoint=checkpoint, device=device,
                          allow_download=allow_download)
     embedder = Embedder(sam, cache_dir=Path(cache_dir) if cache_dir else default_cache_dir())
-    by_image: dict[int, list[dict]] = {}
-    for p in prompts:
-        by_image.setdefault(p["image_id"], []).append(p)
-    results: list[dict] = []
     ids = sorted(by_image)
-    pick = {ids[int(i)] for i in np.unique(np.linspace(0, len(ids) - 1, num=min(n_overlays, len(ids))).round())} if ids else set()
+    picks = np.unique(np.linspace(0, len(ids) - 1, num=min(n_overlays, len(ids))).round()) if ids else []
+    pick = {ids[int(i)] for i in picks}
+    results: list[dict] = []
     pred_masks: dict[int, list[np.ndarray]] = {}
-    with staged_dir(Path(out), force=force) as tmp, _progress(progress) as bar:
-        task = bar.add_task("SAM predict", total=len(by_image))
-        for img_id in sorted(by_image):
-            path, size_hw = images[img_id]
-            ps = by_image[img_id]
-            xyxy = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (p["bbox"] for p in ps)], np.float32)
-            masks, ious = predict_group(sam, embedder(path), xyxy, size_hw=size_hw)
-            if img_id in pick:
-                pred_masks[img_id] = list(masks)
-            for p, m, iou in zip(ps, masks, ious):
-                q = float(np.clip(iou, 0.0, 1.0))
-                score = p["score"] if p["score"] is not None else (1.0 + q) / 2.0
-                results.append({"image_id": img_id, "category_id": p["category_id"],
-                                "bbox": [round(float(v), 3) for v in p["bbox"]], "score": round(score, 6),
-                                "segmentation": encode_rle(m), "iou_pred": round(float(iou), 6)})
-            bar.advance(task)
-        atomic_write_json(tmp / "predictions.json", results, indent=None)
-        config = {"gt": str(gt), "boxes": str(boxes) if boxes else "ground truth", "min_score": min_score,
-                  "cache_dir": str(embedder.cache_dir), "device": str(sam.device), **info}
-        atomic_write_text(tmp / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-        atomic_write_json(tmp / "summary.json", {"images": len(images), "images_with_boxes": len(by_image),
-                                                 "masks": len(results), "encoder_calls": embedder.encoder_calls,
-                                                 "cache_hits": embedder.cache_hits})
-        for img_id in sorted(pick):
-            path, size_hw = images[img_id]
-            true = [a for a in gt_data["annotations"] if a["image_id"] == img_id]
-            write_overlay(tmp / "overlays" / f"{img_id:05d}_{path.stem}.png", path, pred=pred_masks[img_id],
-                          true=true, boxes=[p["bbox"] for p in by_image[img_id]])
+    with run:
+        try:
+            with progress_bar("SAM predict", len(ids), enabled=progress) as advance:
+                for img_id in ids:
+                    path, size_hw = images[img_id]
+                    res, masks = _image_results(sam, embedder, path, size_hw, by_image[img_id], img_id)
+                    results += res
+                    if img_id in pick:
+                        pred_masks[img_id] = masks
+                    advance()
+            atomic_write_json(run / "predictions.json", results, indent=None)
+            run.write_config({"gt": str(gt), "boxes": str(boxes) if boxes else "ground truth",
+                              "prompt": f"detector:{boxes}" if boxes else "gt", "min_score": min_score,
+                              "cache_dir": str(embedder.cache_dir), "device": str(sam.device), **info})
+            atomic_write_json(run / "summary.json", {"images": len(images), "images_with_boxes": len(by_image),
+                                                     "masks": len(results), "encoder_calls": embedder.encoder_calls,
+                                                     "cache_hits": embedder.cache_hits})
+            for img_id in sorted(pick):
+                path, _ = images[img_id]
+                true = [a for a in gt_data["annotations"] if a["image_id"] == img_id]
+                write_overlay(run / "overlays" / f"{img_id:05d}_{path.stem}.png", path, pred=pred_masks[img_id],
+                              true=true, boxes=[p["bbox"] for p in by_image[img_id]])
+        except BaseException:
+            run.discard()  # no half-written predictions: a failed run leaves only the user's files
+            raise
     return Path(out)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, transient=False)
 
 
 def write_overlay(path: Path, image: Path, *, pred: list[np.ndarray], true: list[dict], boxes: list) -> None:
     """PNG of the image with true masks (green fill + outline), predictions (red outline), prompt boxes (yellow)."""
     import cv2
-
-    from pipeline.data.instances import decode_rle
-    from pipeline.core.io import read_image
 
     img = read_image(image)
     img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img[..., :3].copy()

@@ -21,99 +21,20 @@ Validation IoU/Dice are always measured at the original resolution, as predictio
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_savefig, atomic_write_json, atomic_write_text, check_can_write
-
-TRAINABLE = ("mask_decoder", "prompt_encoder", "image_encoder")
-
-
-@dataclass(frozen=True)
-class SamTrainConfig:
-    """Everything that defines a SAM fine-tuning run (written as the run's ``config.yaml``).
-
-    Attributes:
-        train_records, val_records: SAM JSON Lines (``annotations/<cat>/sam/{train,val}.jsonl``).
-        model_type: ``tiny`` (random init, tests/smoke runs) or ``vit_b|vit_l|vit_h``.
-        checkpoint: full SAM checkpoint (name resolved by ``pipeline.core.weights`` or a path); required for vit_*.
-        tiny_seed: seed of the model's random init (defines the tiny model's frozen parts).
-        train: modules that train; ``mask_decoder`` by default (``prompt_encoder``, ``image_encoder`` optional;
-            training the image encoder disables the embedding cache).
-        epochs, lr, weight_decay: AdamW with a per-step cosine schedule from ``lr`` to ``lr * min_lr_ratio``.
-        box_jitter_px: each box coordinate moves by a uniform random ``[-j, j]`` original pixels (0: off).
-        mask_loss: ``focal`` (alpha 0.25, gamma 2) or ``bce``; weights ``mask_loss_weight`` (default 20
-            for focal, 1 for bce), ``dice_weight``, ``iou_weight``.
-        loss_resolution: ``lowres`` (decoder frame, soft area-pooled target) or ``native`` (original pixels).
-        max_boxes: at most this many components of one image per step (a random subset beyond).
-        cache_dir: embedding cache folder (``None``: :func:`pipeline.models.sam.predict.default_cache_dir`).
-        use_cache: ``False`` recomputes every embedding every epoch (benchmark baseline only).
-        images_per_step: images per optimizer step (the global batch; default 1 = one step per image).
-            The step loss is the mean of the per-image losses. Under ``torchrun`` the images of a step are
-            split over the ranks, so a run gives the same result for any world size that keeps this value
-            (use a multiple of the number of processes, or some ranks idle on part of every step).
-        amp: bf16 autocast for the decoder on CUDA (ignored on CPU).
-    """
-
-    train_records: str
-    val_records: str
-    model_type: str = "tiny"
-    checkpoint: str | None = None
-    tiny_seed: int = 0
-    train: tuple[str, ...] = ("mask_decoder",)
-    epochs: int = 10
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    min_lr_ratio: float = 0.01
-    seed: int = 0
-    box_jitter_px: float = 0.0
-    mask_loss: str = "focal"
-    mask_loss_weight: float | None = None
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
-    max_boxes: int = 32
-    loss_resolution: str = "lowres"
-    cache_dir: str | None = None
-    use_cache: bool = True
-    device: str | None = None
-    allow_download: bool = False
-    images_per_step: int = 1
-    amp: bool = True
-
-    def check(self) -> None:
-        """Raise :class:`PipelineError` for values out of range."""
-        from pipeline.models.sam.model import MODEL_TYPES
-
-        if self.model_type not in MODEL_TYPES:
-            raise PipelineError(f"--model-type {self.model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
-        bad = sorted(set(self.train) - set(TRAINABLE))
-        if bad or not self.train:
-            raise PipelineError(f"train modules {list(self.train)}: expected a non-empty subset of {', '.join(TRAINABLE)}")
-        if self.loss_resolution not in ("lowres", "native"):
-            raise PipelineError(f"--loss-resolution {self.loss_resolution!r}: expected lowres or native")
-        if self.mask_loss not in ("focal", "bce"):
-            raise PipelineError(f"--mask-loss {self.mask_loss!r}: expected focal or bce")
-        if self.epochs < 1 or self.lr <= 0 or self.max_boxes < 1 or self.box_jitter_px < 0:
-            raise PipelineError("epochs, lr, max_boxes must be positive and box_jitter_px >= 0")
-        if self.images_per_step < 1:
-            raise PipelineError(f"--images-per-step {self.images_per_step}: expected at least 1")
-
-    @property
-    def pixel_weight(self) -> float:
-        if self.mask_loss_weight is not None:
-            return self.mask_loss_weight
-        return 20.0 if self.mask_loss == "focal" else 1.0
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["train"] = list(self.train)
-        return d
+from pipeline.core.io import atomic_savefig, read_rgb
+from pipeline.data.sam_records import group_by_image, read_records
+from pipeline.models.sam.config import TRAINABLE, SamTrainConfig
+from pipeline.models.sam.model import (
+    Embedder, boxes_to_input, build_sam, decode, default_cache_dir, image_to_input, logits_to_native,
+    lowres_target, read_finetuned, resolve_base_checkpoint, save_finetuned,
+)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -169,7 +90,9 @@ def _set_trainable(sam, train: tuple[str, ...]) -> list:
         for k, p in mod.named_parameters():
             # Single-mask output uses mask token 0: the three multimask hypernetwork MLPs get no
             # signal, so they stay frozen (weight decay would otherwise shrink them for nothing).
-            use = on and not (name == "mask_decoder" and k.startswith("output_hypernetworks_mlps.") and not k.startswith("output_hypernetworks_mlps.0."))
+            head = "output_hypernetworks_mlps."
+            multimask_head = k.startswith(head) and not k.startswith(head + "0.")
+            use = on and not (name == "mask_decoder" and multimask_head)
             p.requires_grad_(use)
             if use:
                 params.append(p)
@@ -178,8 +101,6 @@ def _set_trainable(sam, train: tuple[str, ...]) -> list:
 
 def _embedding(sam, embedder, group, cfg: SamTrainConfig):
     if "image_encoder" in cfg.train:  # encoder trains: no cache, forward with gradients
-        from pipeline.models.sam.model import image_to_input, read_rgb
-
         embedder.encoder_calls += 1
         return sam.image_encoder(image_to_input(sam, read_rgb(group.image)))
     return embedder(group.image)
@@ -188,8 +109,6 @@ def _embedding(sam, embedder, group, cfg: SamTrainConfig):
 def _step_tensors(sam, group, cfg: SamTrainConfig, gen, *, train: bool):
     """Boxes (input frame) for one image, with subset and jitter when training; indices used."""
     import torch
-
-    from pipeline.models.sam.model import boxes_to_input
 
     idx = torch.arange(len(group.records))
     if train and len(idx) > cfg.max_boxes:
@@ -213,8 +132,6 @@ def _loss(sam, low, iou_pred, group, idx: list[int], cfg: SamTrainConfig) -> tup
     """Weighted total loss and its parts at ``cfg.loss_resolution``."""
     import torch
 
-    from pipeline.models.sam.model import logits_to_native, lowres_target
-
     if cfg.loss_resolution == "native":
         logits, true, weight = logits_to_native(sam, low, size_hw=group.size_hw), _native_true(group, idx), None
     else:
@@ -232,8 +149,6 @@ def _loss(sam, low, iou_pred, group, idx: list[int], cfg: SamTrainConfig) -> tup
 def _decoder_module():
     """``nn.Module`` whose forward is :func:`pipeline.models.sam.model.decode`, so DDP can wrap the decoder step."""
     import torch.nn as nn
-
-    from pipeline.models.sam.model import decode
 
     class Decoder(nn.Module):
         def __init__(self, sam) -> None:
@@ -260,8 +175,8 @@ def steps_per_epoch(n_images: int, cfg: SamTrainConfig) -> int:
     return math.ceil(n_images / cfg.images_per_step)
 
 
-def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainConfig, gen, *, bar=None, step_module=None,
-                    timing: dict | None = None) -> dict:
+def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainConfig, gen, *, advance=None,
+                    step_module=None, timing: dict | None = None) -> dict:
     """One pass over the training images: one optimizer step per ``cfg.images_per_step`` images
     (all components of each image against its embedding; step loss = mean of the image losses).
 
@@ -270,6 +185,9 @@ def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainCo
     (:func:`pipeline.core.distributed.rank_slice`) and weights each image loss by ``world / n_step`` so
     DDP's gradient average is the step mean; a rank without images joins with a zero-weighted
     pass. Gradients of a rank's images accumulate under ``no_sync`` until its last one.
+
+    ``advance`` (optional, from :func:`pipeline.core.console.progress`) is called with the number of
+    images of each step.
 
     Returns:
         Mean ``loss``, ``pixel``, ``dice``, ``iou_mse``, ``iou`` over images (all ranks); ``seconds``;
@@ -290,7 +208,6 @@ def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainCo
     n_img = 0
     data_s = compute_s = 0.0
     per = cfg.images_per_step
-    task = bar.add_task("train", total=len(order)) if bar is not None else None
     for s0 in range(0, len(order), per):
         step = order[s0 : s0 + per]
         draws = [_step_tensors(sam, groups[i], cfg, gen, train=True) for i in step]  # same draws on every rank
@@ -326,10 +243,8 @@ def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainCo
         optimizer.step()
         scheduler.step()
         compute_s += time.perf_counter() - tc
-        if bar is not None:
-            bar.update(task, advance=len(step), description=f"train loss {sums.get('loss', 0.0) / max(n_img, 1):.4f}")
-    if bar is not None:
-        bar.remove_task(task)
+        if advance is not None:
+            advance(len(step))
     keys = ["loss", "pixel", "dice", "iou_mse", "iou"]
     red = D.all_reduce_sums({**{k: sums.get(k, 0.0) for k in keys}, "n": float(n_img)})
     out = {k: red[k] / max(red["n"], 1) for k in keys}
@@ -351,7 +266,6 @@ def evaluate_groups(sam, groups, embedder, cfg: SamTrainConfig) -> dict:
     import torch
 
     from pipeline.core import distributed as D
-    from pipeline.models.sam.model import decode, logits_to_native
 
     was = {m: getattr(sam, m).training for m in TRAINABLE}
     sam.eval()
@@ -375,8 +289,12 @@ def evaluate_groups(sam, groups, embedder, cfg: SamTrainConfig) -> dict:
     if D.info().world_size > 1:
         parts = D.all_gather_objects((losses, ious, dices))
         losses, ious, dices = ([v for part in parts for v in part[k]] for k in range(3))
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "mIoU": float(np.mean(ious)) if ious else float("nan"),
-            "mDice": float(np.mean(dices)) if dices else float("nan"), "n": len(ious)}
+    return {"loss": _mean(losses), "mIoU": _mean(ious), "mDice": _mean(dices), "n": len(ious)}
+
+
+def _mean(values: list[float]) -> float:
+    """Mean, or NaN for no values (written as null in metrics.json)."""
+    return float(np.mean(values)) if values else float("nan")
 
 
 def prepare(cfg: SamTrainConfig):
@@ -387,13 +305,11 @@ def prepare(cfg: SamTrainConfig):
 
     Raises:
         PipelineError: bad records (missing image, box outside image, empty mask), empty splits,
-            checkpoint missing or not matching ``model_type``.
+            checkpoint missing or not matching ``model_type``, a ``device`` that is not there.
     """
     import torch
 
-    from pipeline.core import distributed as D
-    from pipeline.models.sam.model import build_sam, default_device
-    from pipeline.models.sam.predict import group_by_image, read_records, resolve_base_checkpoint
+    from pipeline.core.device import resolve_device
 
     cfg.check()
     train = group_by_image(read_records(Path(cfg.train_records)))
@@ -404,128 +320,173 @@ def prepare(cfg: SamTrainConfig):
         raise PipelineError(f"{cfg.val_records}: no records (the val split needs defect images to validate on)")
     base = resolve_base_checkpoint(cfg.model_type, cfg.checkpoint, allow_download=cfg.allow_download)
     torch.manual_seed(cfg.seed)
-    sam = build_sam(cfg.model_type, checkpoint=base, tiny_seed=cfg.tiny_seed, device=D.local_device(cfg.device or default_device()))
+    sam = build_sam(cfg.model_type, checkpoint=base, tiny_seed=cfg.tiny_seed, device=resolve_device(cfg.device))
     params = _set_trainable(sam, cfg.train)
     return sam, train, val, params
 
 
-def finetune_sam(cfg: SamTrainConfig, out: Path, *, resume: bool = False, force: bool = False, progress: bool = True) -> Path:
+def _optimizer(cfg: SamTrainConfig, params, n_train_images: int):
+    """AdamW and a per-step cosine schedule from ``lr`` to ``lr * min_lr_ratio`` over the whole run."""
+    import torch
+
+    steps = cfg.epochs * steps_per_epoch(n_train_images, cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def factor(s: int) -> float:
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+def _restore(state: dict, sam, optimizer, scheduler, gen) -> tuple[list[dict], dict, int]:
+    """Load ``last.pt``'s trained modules, optimizer, scheduler and RNGs; ``(history, best, next epoch)``."""
+    import torch
+
+    for name, sd in state["state"].items():
+        getattr(sam, name).load_state_dict(sd, strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return list(state["history"]), dict(state["best"]), int(state["epoch"]) + 1
+
+
+def _fill_cache(embedder, groups, *, enabled: bool) -> None:
+    """Compute every image's embedding once (each rank its shard), so that epochs do no encoder work."""
+    from pipeline.core import distributed as D
+    from pipeline.core.console import progress as progress_bar
+
+    mine = D.shard_indices(len(groups))
+    with progress_bar("embeddings", len(mine), enabled=enabled) as advance:
+        for i in mine:
+            embedder(groups[i].image)
+            advance()
+    D.barrier()
+
+
+def _save_epoch(run, sam, cfg: SamTrainConfig, *, epoch: int, row: dict, improved: bool, optimizer, scheduler, gen,
+                history: list[dict], best: dict) -> None:
+    """Rank 0: ``best.pt`` when val mIoU improved, and ``last.pt`` with everything ``resume`` needs."""
+    import torch
+
+    config, trained = cfg.as_dict(), list(cfg.train)
+    if improved:
+        save_finetuned(run / "best.pt", sam=sam, config=config, trained=trained, extra={"epoch": epoch, "metrics": row})
+    save_finetuned(run / "last.pt", sam=sam, config=config, trained=trained,
+                   extra={"epoch": epoch, "metrics": row, "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                          "torch_rng": torch.get_rng_state(), "history": history, "best": best})
+    run.save_manifest()  # a run killed later still knows which files are its own
+
+
+def _epoch_line(epoch: int, cfg: SamTrainConfig, tr: dict, va: dict) -> str:
+    return (f"epoch {epoch}/{cfg.epochs} train loss {tr['loss']:.4f} iou {tr['iou']:.4f} "
+            f"| val loss {va['loss']:.4f} mIoU {va['mIoU']:.4f} mDice {va['mDice']:.4f} "
+            f"| {tr['seconds']:.1f}s, encoder calls {tr['encoder_calls']}")
+
+
+def _run_epochs(run, sam, train, val, embedder, optimizer, scheduler, cfg: SamTrainConfig, gen, *, start: int,
+                history: list[dict], best: dict, show: bool, echo: bool) -> dict:
+    """Epochs ``start..cfg.epochs``: train, validate, and on rank 0 checkpoint and log each one.
+
+    Appends one row per epoch to ``history``; returns the best ``{"mIoU", "epoch"}`` so far.
+    """
+    from pipeline.core import distributed as D
+    from pipeline.core.console import progress as progress_bar
+
+    step_module = train_step_module(sam, str(sam.device), train=cfg.train)
+    for epoch in range(start, cfg.epochs + 1):
+        with progress_bar(f"epoch {epoch}/{cfg.epochs}", len(train), enabled=show) as advance:
+            tr = train_one_epoch(sam, train, embedder, optimizer, scheduler, cfg, gen, advance=advance,
+                                 step_module=step_module)
+        va = evaluate_groups(sam, val, embedder, cfg)
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in tr.items()},
+               **{f"val_{k}": v for k, v in va.items()}}
+        history.append(row)
+        improved = va["mIoU"] > best["mIoU"]
+        if improved:
+            best = {"mIoU": va["mIoU"], "epoch": epoch}
+        with D.main_only() as main:  # rank 0 writes; the others wait for the files
+            if main:
+                _save_epoch(run, sam, cfg, epoch=epoch, row=row, improved=improved, optimizer=optimizer,
+                            scheduler=scheduler, gen=gen, history=history, best=best)
+                run.log(_epoch_line(epoch, cfg, tr, va), echo=echo)
+    return best
+
+
+def _summary(history: list[dict], best: dict, embedder, train, val, *, seconds: float) -> dict:
+    """The run's ``metrics.json`` content, without the world size."""
+    return {"best_epoch": best["epoch"], "best_val_mIoU": best["mIoU"], "last": history[-1] if history else None,
+            "history": history, "embedding_cache": str(embedder.cache_dir) if embedder.cache_dir else None,
+            "encoder_calls": embedder.encoder_calls, "cache_hits": embedder.cache_hits, "seconds": seconds,
+            "n_train_images": len(train), "n_val_images": len(val),
+            "n_train_components": sum(len(g.records) for g in train),
+            "n_val_components": sum(len(g.records) for g in val)}
+
+
+def finetune_sam(cfg: SamTrainConfig | None, out: Path, *, resume: bool = False, force: bool = False,
+                 progress: bool = True) -> Path:
     """Fine-tune SAM and write a run folder.
 
-    Run folder ``out``: ``config.yaml`` (resolved config), ``best.pt`` (best val mIoU) and ``last.pt``
-    (trained modules + config; ``last.pt`` also optimizer, scheduler, RNG and history for
-    ``resume``), ``metrics.json``, ``curves.png``, ``log.txt``. Bad input fails before ``out`` is
-    created. ``resume`` continues ``out/last.pt`` with the config stored there (``cfg`` is ignored).
+    Run folder ``out`` (:class:`pipeline.core.runs.RunDir`, kind ``sam``): ``config.yaml`` (resolved
+    config), ``best.pt`` (best val mIoU) and ``last.pt`` (trained modules + config; ``last.pt`` also
+    optimizer, scheduler, RNG and history for ``resume``), ``metrics.json``, ``curves.png``,
+    ``log.txt``. Bad input fails before ``out`` is created. ``resume`` continues ``out/last.pt``
+    with the config stored there (``cfg`` is ignored).
 
     Under ``torchrun`` (``pipeline.core.distributed``): DDP over the trained modules, NCCL on CUDA / gloo
     on CPU, the embedding cache filled by all ranks in shards, the images of each step split over
     ranks (see :func:`train_one_epoch`), validation sharded and gathered, rank 0 alone writes.
 
     Raises:
-        PipelineError: see :func:`prepare`; ``out`` exists without ``force``/``resume``.
+        PipelineError: see :func:`prepare`; ``out`` not empty without ``force``/``resume``; ``resume``
+            without ``out/last.pt``.
     """
-    import shutil
+    import contextlib
 
     import torch
-    import yaml
 
     from pipeline.core import distributed as D
-    from pipeline.models.sam.model import Embedder, default_device
-    from pipeline.models.sam.predict import default_cache_dir, read_finetuned, save_finetuned
+    from pipeline.core.device import resolve_device
+    from pipeline.core.runs import RunDir
 
-    out = Path(out)
+    run = RunDir.open(out, kind="sam", force=force, resume=resume, resume_file="last.pt")
     state = None
     if resume:
-        state = read_finetuned(out / "last.pt")
-        c = dict(state["config"])
-        c["train"] = tuple(c["train"])
-        cfg = SamTrainConfig(**c)
-    else:
-        check_can_write(out, force=force)
-    dist = D.init_from_env(cfg.device or default_device())
+        state = read_finetuned(run / "last.pt")
+        cfg = SamTrainConfig.from_dict(state["config"])
+    dist = D.init_from_env(resolve_device(cfg.device))
     sam, train, val, params = prepare(cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * steps_per_epoch(len(train), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    optimizer, scheduler = _optimizer(cfg, params, len(train))
     gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict] = []
-    best = {"mIoU": -1.0, "epoch": 0}
-    start = 1
+    history, best, start = [], {"mIoU": -1.0, "epoch": 0}, 1
     if state is not None:
-        for name, sd in state["state"].items():
-            getattr(sam, name).load_state_dict(sd, strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history = list(state["history"])
-        best = dict(state["best"])
-        start = int(state["epoch"]) + 1
+        history, best, start = _restore(state, sam, optimizer, scheduler, gen)
+    main = D.is_main()
+    show = progress and main
     D.barrier()  # every rank validated its inputs before rank 0 replaces anything
-    if D.is_main():
-        if state is None and out.exists():
-            shutil.rmtree(out)  # force: replace the old run
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", yaml.safe_dump({**cfg.as_dict(), "world_size": dist.world_size}, sort_keys=False))
-    D.barrier()
-    # A training image encoder changes every step: its embeddings cannot be cached.
-    cached = cfg.use_cache and "image_encoder" not in cfg.train
-    cache = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cached else None
-    embedder = Embedder(sam, cache_dir=cache)
-    config = cfg.as_dict()
-    from pipeline.models.sam.predict import _progress
-
-    t_run = time.perf_counter()
-    step_module = train_step_module(sam, str(sam.device), train=cfg.train)
-    with _progress(progress and D.is_main()) as bar:
-        if cache is not None:
-            everything = train + val
-            mine = D.shard_indices(len(everything))  # each rank fills its shard of the cache
-            task = bar.add_task("embeddings", total=len(mine))
-            for i in mine:  # fill the cache once; epochs then do no encoder work
-                embedder(everything[i].image)
-                bar.advance(task)
-            bar.remove_task(task)
-            D.barrier()
-        for epoch in range(start, cfg.epochs + 1):
-            tr = train_one_epoch(sam, train, embedder, optimizer, scheduler, cfg, gen, bar=bar, step_module=step_module)
-            va = evaluate_groups(sam, val, embedder, cfg)
-            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in tr.items()},
-                   **{f"val_{k}": v for k, v in va.items()}}
-            history.append(row)
-            improved = va["mIoU"] > best["mIoU"]
-            if improved:
-                best = {"mIoU": va["mIoU"], "epoch": epoch}
-            line = (f"epoch {epoch}/{cfg.epochs} train loss {tr['loss']:.4f} iou {tr['iou']:.4f} "
-                    f"| val loss {va['loss']:.4f} mIoU {va['mIoU']:.4f} mDice {va['mDice']:.4f} "
-                    f"| {tr['seconds']:.1f}s, encoder calls {tr['encoder_calls']}")
-            with D.main_only() as main:  # rank 0 writes; the others wait for the files
-                if main:
-                    if improved:
-                        save_finetuned(out / "best.pt", sam=sam, config=config, trained=list(cfg.train),
-                                       extra={"epoch": epoch, "metrics": row})
-                    save_finetuned(out / "last.pt", sam=sam, config=config, trained=list(cfg.train),
-                                   extra={"epoch": epoch, "metrics": row, "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                                          "torch_rng": torch.get_rng_state(), "history": history, "best": best})
-                    with open(out / "log.txt", "a", encoding="utf-8") as fh:
-                        fh.write(line + "\n")
-                    if progress:
-                        bar.console.print(line, soft_wrap=True, highlight=False)
-    if not D.is_main():
+    with run if main else contextlib.nullcontext():
+        if main:
+            run.write_config({**cfg.as_dict(), "world_size": dist.world_size})
         D.barrier()
-        return out
-    metrics = {"best_epoch": best["epoch"], "best_val_mIoU": best["mIoU"], "last": history[-1] if history else None,
-               "history": history, "embedding_cache": str(cache) if cache else None,
-               "encoder_calls": embedder.encoder_calls, "cache_hits": embedder.cache_hits,
-               "seconds": time.perf_counter() - t_run, "n_train_images": len(train), "n_val_images": len(val),
-               "n_train_components": sum(len(g.records) for g in train), "n_val_components": sum(len(g.records) for g in val)}
-    metrics["world_size"] = dist.world_size
-    atomic_write_json(out / "metrics.json", metrics)
-    plot_curves(history, out / "curves.png")
+        # A training image encoder changes every step: its embeddings cannot be cached.
+        cached = cfg.use_cache and "image_encoder" not in cfg.train
+        cache = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cached else None
+        embedder = Embedder(sam, cache_dir=cache)
+        t_run = time.perf_counter()
+        if cache is not None:
+            _fill_cache(embedder, train + val, enabled=show)
+        best = _run_epochs(run, sam, train, val, embedder, optimizer, scheduler, cfg, gen, start=start,
+                           history=history, best=best, show=show, echo=progress)
+        if not main:
+            D.barrier()
+            return Path(out)
+        seconds = time.perf_counter() - t_run
+        metrics = _summary(history, best, embedder, train, val, seconds=seconds)
+        run.write_metrics({**metrics, "world_size": dist.world_size})
+        plot_curves(history, run / "curves.png")
     D.barrier()
-    return out
+    return Path(out)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

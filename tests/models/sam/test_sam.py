@@ -300,8 +300,9 @@ def test_embedding_cache_second_epoch_and_second_run_do_no_encoder_work(ann, tmp
 
 
 def test_two_components_in_one_image_give_two_masks(ann, cache):
+    from pipeline.data.sam_records import group_by_image, read_records
     from pipeline.models.sam.model import Embedder, build_sam
-    from pipeline.models.sam.predict import group_by_image, predict_group, read_records
+    from pipeline.models.sam.predict import predict_group
 
     groups = [g for g in group_by_image(read_records(ann / "sam" / "train.jsonl")) if len(g.records) >= 2]
     assert groups, "the synthetic category has images with several components"
@@ -318,9 +319,9 @@ def test_two_components_in_one_image_give_two_masks(ann, cache):
 
 
 def test_checkpoint_round_trip_reproduces_predictions_exactly(ann, cache, tmp_path):
-    from pipeline.models.sam.model import Embedder, boxes_to_input, decode
+    from pipeline.models.sam.model import Embedder, boxes_to_input, decode, read_finetuned
     from pipeline.models.sam.train import finetune_sam, prepare
-    from pipeline.models.sam.predict import load_sam, read_finetuned
+    from pipeline.models.sam.predict import load_sam
 
     run = finetune_sam(_cfg(ann, cache, epochs=1), tmp_path / "run", progress=False)
     ck = read_finetuned(run / "last.pt")
