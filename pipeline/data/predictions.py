@@ -81,3 +81,10 @@ def load_predictions(path: Path, *, expect: str | tuple[str, ...] | None = None)
 def prediction_kind(path: Path) -> str:
     """The kind of the prediction file at ``path`` (see :func:`load_predictions`)."""
     return load_predictions(path).kind
+
+
+def source_name(path: Path) -> str:
+    """A prediction file's name in tables and task headers: the run folder's name for
+    ``<run>/predictions.json`` (what every ``pipeline predict`` writes), else the file's stem."""
+    path = Path(path)
+    return path.parent.resolve().name if path.stem == "predictions" else path.stem

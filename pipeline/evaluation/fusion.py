@@ -45,7 +45,7 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_json
 from pipeline.data.mvtec import GOOD
-from pipeline.data.predictions import load_predictions
+from pipeline.data.predictions import load_predictions, source_name
 from pipeline.evaluation.curves import binary_auroc as auroc
 
 FUSION_RULES = ("or", "logistic")
@@ -116,7 +116,7 @@ class Source:
     """One prediction file reduced to a defect score per image.
 
     Attributes:
-        name: display name, e.g. ``boxes:yolo_test`` (kind, then the file stem).
+        name: display name, e.g. ``boxes:yolo_test`` (kind, then :func:`pipeline.data.predictions.source_name`).
         kind: ``boxes`` / ``masks`` (COCO results without / with ``segmentation``),
             ``classifier`` or ``anomaly``.
         path: the prediction file.
@@ -170,7 +170,7 @@ def source_scores(pred_path: Path, labels: SplitLabels) -> Source:
             scores[k] = max(scores[k], float(r["score"]))
             masks = masks or "segmentation" in r
         kind = "masks" if masks else "boxes"
-        return Source(f"{kind}:{pred_path.stem}", kind, str(pred_path), scores)
+        return Source(f"{kind}:{source_name(pred_path)}", kind, str(pred_path), scores)
     kind = "classifier" if pred.kind == "classification" else "anomaly"
     scores = np.full(n, np.nan)
     for i, p in enumerate(pred.records):
@@ -192,8 +192,7 @@ def source_scores(pred_path: Path, labels: SplitLabels) -> Source:
     if len(missing):
         raise PipelineError(f"{pred_path}: no prediction for {len(missing)} image(s) of {labels.gt_path}, "
                             f"e.g. image_id {labels.image_ids[missing[0]]} (predict the same split)")
-    stem = pred_path.stem if pred_path.stem != "predictions" else pred_path.parent.name
-    return Source(f"{kind}:{stem}", kind, str(pred_path), scores)
+    return Source(f"{kind}:{source_name(pred_path)}", kind, str(pred_path), scores)
 
 
 def unique_names(sources: Sequence[Source]) -> None:
