@@ -45,6 +45,9 @@ def resolve_device(spec: str | None = "auto", *, multi: bool = False) -> str:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         return "cuda:0"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not multi:
+        raise PipelineError(f"device {spec!r}: under torchrun each process takes its own GPU (LOCAL_RANK); "
+                            "pass --device cuda or auto")
     if not all(p.isdigit() and int(p) < n for p in parts) or len(set(parts)) != len(parts):
         raise PipelineError(f"device {spec!r}: expected cpu, auto, cuda, cuda:N or distinct CUDA indices below {n}")
     return ",".join(f"cuda:{int(p)}" for p in parts)
