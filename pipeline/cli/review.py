@@ -8,7 +8,6 @@ from typing import List, Optional
 import typer
 
 from pipeline.core.console import echo
-from pipeline.core.errors import PipelineError
 
 export_app = typer.Typer(no_args_is_help=True, help="Export predictions for human review.")
 import_app = typer.Typer(no_args_is_help=True, help="Import reviewed labels back.")
@@ -34,40 +33,22 @@ def export_labelstudio(
     """Write Label Studio tasks with the predictions as pre-annotations (boxes, brush masks), and the matching labeling config."""
     from pipeline.review.export import export_tasks
 
-    if push and not url:
-        raise PipelineError("--push needs --url (the Label Studio server, e.g. http://127.0.0.1:8080)")
-    pushed: dict = {}
-
-    def _push(tasks: list, config_xml: str, title: str) -> None:  # runs before anything is written
-        from pipeline.core.io import check_can_write
-        from pipeline.review.client import push_tasks
-
-        check_can_write(out, force=force)
-        pushed.update(push_tasks(tasks, config_xml, url=url, title=project or title, token_env=token_env,
-                                 storage_path=None if url_prefix else _storage_path(gt), source=str(predictions[0])))
-
     info = export_tasks(predictions, gt_path=gt, out_dir=out, min_score=min_score, model_version=model_version,
                         document_root=document_root, url_prefix=url_prefix, polygons=polygons, order=order, force=force,
-                        before_write=_push if push else None)
+                        push=push, url=url, project=project, token_env=token_env)
     echo(f"wrote {info['n_tasks']} tasks ({info['n_results']} predicted regions, {info['n_masks']} with masks, "
          f"order: {order}) to {info['tasks']}")
     echo(f"labeling config: {info['config']}")
+    pushed = info["pushed"]
     if pushed:
         echo(f"{'created' if pushed['created'] else 'updated'} project {pushed['project_url']}: "
              f"{pushed['n_imported']} tasks imported, {pushed['n_updated']} updated")
-    elif info.get("document_root"):
+    elif info["start_command"]:
         echo("Label Studio settings: start it with\n"
-             f"  LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={info['document_root']} label-studio start\n"
+             f"  {info['start_command']}\n"
              f"then in the project: Settings > Labeling Interface > Code: paste {info['config']}; "
              f"Settings > Cloud Storage > Add Source Storage > Local files, absolute path {info['storage_path']}; "
              f"Import: {info['tasks']}")
-
-
-def _storage_path(gt: Path) -> Path:
-    """The category folder of a COCO ground truth (its ``info.image_root``): the Local Storage path."""
-    import json
-
-    return Path(json.loads(Path(gt).read_text()).get("info", {}).get("image_root", "."))
 
 
 @import_app.command("labelstudio")
@@ -79,7 +60,7 @@ def import_labelstudio(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
     """Turn reviewed Label Studio tasks into COCO ground truth (rectangles -> boxes, brush/polygons -> RLE masks)."""
-    from pipeline.review.export import import_export
+    from pipeline.review.reviewed import import_export
 
     info = import_export(export, config_path=config, out_path=out, image_root=image_root, force=force)
     echo(f"wrote {info['n_images']} reviewed images, {info['n_annotations']} annotations to {info['out']}"

@@ -11,10 +11,10 @@ import pytest
 from pipeline.core.errors import PipelineError
 from pipeline.data.instances import decode_rle, encode_rle
 from pipeline.review.export import (
-    Source, config_class_names, config_controls, config_labels, export_tasks, image_uncertainty, image_url, import_export,
-    labeling_config, polygon_to_mask, rect_to_bbox_xywh, rectangle_result, region_results, score_closeness, task_regions,
-    validate_tasks,
+    Source, export_tasks, image_uncertainty, image_url, rectangle_result, region_results, score_closeness,
 )
+from pipeline.review.labeling_config import config_class_names, config_controls, labeling_config, validate_tasks
+from pipeline.review.reviewed import import_export, polygon_to_mask, rect_to_bbox_xywh, task_regions
 
 
 def test_rectangle_in_percent_of_original_size():
@@ -28,7 +28,8 @@ def test_rectangle_in_percent_of_original_size():
 
 def test_config_and_validation():
     cfg = labeling_config(["broken large", "contamination"])
-    assert config_labels(cfg) == {"label": ("image", {"broken large", "contamination"})}
+    assert {k: (c.to_name, set(c.labels)) for k, c in config_controls(cfg).items()} == \
+        {"label": ("image", {"broken large", "contamination"})}
     ok = rectangle_result(bbox_xywh=[0, 0, 1, 1], label="contamination", size_hw=(10, 10), score=1.0, rid="1")
     validate_tasks([{"predictions": [{"result": [ok]}]}], cfg)
     bad = dict(ok, id="2", value=dict(ok["value"], rectanglelabels=["crack"]))
@@ -88,7 +89,7 @@ def _blob_mask(h=40, w=60):
     np.pad(np.ones((5, 5), bool), 3) ^ np.pad(np.pad(np.ones((1, 1), bool), 2), 3),  # a hole
 ])
 def test_brush_rle_round_trip_is_exact_and_opaque(mask):
-    from pipeline.review.client import brush_decode, brush_encode
+    from pipeline.review.brush import brush_decode, brush_encode
 
     rle = brush_encode(mask)
     assert all(isinstance(v, int) and 0 <= v <= 255 for v in rle)
@@ -189,7 +190,7 @@ def _exported(synth_category, tmp_path, **kw):
 
 
 def test_export_with_masks_order_and_reason(synth_category, tmp_path):
-    from pipeline.review.client import brush_decode
+    from pipeline.review.brush import brush_decode
 
     gt, good, info, tasks = _exported(synth_category, tmp_path, polygons=True, order="uncertainty", anomaly=True)
     assert info["n_masks"] == info["n_results"] == len(gt["annotations"]) + 1
@@ -274,7 +275,7 @@ def test_import_reviewer_drawn_shapes():
     m = np.zeros((h, w), bool)
     m[2:6, 3:9] = True
     m[20:25, 30:38] = True
-    from pipeline.review.client import brush_encode
+    from pipeline.review.brush import brush_encode
 
     results = [
         # a brush painted by the reviewer (random id): one annotation per connected component
