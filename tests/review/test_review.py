@@ -349,3 +349,57 @@ def test_prediction_segmentation_as_polygons_or_rle():
     assert square.sum() == 60 and square[4:10, 5:15].all()
     with pytest.raises(PipelineError, match="not COCO RLE or polygons"):
         _segmentation_mask({"counts": "x"}, size_hw=(20, 30))
+
+
+def test_review_reason_names_the_image_and_the_real_reason(tmp_path):
+    from pipeline.review.client import local_files_start_command
+    from pipeline.review.export import build_tasks
+
+    names = {1: "ring"}
+    # t = 0.6: 0.95 is far above it, 0.05 far below it (a low score), 0.55 near it
+    det = Source("det", "detections", {1: [{"category_id": 1, "score": 0.95, "bbox": [0, 0, 1, 1]}],
+                                        2: [{"category_id": 1, "score": 0.05, "bbox": [0, 0, 1, 1]}],
+                                        3: [{"category_id": 1, "score": 0.55, "bbox": [0, 0, 1, 1]}]})
+    assert image_uncertainty(1, [det], threshold=0.6, names=names)[1] == "det: ring score 0.95 above threshold 0.60"
+    assert image_uncertainty(2, [det], threshold=0.6, names=names)[1] == \
+        "det: ring score 0.05 below threshold 0.60 (low score)"
+    assert image_uncertainty(3, [det], threshold=0.6, names=names)[1] == "det: ring score 0.55 near threshold 0.60"
+    ano = Source("patchcore", "anomaly", {1: [{"score": 0.9}]}, threshold=0.5, scale=0.1)
+    assert image_uncertainty(1, [ano], threshold=0.6, names=names)[1] == \
+        "patchcore: anomaly score 0.9 above threshold 0.5"
+    gt = {"info": {"image_root": str(tmp_path / "cat")}, "categories": [{"id": 1, "name": "ring"}],
+          "images": [{"id": 2, "file_name": "test/ring/002.png", "width": 8, "height": 8}]}
+    (task,) = build_tasks(gt, [det], min_score=0.6)
+    assert task["data"]["review_reason"] == \
+        "test/ring/002.png: uncertainty 0.08: det: ring score 0.05 below threshold 0.60 (low score)"
+    cmd = local_files_start_command(tmp_path / "my data")
+    assert cmd.endswith(" label-studio start") and f"DOCUMENT_ROOT='{tmp_path / 'my data'}' " in cmd
+
+
+def test_no_import_cycle_inside_review():
+    """Counting imports inside functions too: they hide a cycle, they do not remove it."""
+    import ast
+    from pathlib import Path
+
+    import pipeline.review
+
+    folder = Path(pipeline.review.__file__).parent
+    deps = {}
+    for path in folder.glob("*.py"):
+        mods = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module)
+            elif isinstance(node, ast.Import):
+                mods |= {a.name for a in node.names}
+        deps[path.stem] = {m.rsplit(".", 1)[1] for m in mods if m.startswith("pipeline.review.")}
+
+    def reach(start, seen):
+        for d in deps.get(start, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+
+    assert not [m for m in deps if m in reach(m, set())], deps
+    assert "export" not in reach("client", set()) and "client" not in reach("brush", set())
