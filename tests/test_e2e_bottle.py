@@ -76,7 +76,7 @@ def test_predictions_and_metrics_are_valid(run):
 
 
 def test_labelstudio_tasks_match_config_and_files(run):
-    from pipeline.review.export import validate_tasks
+    from pipeline.review.labeling_config import validate_tasks
 
     tasks = json.loads((run["tmp"] / "ls/tasks.json").read_text())
     config = (run["tmp"] / "ls/labeling_config.xml").read_text()

@@ -1,1 +1,7 @@
-"""review"""
+"""Human review in Label Studio; reads prediction files, never imports a model.
+
+Modules and what they import: ``labeling_config`` (the XML config, task validation) and ``brush``
+(brush RLE) import nothing of review; ``client`` (the server: push, pull) imports both; ``export``
+(prediction files -> tasks, review queue) imports all three; ``reviewed`` (reviewed export -> COCO)
+imports ``labeling_config`` and ``brush``. No cycles, counting imports inside functions.
+"""

@@ -1,7 +1,5 @@
-"""Talking to Label Studio through ``label_studio_sdk`` (the only module importing it).
+"""Talking to a Label Studio server through ``label_studio_sdk`` (imported inside the functions).
 
-- Brush masks: Label Studio's own RLE (not COCO RLE) over an ``H x W x 4`` RGBA buffer, made and read
-  by the SDK's brush converter (``label_studio_sdk.converter.brush``).
 - Push: create or update a project by title, register the images' Local Storage, import tasks with
   predictions. Pull: tasks with predictions and annotations, and the project's JSON export.
 
@@ -17,64 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-
 from pipeline.core.errors import PipelineError
+from pipeline.review.brush import import_sdk
+from pipeline.review.labeling_config import validate_tasks
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 STORAGE_TITLE = "pipeline images"
-
-
-# ----------------------------------------------------------------------------- brush RLE
-
-
-def _sdk():
-    """``label_studio_sdk`` imported without its pydantic deprecation warnings (noise for our users)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import label_studio_sdk
-        import label_studio_sdk.converter.brush  # noqa: F401
-        import label_studio_sdk.core.api_error  # noqa: F401
-    return label_studio_sdk
-
-
-def _brush_module():
-    """``label_studio_sdk.converter.brush``: Label Studio's brush RLE encoder/decoder."""
-    return _sdk().converter.brush
-
-
-def brush_encode(mask: np.ndarray) -> list[int]:
-    """Label Studio brush RLE of an ``HxW`` mask (pixels ``> 0`` are painted) at the original image size.
-
-    The mask is written as uint8 0/255 in all four RGBA channels (the SDK's ``mask2rle``); a 0/1 mask
-    would import as almost transparent strokes.
-
-    Returns:
-        The ``rle`` list of byte values (ints 0-255) for a ``brushlabels`` result.
-    """
-    mask2rle = _brush_module().mask2rle
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be HxW, got shape {mask.shape}")
-    return [int(v) for v in mask2rle(np.where(mask > 0, 255, 0).astype(np.uint8))]
-
-
-def brush_decode(rle: list[int], *, size_hw: tuple[int, int], source: str = "brush") -> np.ndarray:
-    """Inverse of :func:`brush_encode`: the alpha channel of the RGBA buffer, ``HxW`` uint8 (0-255).
-
-    Raises:
-        PipelineError: the RLE is not decodable or does not hold ``H * W * 4`` values.
-    """
-    decode_rle = _brush_module().decode_rle
-    h, w = size_hw
-    try:
-        flat = decode_rle(bytes(int(v) for v in rle))
-    except (ValueError, IndexError) as exc:
-        raise PipelineError(f"{source}: brush RLE not decodable ({exc})") from None
-    if flat.size != h * w * 4:
-        raise PipelineError(f"{source}: brush RLE holds {flat.size} values, expected {h}x{w}x4 = {h * w * 4}")
-    return flat.reshape(h, w, 4)[:, :, 3].copy()
 
 
 # ----------------------------------------------------------------------------- connection, errors
@@ -95,19 +41,21 @@ def api_errors(url: str, *, token_env: str = TOKEN_ENV, what: str = "request") -
     """Turn SDK/HTTP failures into one-line :class:`PipelineError` (never showing the token)."""
     import httpx
 
-    ApiError = _sdk().core.api_error.ApiError
+    ApiError = import_sdk().core.api_error.ApiError
 
     try:
         yield
     except ApiError as exc:
         code = exc.status_code
         if code in (401, 403):
-            raise PipelineError(f"Label Studio at {url} rejected the API token in ${token_env} (HTTP {code}: {_short(exc.body)})") from None
+            raise PipelineError(f"Label Studio at {url} rejected the API token in ${token_env} "
+                                f"(HTTP {code}: {_short(exc.body)})") from None
         raise PipelineError(f"Label Studio at {url}: {what} failed (HTTP {code}: {_short(exc.body)})") from None
     except httpx.InvalidURL as exc:
         raise PipelineError(f"--url {url!r}: not a valid URL ({exc})") from None
     except httpx.HTTPError as exc:
-        raise PipelineError(f"cannot reach Label Studio at {url} ({type(exc).__name__}: {exc or 'no response'})") from None
+        raise PipelineError(f"cannot reach Label Studio at {url} "
+                            f"({type(exc).__name__}: {exc or 'no response'})") from None
 
 
 def connect(url: str, *, token_env: str = TOKEN_ENV, timeout: float = 60.0):
@@ -116,7 +64,7 @@ def connect(url: str, *, token_env: str = TOKEN_ENV, timeout: float = 60.0):
     Raises:
         PipelineError: the variable is unset, the server is unreachable or rejects the token.
     """
-    LabelStudio = _sdk().LabelStudio
+    LabelStudio = import_sdk().LabelStudio
     token = os.environ.get(token_env, "").strip()
     if not token:
         raise PipelineError(f"set the Label Studio API token in the environment variable {token_env} "
@@ -174,8 +122,6 @@ def push_tasks(
         PipelineError: unreachable server, rejected token, a project config that does not accept the
             tasks, a title under 3 characters, a refused request.
     """
-    from pipeline.review.export import validate_tasks
-
     if len(title.strip()) < 3:
         raise PipelineError(f"--project {title!r}: Label Studio needs a title of at least 3 characters")
     validate_tasks(tasks, config_xml, source=source)
@@ -192,23 +138,13 @@ def push_tasks(
             project = ls.projects.create(title=title, label_config=config_xml)
         try:
             if storage_path is not None:
-                path = str(Path(storage_path).resolve())
-                storages = [_dump(s) for s in ls.import_storage.local.list(project=project.id)]
-                if not any(s.get("path") == path for s in storages):
-                    ls.import_storage.local.create(project=project.id, path=path, title=STORAGE_TITLE, use_blob_urls=True)
+                _register_storage(ls, project.id, Path(storage_path))
             new = [t for t in tasks if t["data"].get("file_name") not in existing]
             old = [t for t in tasks if t["data"].get("file_name") in existing]
             if new:
                 ls.projects.import_tasks(project.id, request=new, return_task_ids=True)
             for t in old:
-                tid = existing[t["data"]["file_name"]]["id"]
-                ls.tasks.update(id=str(tid), data=t["data"])
-                versions = {p["model_version"] for p in t.get("predictions", [])}
-                for p in ls.predictions.list(task=tid):
-                    if p.model_version in versions:
-                        ls.predictions.delete(id=p.id)
-                for p in t.get("predictions", []):
-                    ls.predictions.create(task=tid, result=p["result"], score=p.get("score"), model_version=p["model_version"])
+                _update_task(ls, existing[t["data"]["file_name"]]["id"], t)
         except BaseException:
             if created:
                 try:
@@ -218,6 +154,36 @@ def push_tasks(
             raise
     return {"project_id": project.id, "project_url": f"{url.rstrip('/')}/projects/{project.id}", "created": created,
             "n_imported": len(new), "n_updated": len(old)}
+
+
+def _register_storage(ls, project_id: int, storage_path: Path) -> None:
+    """Add a Local Storage for ``storage_path`` (absolute) unless the project has one; never synced."""
+    path = str(storage_path.resolve())
+    storages = [_dump(s) for s in ls.import_storage.local.list(project=project_id)]
+    if not any(s.get("path") == path for s in storages):
+        ls.import_storage.local.create(project=project_id, path=path, title=STORAGE_TITLE, use_blob_urls=True)
+
+
+def _update_task(ls, task_id: int, task: dict) -> None:
+    """Replace a task's data, and its predictions of the model versions ``task`` carries."""
+    ls.tasks.update(id=str(task_id), data=task["data"])
+    versions = {p["model_version"] for p in task.get("predictions", [])}
+    for p in ls.predictions.list(task=task_id):
+        if p.model_version in versions:
+            ls.predictions.delete(id=p.id)
+    for p in task.get("predictions", []):
+        ls.predictions.create(task=task_id, result=p["result"], score=p.get("score"), model_version=p["model_version"])
+
+
+def local_files_start_command(document_root: Path) -> str:
+    """The shell command that starts Label Studio serving local files under ``document_root``.
+
+    The path is shell-quoted (``shlex.quote``), so the line can be pasted as is.
+    """
+    import shlex
+
+    return (f"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
+            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={shlex.quote(str(document_root))} label-studio start")
 
 
 # ----------------------------------------------------------------------------- pull

@@ -203,8 +203,9 @@ def _cli(*args, env=None):
 @pytest.mark.slow
 def test_round_trip_through_label_studio(labelstudio_server, bottle_review, mvtec_root):
     from pipeline.data.instances import decode_rle
-    from pipeline.review.client import brush_decode, connect, export_project, fetch_tasks, find_project
-    from pipeline.review.export import import_export, rect_to_bbox_xywh
+    from pipeline.review.brush import brush_decode
+    from pipeline.review.client import connect, export_project, fetch_tasks, find_project
+    from pipeline.review.reviewed import import_export, rect_to_bbox_xywh
 
     url, token = labelstudio_server["url"], labelstudio_server["token"]
     tmp, gt = bottle_review["tmp"], bottle_review["gt"]
@@ -305,7 +306,8 @@ def test_round_trip_through_label_studio(labelstudio_server, bottle_review, mvte
 @pytest.mark.slow
 def test_bad_token_and_foreign_config_fail_cleanly(labelstudio_server, bottle_review, monkeypatch):
     from pipeline.review.client import connect, fetch_tasks, find_project, push_tasks
-    from pipeline.review.export import labeling_config, rectangle_result
+    from pipeline.review.export import rectangle_result
+    from pipeline.review.labeling_config import labeling_config
 
     url, token = labelstudio_server["url"], labelstudio_server["token"]
     tmp = bottle_review["tmp"]

@@ -11,10 +11,10 @@ import pytest
 from pipeline.core.errors import PipelineError
 from pipeline.data.instances import decode_rle, encode_rle
 from pipeline.review.export import (
-    Source, config_class_names, config_controls, config_labels, export_tasks, image_uncertainty, image_url, import_export,
-    labeling_config, polygon_to_mask, rect_to_bbox_xywh, rectangle_result, region_results, score_closeness, task_regions,
-    validate_tasks,
+    Source, export_tasks, image_uncertainty, image_url, rectangle_result, region_results, score_closeness,
 )
+from pipeline.review.labeling_config import config_class_names, config_controls, labeling_config, validate_tasks
+from pipeline.review.reviewed import import_export, polygon_to_mask, rect_to_bbox_xywh, task_regions
 
 
 def test_rectangle_in_percent_of_original_size():
@@ -28,7 +28,8 @@ def test_rectangle_in_percent_of_original_size():
 
 def test_config_and_validation():
     cfg = labeling_config(["broken large", "contamination"])
-    assert config_labels(cfg) == {"label": ("image", {"broken large", "contamination"})}
+    assert {k: (c.to_name, set(c.labels)) for k, c in config_controls(cfg).items()} == \
+        {"label": ("image", {"broken large", "contamination"})}
     ok = rectangle_result(bbox_xywh=[0, 0, 1, 1], label="contamination", size_hw=(10, 10), score=1.0, rid="1")
     validate_tasks([{"predictions": [{"result": [ok]}]}], cfg)
     bad = dict(ok, id="2", value=dict(ok["value"], rectanglelabels=["crack"]))
@@ -88,7 +89,7 @@ def _blob_mask(h=40, w=60):
     np.pad(np.ones((5, 5), bool), 3) ^ np.pad(np.pad(np.ones((1, 1), bool), 2), 3),  # a hole
 ])
 def test_brush_rle_round_trip_is_exact_and_opaque(mask):
-    from pipeline.review.client import brush_decode, brush_encode
+    from pipeline.review.brush import brush_decode, brush_encode
 
     rle = brush_encode(mask)
     assert all(isinstance(v, int) and 0 <= v <= 255 for v in rle)
@@ -189,7 +190,7 @@ def _exported(synth_category, tmp_path, **kw):
 
 
 def test_export_with_masks_order_and_reason(synth_category, tmp_path):
-    from pipeline.review.client import brush_decode
+    from pipeline.review.brush import brush_decode
 
     gt, good, info, tasks = _exported(synth_category, tmp_path, polygons=True, order="uncertainty", anomaly=True)
     assert info["n_masks"] == info["n_results"] == len(gt["annotations"]) + 1
@@ -274,7 +275,7 @@ def test_import_reviewer_drawn_shapes():
     m = np.zeros((h, w), bool)
     m[2:6, 3:9] = True
     m[20:25, 30:38] = True
-    from pipeline.review.client import brush_encode
+    from pipeline.review.brush import brush_encode
 
     results = [
         # a brush painted by the reviewer (random id): one annotation per connected component
@@ -348,3 +349,57 @@ def test_prediction_segmentation_as_polygons_or_rle():
     assert square.sum() == 60 and square[4:10, 5:15].all()
     with pytest.raises(PipelineError, match="not COCO RLE or polygons"):
         _segmentation_mask({"counts": "x"}, size_hw=(20, 30))
+
+
+def test_review_reason_names_the_image_and_the_real_reason(tmp_path):
+    from pipeline.review.client import local_files_start_command
+    from pipeline.review.export import build_tasks
+
+    names = {1: "ring"}
+    # t = 0.6: 0.95 is far above it, 0.05 far below it (a low score), 0.55 near it
+    det = Source("det", "detections", {1: [{"category_id": 1, "score": 0.95, "bbox": [0, 0, 1, 1]}],
+                                        2: [{"category_id": 1, "score": 0.05, "bbox": [0, 0, 1, 1]}],
+                                        3: [{"category_id": 1, "score": 0.55, "bbox": [0, 0, 1, 1]}]})
+    assert image_uncertainty(1, [det], threshold=0.6, names=names)[1] == "det: ring score 0.95 above threshold 0.60"
+    assert image_uncertainty(2, [det], threshold=0.6, names=names)[1] == \
+        "det: ring score 0.05 below threshold 0.60 (low score)"
+    assert image_uncertainty(3, [det], threshold=0.6, names=names)[1] == "det: ring score 0.55 near threshold 0.60"
+    ano = Source("patchcore", "anomaly", {1: [{"score": 0.9}]}, threshold=0.5, scale=0.1)
+    assert image_uncertainty(1, [ano], threshold=0.6, names=names)[1] == \
+        "patchcore: anomaly score 0.9 above threshold 0.5"
+    gt = {"info": {"image_root": str(tmp_path / "cat")}, "categories": [{"id": 1, "name": "ring"}],
+          "images": [{"id": 2, "file_name": "test/ring/002.png", "width": 8, "height": 8}]}
+    (task,) = build_tasks(gt, [det], min_score=0.6)
+    assert task["data"]["review_reason"] == \
+        "test/ring/002.png: uncertainty 0.08: det: ring score 0.05 below threshold 0.60 (low score)"
+    cmd = local_files_start_command(tmp_path / "my data")
+    assert cmd.endswith(" label-studio start") and f"DOCUMENT_ROOT='{tmp_path / 'my data'}' " in cmd
+
+
+def test_no_import_cycle_inside_review():
+    """Counting imports inside functions too: they hide a cycle, they do not remove it."""
+    import ast
+    from pathlib import Path
+
+    import pipeline.review
+
+    folder = Path(pipeline.review.__file__).parent
+    deps = {}
+    for path in folder.glob("*.py"):
+        mods = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods.add(node.module)
+            elif isinstance(node, ast.Import):
+                mods |= {a.name for a in node.names}
+        deps[path.stem] = {m.rsplit(".", 1)[1] for m in mods if m.startswith("pipeline.review.")}
+
+    def reach(start, seen):
+        for d in deps.get(start, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+
+    assert not [m for m in deps if m in reach(m, set())], deps
+    assert "export" not in reach("client", set()) and "client" not in reach("brush", set())
