@@ -13,7 +13,7 @@ import sys
 import typer
 
 from pipeline.cli import data, evaluate, predict, review, train
-from pipeline.core.console import Interrupted
+from pipeline.core.console import Interrupted, command_line
 from pipeline.core.errors import PipelineError
 
 
@@ -55,7 +55,12 @@ def main() -> None:
     """Console entry point: run the app, turning :class:`PipelineError` into one line and exit 1."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # typer turns a KeyboardInterrupt into a returned 130 when not standalone: exit with it
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PipelineError as exc:
         if debug:
             raise
@@ -65,7 +70,8 @@ def main() -> None:
         print(exc.message, file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print("aborted (Ctrl-C): files being written when it came were left out", file=sys.stderr)
+        print("aborted (Ctrl-C): a run folder without a checkpoint was removed; a trainer with one continues "
+              f"with --resume; start again with: {command_line(resume=False)}", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # usage errors, --help exits, aborts (typer vendors click: match by shape)
         code = getattr(exc, "exit_code", None)

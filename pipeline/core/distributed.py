@@ -247,6 +247,44 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_states() -> dict:
+    """Every global random state a training step can draw from: Python's, NumPy's, torch's CPU
+    generator and each CUDA device's, for a checkpoint (so a resumed run draws what an uninterrupted
+    one would: dropout masks, DropBlock, any library's own draws)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # tensors and plain numbers only, so the checkpoint loads with torch.load(weights_only=True)
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what :func:`rng_states` captured (CUDA states only when as many devices are visible)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(_as_python_state(states["python"]))
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_python_state(state):
+    """``random.getstate()`` after a ``weights_only`` round trip: lists back to the tuples it needs."""
+    version, internal, gauss = state
+    return (int(version), tuple(int(v) for v in internal), gauss)
+
+
 def rank_slice(n: int, *, rank: int | None = None, world_size: int | None = None) -> slice:
     """The part of a global batch of ``n`` items that ``rank`` takes: contiguous, sizes differing by
     at most one (the first ``n % world`` ranks get one more). ``slice(0, n)`` when not distributed."""

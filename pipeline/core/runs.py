@@ -153,7 +153,13 @@ class RunDir:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.path.is_dir():
+        from pipeline.core.console import Interrupted
+
+        stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, Interrupted))
+        resumable = self.resume_file is not None and (self.path / self.resume_file).is_file()
+        if stopped and not resumable:  # Ctrl-C before anything could be resumed: leave nothing behind
+            self.discard()
+        elif self.path.is_dir():
             self.save_manifest()
 
     # ------------------------------------------------------------------ writing

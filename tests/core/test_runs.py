@@ -99,3 +99,16 @@ def test_json_writer_is_strict(tmp_path, obj, text):
     assert json_dumps(obj, indent=None) == text
     atomic_write_json(tmp_path / "m.json", obj)
     assert _strict((tmp_path / "m.json").read_text()) == json.loads(text)
+
+
+def test_ctrl_c_before_a_checkpoint_leaves_nothing_and_after_one_keeps_the_run(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with RunDir.open(tmp_path / "a", kind="demo", resume_file="last.pt") as run:
+            run.write_config({"x": 1})
+            raise KeyboardInterrupt
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(KeyboardInterrupt):
+        with RunDir.open(tmp_path / "b", kind="demo", resume_file="last.pt") as run:
+            (run / "last.pt").write_bytes(b"1")
+            raise KeyboardInterrupt
+    assert json.loads((tmp_path / "b" / MANIFEST).read_text())["files"] == ["last.pt"]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.core import distributed as D
+from pipeline.core.console import Interrupted, stop_on_interrupt
 from pipeline.core.console import progress as progress_bar
 from pipeline.core.device import is_cuda, resolve_device
 from pipeline.core.errors import PipelineError
@@ -356,6 +357,8 @@ def resume_training(t: Training, path: Path, cfg: ClassifierConfig) -> None:
     t.scheduler.load_state_dict(ck["scheduler"])
     t.scheduler.T_max = cfg.train.epochs  # resuming with more epochs stretches the cosine to the new end
     t.gen.set_state(ck["generator"])
+    if "rng" in ck:  # global states (dropout, DropBlock) as they were after that epoch
+        D.set_rng_states(ck["rng"])
     t.history = json.loads(ck["history"])
     t.start_epoch = int(ck["epoch"]) + 1
     t.best_value, t.best_epoch = ck.get("best_value"), ck.get("best_epoch")
@@ -391,6 +394,7 @@ def save_checkpoints(run: RunDir, t: Training, meta: dict, epoch: int, improved:
         atomic_torch_save(run / BEST, {"model": t.model.state_dict(), "epoch": epoch, **meta})
     atomic_torch_save(run / LAST, {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
                                    "scheduler": t.scheduler.state_dict(), "generator": t.gen.get_state(),
+                                   "rng": D.rng_states(),
                                    "epoch": epoch, "history": json.dumps(t.history), "best_value": t.best_value,
                                    "best_epoch": t.best_epoch, **meta})
     atomic_write_json(run / "history.json", t.history)
@@ -399,29 +403,39 @@ def save_checkpoints(run: RunDir, t: Training, meta: dict, epoch: int, improved:
 
 def fit(t: Training, run: RunDir, cfg: ClassifierConfig, train_set: ImageSet, val_set: ImageSet, rt: Runtime,
         meta: dict, *, progress: bool, echo: bool) -> None:
-    """The epoch loop from ``t.start_epoch`` to ``train.epochs``: train, evaluate, step the schedule, checkpoint."""
-    for epoch in range(t.start_epoch, cfg.train.epochs + 1):
-        tr = train_one_epoch(t.net, train_set, cfg, t.optimizer, t.loss_fn, rt.device, t.gen, progress=progress,
-                             amp=rt.amp, channels_last=rt.channels_last, pinned=t.pinned)
-        ev = evaluate(t.model, val_set, cfg, t.loss_fn, rt.device, shard=True)
-        lr = t.optimizer.param_groups[0]["lr"]
-        t.scheduler.step()
-        row = {"epoch": epoch, "lr": lr, **tr, **ev}
-        if cfg.model.variant == "gem":
-            row["gem_p"] = float(t.model.pool.p.detach())
-        t.history.append(row)
-        value = selection_value(cfg.train.select_metric, tr, ev)
-        improved = is_better(value, t.best_value, cfg.train.select_metric)
-        if improved:
-            t.best_value, t.best_epoch = value, epoch
-        with D.main_only() as main:  # rank 0 writes; the others wait until the files exist
-            if main:
-                save_checkpoints(run, t, meta, epoch, improved)
-        va, vb = ev.get("val_accuracy"), ev.get("val_balanced_accuracy")
-        _log(run, f"epoch {epoch}/{cfg.train.epochs} lr {lr:.2e} loss {tr['train_loss']:.4f} "
-             f"acc {tr['train_accuracy']:.3f} val acc {va if va is None else round(va, 4)} "
-             f"bal {vb if vb is None else round(vb, 4)} {tr['images_per_s'] or 0:.1f} img/s{' *' if improved else ''}",
-             echo)
+    """The epoch loop from ``t.start_epoch`` to ``train.epochs``: train, evaluate, step the schedule,
+    checkpoint. A Ctrl-C finishes the epoch, checkpoints it and raises :class:`Interrupted`."""
+    with stop_on_interrupt("this epoch") as stop:
+        for epoch in range(t.start_epoch, cfg.train.epochs + 1):
+            _fit_epoch(t, run, cfg, train_set, val_set, rt, meta, epoch, progress=progress, echo=echo)
+            if stop and epoch < cfg.train.epochs:
+                raise Interrupted(f"{run / LAST} (epoch {epoch} of {cfg.train.epochs})", resumable=True)
+
+
+def _fit_epoch(t: Training, run: RunDir, cfg: ClassifierConfig, train_set: ImageSet, val_set: ImageSet,
+               rt: Runtime, meta: dict, epoch: int, *, progress: bool, echo: bool) -> None:
+    """One epoch of :func:`fit`."""
+    tr = train_one_epoch(t.net, train_set, cfg, t.optimizer, t.loss_fn, rt.device, t.gen, progress=progress,
+                         amp=rt.amp, channels_last=rt.channels_last, pinned=t.pinned)
+    ev = evaluate(t.model, val_set, cfg, t.loss_fn, rt.device, shard=True)
+    lr = t.optimizer.param_groups[0]["lr"]
+    t.scheduler.step()
+    row = {"epoch": epoch, "lr": lr, **tr, **ev}
+    if cfg.model.variant == "gem":
+        row["gem_p"] = float(t.model.pool.p.detach())
+    t.history.append(row)
+    value = selection_value(cfg.train.select_metric, tr, ev)
+    improved = is_better(value, t.best_value, cfg.train.select_metric)
+    if improved:
+        t.best_value, t.best_epoch = value, epoch
+    with D.main_only() as main:  # rank 0 writes; the others wait until the files exist
+        if main:
+            save_checkpoints(run, t, meta, epoch, improved)
+    va, vb = ev.get("val_accuracy"), ev.get("val_balanced_accuracy")
+    _log(run, f"epoch {epoch}/{cfg.train.epochs} lr {lr:.2e} loss {tr['train_loss']:.4f} "
+         f"acc {tr['train_accuracy']:.3f} val acc {va if va is None else round(va, 4)} "
+         f"bal {vb if vb is None else round(vb, 4)} {tr['images_per_s'] or 0:.1f} img/s{' *' if improved else ''}",
+         echo)
 
 
 def finish(t: Training, run: RunDir, cfg: ClassifierConfig, inputs: Inputs, train_set: ImageSet, val_set: ImageSet,
