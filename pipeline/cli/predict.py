@@ -92,11 +92,8 @@ def predict_anomaly_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Score images with a PatchCore artefact: image score, good/defect decision and anomaly map per image."""
-    from pipeline.models.anomaly.patchcore import predict_run
+    from pipeline.models.anomaly.predict import predict_run
 
-    artefact = model / "model.pt" if model.is_dir() else model
-    if split is None and category is None and (artefact.parent / "split.json").is_file():
-        split = artefact.parent / "split.json"
-    path = predict_run(artefact, out=out, category_dir=category, split_path=split, subset=subset, save_maps=maps,
-                       overlays=overlays, coco=coco, force=force, device=device, echo=echo)
+    path = predict_run(model, out=out, category_dir=category, split_path=split, subset=subset, save_maps=maps,
+                       overlays=overlays, coco=coco, force=force, device=device)
     echo(f"wrote {path}")

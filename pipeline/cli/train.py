@@ -8,7 +8,6 @@ from typing import List, Optional
 import typer
 
 from pipeline.core.console import echo
-from pipeline.core.errors import PipelineError
 
 finetune_app = typer.Typer(no_args_is_help=True, help="Train a model: yolo, sam, classifier, anomaly.")
 
@@ -150,20 +149,14 @@ def finetune_anomaly_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ) -> None:
     """Fit PatchCore (Roth et al., CVPR 2022) on good images only; choose the threshold on the val split."""
-    from pipeline.models.anomaly.patchcore import PatchCoreConfig, fit_run
+    from pipeline.models.anomaly.patchcore import PatchCoreConfig
+    from pipeline.models.anomaly.train import fit_run
 
-    if category is None and split is None:
-        raise PipelineError("give the category folder (and optionally --split annotations/<category>/split.json)")
-    if backbone is not None:
-        from pipeline.models.backbones import SPECS
-
-        if backbone not in SPECS:
-            raise PipelineError(f"unknown backbone {backbone!r} (expected one of {', '.join(SPECS)})")
     cfg = PatchCoreConfig(backbone=backbone, weights=str(weights) if weights else None, image_size=imgsz,
                           coreset_ratio=coreset_ratio, feature_dim=feature_dim, num_neighbors=neighbors,
                           batch_size=batch, seed=seed)
     m = fit_run(category, out=out, config=cfg, split_path=split, force=force, allow_download=allow_download,
-                device=device, echo=echo)
+                device=device)
     if not m:  # a torchrun rank other than 0: it shared the feature extraction, rank 0 reports
         return
     v = m["val"]
