@@ -18,9 +18,10 @@ paper:
    bank neighbours (``m*`` included); anomaly map = patch scores upsampled bilinearly to the input size
    and smoothed by a Gaussian with ``sigma`` = 4 px.
 
-Pre-processing: every image (any size, grey/BGR/BGRA) is converted to RGB and resized (area
-interpolation, aspect ratio not kept) to ``image_size`` x ``image_size``; maps come back at that
-size and are resized bilinearly to the native image size for overlays, boxes and metrics.
+Pre-processing: every 8-bit image (any size, grey/BGR/BGRA; :func:`pipeline.core.io.read_rgb` refuses
+other depths) is converted to RGB and resized (area interpolation, aspect ratio not kept) to
+``image_size`` x ``image_size``; maps come back at that size and are resized bilinearly to the
+native image size for overlays, boxes and metrics.
 
 The artefact (``model.pt``, loadable with ``torch.load(weights_only=True)``) holds the memory bank,
 the backbone's name, layers and cut weights, the pre-processing, the thresholds and the score
@@ -146,12 +147,14 @@ class PatchCore:
         maps = patch_maps(patch.reshape(b, *grid), size=self.config.image_size, sigma=self.config.sigma)
         return scores, maps
 
-    def score_paths(self, paths: Sequence[Path], *, progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+    def score_paths(self, paths: Sequence[Path], *,
+                    progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray, list]:
         """Score image files: ``(scores B, maps BxSxS float32, native sizes [(H, W)])``."""
         scores, maps, sizes = [], [], []
         bs = self.config.batch_size
         for i in range(0, len(paths), bs):
-            x, sz = load_batch(paths[i:i + bs], size=self.config.image_size, spec=self.backbone.spec, device=self.device)
+            x, sz = load_batch(paths[i:i + bs], size=self.config.image_size, spec=self.backbone.spec,
+                               device=self.device)
             s, m = self.score_batch(x)
             scores.append(s)
             maps.append(m)
@@ -307,7 +310,8 @@ def reweighted_score(bank: np.ndarray, index, feats: np.ndarray, patch_scores: n
     m_star = int(nn_idx[p])
     _, support = knn(index, bank[m_star:m_star + 1], k=b)
     others = [int(j) for j in support[0] if j != m_star and j >= 0][: b - 1]
-    d = np.concatenate([[s_star], np.linalg.norm(bank[others].astype(np.float64) - feats[p].astype(np.float64), axis=1)])
+    d_others = np.linalg.norm(bank[others].astype(np.float64) - feats[p].astype(np.float64), axis=1)
+    d = np.concatenate([[s_star], d_others])
     e = np.exp(d - d.max())
     w = 1.0 - e[0] / e.sum()
     return float(w * s_star)
@@ -321,7 +325,9 @@ def patch_maps(patch: np.ndarray, *, size: int, sigma: float) -> np.ndarray:
     out = np.empty((patch.shape[0], size, size), np.float32)
     for i, p in enumerate(patch.astype(np.float32)):
         up = cv2.resize(p, (size, size), interpolation=cv2.INTER_LINEAR)
-        out[i] = cv2.GaussianBlur(up, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT) if sigma > 0 else up
+        if sigma > 0:
+            up = cv2.GaussianBlur(up, (k, k), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+        out[i] = up
     return out
 
 
@@ -387,15 +393,18 @@ def fit_patchcore(train_paths: Sequence[Path], config: PatchCoreConfig = PatchCo
         return None
     feats, sizes, grid = gathered
     if len(sizes) > 1:
-        log(f"training images have {len(sizes)} different sizes; all are resized to {config.image_size}x{config.image_size}")
+        log(f"training images have {len(sizes)} different sizes; "
+            f"all are resized to {config.image_size}x{config.image_size}")
     t_feat = time.perf_counter() - t0
     bank = coreset_bank(feats, config, device=device, progress=progress)
     fit_s = time.perf_counter() - t0
-    log(f"memory bank {bank.shape[0]} x {bank.shape[1]} from {len(feats)} patches of {len(train_paths)} images in {fit_s:.1f} s")
+    log(f"memory bank {bank.shape[0]} x {bank.shape[1]} from {len(feats)} patches of {len(train_paths)} images "
+        f"in {fit_s:.1f} s")
     info = {"train_images": len(train_paths), "train_patches": int(len(feats)), "fit_seconds": round(fit_s, 3),
             "feature_seconds": round(t_feat, 3), "native_sizes_hw": sorted([list(s) for s in sizes]),
             "device": device}
-    return PatchCore(config=config, backbone=bb, memory_bank=np.ascontiguousarray(bank, np.float32), grid_hw=tuple(grid), info=info)
+    return PatchCore(config=config, backbone=bb, memory_bank=np.ascontiguousarray(bank, np.float32),
+                     grid_hw=tuple(grid), info=info)
 
 
 def train_features(backbone, paths: Sequence[Path], config: PatchCoreConfig, *, device: str = "cpu",
@@ -417,7 +426,8 @@ def train_features(backbone, paths: Sequence[Path], config: PatchCoreConfig, *, 
     total = sum(len(paths[starts[b]:starts[b] + bs]) for b in mine)
     with progress_bar("features", total, enabled=progress and D.is_main(), transient=True) as advance:
         for b in mine:
-            x, sz = load_batch(paths[starts[b]:starts[b] + bs], size=config.image_size, spec=backbone.spec, device=device)
+            x, sz = load_batch(paths[starts[b]:starts[b] + bs], size=config.image_size, spec=backbone.spec,
+                               device=device)
             f, grid = patch_features(backbone, x, feature_dim=config.feature_dim)
             feats.append((b, f))
             sizes.update(tuple(s) for s in sz)
@@ -487,7 +497,8 @@ def load_artefact(path: Path, *, device: str | None = None) -> PatchCore:
     config = PatchCoreConfig(**obj["config"])
     bname = obj["backbone"]["name"]
     model = backbones.build_stages(bname, stages_state=obj["backbone"]["state_dict"], source=path).to(device)
-    bb = backbones.Backbone(spec=backbones.SPECS[bname], model=model, weights_path=Path(obj["backbone"]["weights_file"]))
+    bb = backbones.Backbone(spec=backbones.SPECS[bname], model=model,
+                            weights_path=Path(obj["backbone"]["weights_file"]))
     return PatchCore(config=config, backbone=bb, memory_bank=obj["memory_bank"].numpy().astype(np.float32),
                      grid_hw=tuple(obj["grid_hw"]), threshold=float(obj["threshold"]),
                      pixel_threshold=float(obj["pixel_threshold"]), norm=dict(obj["norm"]), info=dict(obj["info"]))
