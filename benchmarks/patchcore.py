@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline.models import backbones
+    from pipeline.core.io import read_rgb
     from pipeline.models.anomaly import patchcore as anomaly
     from pipeline.evaluation.anomaly import PixelHist, auroc, resize_map
     from pipeline.data.mvtec import read_mask, scan_category
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     print(f"coreset {n_max} centres in {t_core:.1f} s", flush=True)
 
     t2 = time.perf_counter()
-    imgs = [anomaly.read_rgb(s.image) for s in cat.test]
+    imgs = [read_rgb(s.image) for s in cat.test]
     sizes = [im.shape[:2] for im in imgs]
     x_test = anomaly.preprocess(imgs, size=cfg.image_size, spec=bb.spec)
     t_read = (time.perf_counter() - t2) / len(imgs)

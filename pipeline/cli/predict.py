@@ -76,21 +76,22 @@ def predict_classifier_cmd(
 def predict_anomaly_cmd(
     model: Path = typer.Argument(..., help="model.pt of 'finetune anomaly' (or its run folder)."),
     category: Optional[Path] = typer.Option(None, "--category", help="Category folder (default: the split's root)."),
-    split: Optional[Path] = typer.Option(None, "--split", help="Split manifest; default the split.json saved in the run folder."),
+    split: Optional[Path] = typer.Option(
+        None, "--split", help="Split manifest; default the split.json saved in the run folder."),
     subset: str = typer.Option("test", "--subset", help="train, val, test or all."),
-    out: Path = typer.Option(Path("runs/anomaly_predict"), "--out", "-o", help="Folder for predictions.json, maps/, overlays/, coco_results.json."),
+    out: Path = typer.Option(
+        Path("runs/anomaly_predict"), "--out", "-o",
+        help="Run folder for predictions.json, maps/, overlays/, coco_results.json."),
     maps: bool = typer.Option(True, "--maps/--no-maps", help="Save raw float maps (.npy, needed for pixel metrics)."),
     overlays: int = typer.Option(8, "--overlays", help="Heat-map overlay PNGs to write (0 for none)."),
-    coco: bool = typer.Option(True, "--coco/--no-coco", help="Also write maps thresholded into COCO results (boxes + RLE masks)."),
+    coco: bool = typer.Option(
+        True, "--coco/--no-coco", help="Also write maps thresholded into COCO results (boxes + RLE masks)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Score images with a PatchCore artefact: image score, good/defect decision and anomaly map per image."""
-    from pipeline.models.anomaly.patchcore import predict_run
+    from pipeline.models.anomaly.predict import predict_run
 
-    artefact = model / "model.pt" if model.is_dir() else model
-    if split is None and category is None and (artefact.parent / "split.json").is_file():
-        split = artefact.parent / "split.json"
-    path = predict_run(artefact, out=out, category_dir=category, split_path=split, subset=subset, save_maps=maps,
-                       overlays=overlays, coco=coco, force=force, device=device, echo=echo)
+    path = predict_run(model, out=out, category_dir=category, split_path=split, subset=subset, save_maps=maps,
+                       overlays=overlays, coco=coco, force=force, device=device)
     echo(f"wrote {path}")

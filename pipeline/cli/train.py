@@ -8,7 +8,6 @@ from typing import List, Optional
 import typer
 
 from pipeline.core.console import echo
-from pipeline.core.errors import PipelineError
 
 finetune_app = typer.Typer(no_args_is_help=True, help="Train a model: yolo, sam, classifier, anomaly.")
 
@@ -120,39 +119,48 @@ def finetune_classifier(
 
 @finetune_app.command("anomaly")
 def finetune_anomaly_cmd(
-    category: Optional[Path] = typer.Argument(None, help="Category folder (MVTec AD layout); train/good is the training set."),
-    split: Optional[Path] = typer.Option(None, "--split", help="Split manifest annotations/<category>/split.json (its val split sets the threshold); default: a seed-0 60/20/20 split drawn from CATEGORY."),
-    out: Path = typer.Option(Path("runs/anomaly"), "--out", "-o", help="Run folder to write (model.pt, config.yaml, metrics.json, log.txt)."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="wide_resnet50_2, resnet18, efficientnet_lite0 or mobilenet_v2; default the best one whose weights are on disk."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Backbone weights file (default: torch cache / $PIPELINE_WEIGHTS, or the installed weights package)."),
-    imgsz: int = typer.Option(224, "--imgsz", help="Square network input side; every image is resized to it (aspect ratio not kept)."),
-    coreset_ratio: float = typer.Option(0.01, "--coreset-ratio", help="Fraction of training patches kept in the memory bank (0.01 default for CPU; the paper uses 0.01-0.25)."),
-    feature_dim: Optional[int] = typer.Option(None, "--feature-dim", help="Reduce patch features to this many channels (adaptive average pooling)."),
+    category: Optional[Path] = typer.Argument(
+        None, help="Category folder (MVTec AD layout); train/good is the training set."),
+    split: Optional[Path] = typer.Option(
+        None, "--split", help="Split manifest annotations/<category>/split.json (its val split sets the threshold); "
+        "default: a seed-0 60/20/20 split drawn from CATEGORY."),
+    out: Path = typer.Option(
+        Path("runs/anomaly"), "--out", "-o",
+        help="Run folder to write (model.pt, config.yaml, metrics.json, split.json, log.txt)."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="wide_resnet50_2, resnet18, efficientnet_lite0 or mobilenet_v2; "
+        "default the best one whose weights are on disk."),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights",
+        help="Backbone weights file (default: torch cache / $PIPELINE_WEIGHTS, or the installed weights package)."),
+    imgsz: int = typer.Option(
+        224, "--imgsz", help="Square network input side; every image is resized to it (aspect ratio not kept)."),
+    coreset_ratio: float = typer.Option(
+        0.01, "--coreset-ratio", help="Fraction of training patches kept in the memory bank "
+        "(0.01 default for CPU; the paper uses 0.01-0.25)."),
+    feature_dim: Optional[int] = typer.Option(
+        None, "--feature-dim", help="Reduce patch features to this many channels (adaptive average pooling)."),
     neighbors: int = typer.Option(9, "--neighbors", help="b of the image-score re-weighting."),
     batch: int = typer.Option(16, "--batch", help="Images per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random projection and the first coreset centre."),
-    allow_download: bool = typer.Option(False, "--allow-download", help="Download a missing torchvision ImageNet file (resnet18, wide_resnet50_2)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: CUDA when available)."),
+    allow_download: bool = typer.Option(
+        False, "--allow-download", help="Download a missing torchvision ImageNet file (resnet18, wide_resnet50_2)."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:N (default: CUDA when available)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ) -> None:
     """Fit PatchCore (Roth et al., CVPR 2022) on good images only; choose the threshold on the val split."""
-    from pipeline.models.anomaly.patchcore import PatchCoreConfig, fit_run
+    from pipeline.models.anomaly.patchcore import PatchCoreConfig
+    from pipeline.models.anomaly.train import fit_run
 
-    if category is None and split is None:
-        raise PipelineError("give the category folder (and optionally --split annotations/<category>/split.json)")
-    if backbone is not None:
-        from pipeline.models.backbones import SPECS
-
-        if backbone not in SPECS:
-            raise PipelineError(f"unknown backbone {backbone!r} (expected one of {', '.join(SPECS)})")
     cfg = PatchCoreConfig(backbone=backbone, weights=str(weights) if weights else None, image_size=imgsz,
                           coreset_ratio=coreset_ratio, feature_dim=feature_dim, num_neighbors=neighbors,
                           batch_size=batch, seed=seed)
     m = fit_run(category, out=out, config=cfg, split_path=split, force=force, allow_download=allow_download,
-                device=device, echo=echo)
+                device=device)
     if not m:  # a torchrun rank other than 0: it shared the feature extraction, rank 0 reports
         return
     v = m["val"]
-    echo(f"backbone {m['backbone']}: memory bank {m['memory_bank'][0]} x {m['memory_bank'][1]}, fit {m['fit_seconds']:.1f} s; "
-         f"val image AUROC {v['image_auroc']:.4f}, F1 {v['image_f1']:.4f}")
+    echo(f"backbone {m['backbone']}: memory bank {m['memory_bank'][0]} x {m['memory_bank'][1]}, "
+         f"fit {m['fit_seconds']:.1f} s; val image AUROC {v['image_auroc']:.4f}, F1 {v['image_f1']:.4f}")
     echo(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""PatchCore (issue 5): coreset, nearest-neighbour scores, metrics, artefact, CLI, real bottle data."""
+"""PatchCore: coreset, nearest-neighbour scores, metrics, artefact, CLI, real bottle data."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pytest
 
 from pipeline.evaluation import anomaly as anomaly_metrics
 from pipeline.models import backbones
-from pipeline.models.anomaly import patchcore as anomaly
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_rgb
+from pipeline.models.anomaly import patchcore as anomaly
+from pipeline.models.anomaly import predict as anomaly_predict
 
 REGISTRY_BACKBONE = "efficientnet_lite0"
 
@@ -205,7 +207,7 @@ def test_map_to_coco_boxes_at_native_size():
     amap = np.zeros((16, 16), np.float32)
     amap[2:6, 2:6] = 1.0
     amap[10:14, 8:12] = 0.8
-    res = anomaly.map_to_coco(amap, image_id=5, threshold=0.5, size_hw=(32, 32))
+    res = anomaly_predict.map_to_coco(amap, image_id=5, threshold=0.5, size_hw=(32, 32))
     assert len(res) == 2
     boxes = sorted(r["bbox"] for r in res)
     # bilinear 2x upsampling: the blobs cover about 2x their extent
@@ -275,7 +277,7 @@ def test_efficientnet_lite0_recognises_bottles(mvtec_root):
     net.load_state_dict(torch.load(backbones.weights_file("efficientnet_lite0"), map_location="cpu", weights_only=True))
     net.eval()
     paths = sorted((mvtec_root / "bottle" / "train" / "good").glob("*.png"))[:6]
-    x = anomaly.preprocess([anomaly.read_rgb(p) for p in paths], size=224, spec=backbones.SPECS["efficientnet_lite0"])
+    x = anomaly.preprocess([read_rgb(p) for p in paths], size=224, spec=backbones.SPECS["efficientnet_lite0"])
     with torch.no_grad():
         top5 = net(x).topk(5, dim=1).indices
     wanted = {"beer bottle", "water bottle", "wine bottle", "pop bottle", "pill bottle", "water jug", "cup", "coffee mug"}
