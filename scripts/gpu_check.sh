@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 7): a few training steps of every trainer on CUDA, tiny and real-size models
+# GPU check: a few training steps of every trainer on CUDA, tiny and real-size models
 # (random init, synthetic data, no downloads), printed as a table: images/s, data vs compute time
 # per step, peak GPU memory. Under 5 minutes on one GPU.
 #

@@ -72,7 +72,4 @@ def convert_masks(
     console().print(table)
     for w in summary.warnings:
         echo(f"[yellow]warning:[/yellow] {w}")
-    if summary.kept:
-        echo(f"kept {len(summary.kept)} file(s) convert-masks did not write: {', '.join(summary.kept[:5])}"
-             + (" ..." if len(summary.kept) > 5 else ""))
     echo(f"wrote {summary.out}/{{split.json, coco/, yolo/data.yaml, sam/}}")

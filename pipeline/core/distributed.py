@@ -77,7 +77,7 @@ def init_from_env(device: str | None = None) -> DistInfo:
 
     Args:
         device: the training device the caller resolved (``cpu``, ``cuda``, ``cuda:N``, ``auto``/None).
-            On CUDA each process uses GPU ``LOCAL_RANK`` (call :func:`local_device` for its name) and
+            On CUDA each process uses GPU ``LOCAL_RANK`` (:func:`pipeline.core.device.resolve_device` names it) and
             NCCL; otherwise gloo.
 
     Returns:
@@ -116,14 +116,6 @@ def _wants_cuda(device: str | None) -> bool:
     from pipeline.core.device import is_cuda, resolve_device
 
     return is_cuda(resolve_device(device))
-
-
-def local_device(device: str | None) -> str:
-    """The device this process trains on: :func:`pipeline.core.device.resolve_device`, which gives each
-    ``torchrun`` process of a CUDA run its own GPU, ``cuda:LOCAL_RANK``."""
-    from pipeline.core.device import resolve_device
-
-    return resolve_device(device)
 
 
 def cleanup() -> None:

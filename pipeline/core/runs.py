@@ -127,6 +127,12 @@ class RunDir:
             ours = set(old.get("files", [])) if old is not None else set(_files(self.path))
         self._user_files = {r for r in _files(self.path) if r not in ours and r != MANIFEST}
         self.kept = sorted(self._user_files)
+        if self.force and self.kept:
+            from pipeline.core.console import echo
+
+            more = " ..." if len(self.kept) > 5 else ""
+            echo(f"kept {len(self.kept)} file(s) in {self.path} that no pipeline command wrote: "
+                 f"{', '.join(self.kept[:5])}{more}", markup=False)
         self._started = True
         self.save_manifest()
         return self

@@ -309,7 +309,6 @@ def resolve_runtime(cfg: ClassifierConfig, *, amp: bool, channels_last: bool | N
     """Resolve ``train.device`` and join the torchrun process group when there is one."""
     device = resolve_device(cfg.train.device)
     dist = D.init_from_env(device)
-    device = D.local_device(device)
     on_cuda = is_cuda(device)
     channels_last = on_cuda if channels_last is None else (channels_last and on_cuda)
     return Runtime(device, dist, amp, bool(channels_last), bool(compile and on_cuda))
