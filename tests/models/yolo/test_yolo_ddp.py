@@ -47,7 +47,8 @@ def test_yolo_ddp_launch_runs_our_offline_trainer(tmp_path):
         assert engine_trainer.generate_ddp_command is ddp.ddp_command  # what BaseTrainer.train calls for DDP
         data = read_data_yaml(data_yaml)
         config = {"model_resolved": train._resolve_model("yolov8n-worldv2.yaml", allow_download=False), "epochs": 1,
-                  "imgsz": SIZE, "batch": 8, "device": "cpu", "workers": 0, "seed": 0, "optimizer": "auto", "lr0": 0.01}
+                  "imgsz": SIZE, "batch": 8, "device": "cpu", "workers": 0, "seed": 0, "optimizer": "auto", "lr0": 0.01,
+                  "augmentation_overrides": {}}
         with RunDir.open(out, kind="yolo") as run:
             train._write_config(run, config, data, resume=False)
         with offline.torch_determinism_restored():
