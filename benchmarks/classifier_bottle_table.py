@@ -44,13 +44,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated row numbers (1-based) to run")
     args = ap.parse_args(argv)
 
-    from pipeline.models.classifier.predict import PREDICTIONS, predict_classifier
-    from pipeline.models.classifier.train import train_classifier
-    from pipeline.models.classifier.config import load_config
-    from pipeline.evaluation.classification import evaluate_classification
     from pipeline.core.io import read_json
     from pipeline.data.mvtec import scan_category
     from pipeline.data.split import make_split, write_split
+    from pipeline.evaluation.classification import evaluate_classification
+    from pipeline.models.classifier.config import load_config
+    from pipeline.models.classifier.predict import PREDICTIONS, predict_classifier
+    from pipeline.models.classifier.train import train_classifier
 
     args.out.mkdir(parents=True, exist_ok=True)
     split = args.out / "split.json"
@@ -63,8 +63,15 @@ def main(argv=None) -> int:
             continue
         run = args.out / f"{i}_{attempt}_{option.split(' ')[0].replace('-', 'base')}"
         if not (run / "metrics.json").is_file():
-            cfg = load_config(attempt, {"train.epochs": args.epochs, "data.input_size_hw": [args.imgsz, args.imgsz],
-                                        "train.seed": args.seed, **extra})
+            cfg = load_config(
+                attempt,
+                {
+                    "train.epochs": args.epochs,
+                    "data.input_size_hw": [args.imgsz, args.imgsz],
+                    "train.seed": args.seed,
+                    **extra,
+                },
+            )
             train_classifier(cfg, split, run, weights=args.weights, force=True)
         metrics = read_json(run / "metrics.json")
         pred = predict_classifier(run, split, run / "test_predict", force=True, progress=False) / PREDICTIONS
@@ -73,17 +80,27 @@ def main(argv=None) -> int:
         print(f"done {run}", flush=True)
     classes = rows[0][3]["classes"] if rows else []
     print()
-    print(f"Bottle, split seed {args.seed}, {args.imgsz} px, {args.epochs} epochs, weights: {rows[0][2]['weights'] if rows else '?'}")
-    head = "| attempt | long-tail option | val acc | val bal. acc | test acc | test bal. acc | test macro-F1 | test AUROC | " + \
-        " | ".join(f"recall {c}" for c in classes) + " |"
+    print(
+        f"Bottle, split seed {args.seed}, {args.imgsz} px, {args.epochs} epochs, "
+        f"weights: {rows[0][2]['weights'] if rows else '?'}"
+    )
+    head = (
+        "| attempt | long-tail option | val acc | val bal. acc | "
+        "test acc | test bal. acc | test macro-F1 | test AUROC | " + " | ".join(f"recall {c}" for c in classes) + " |"
+    )
     print(head)
     print("|" + "---|" * (8 + len(classes)))
     for attempt, option, m, t in rows:
         val = m.get("val") or {}
         rec = " | ".join(_fmt(t["per_class"][c]["recall"]) for c in classes)
-        print(f"| {attempt} | {option} | {_fmt(val.get('accuracy'))} | {_fmt(val.get('balanced_accuracy'))} | {_fmt(t['accuracy'])} | "
-              f"{_fmt(t['balanced_accuracy'])} | {_fmt(t['macro_f1'])} | {_fmt(t['auroc_good_vs_defect'])} | {rec} |")
-    (args.out / "table.json").write_text(json.dumps([{"attempt": a, "option": o, "train": m, "test": t} for a, o, m, t in rows], indent=2))
+        print(
+            f"| {attempt} | {option} | {_fmt(val.get('accuracy'))} | {_fmt(val.get('balanced_accuracy'))} | "
+            f"{_fmt(t['accuracy'])} | "
+            f"{_fmt(t['balanced_accuracy'])} | {_fmt(t['macro_f1'])} | {_fmt(t['auroc_good_vs_defect'])} | {rec} |"
+        )
+    (args.out / "table.json").write_text(
+        json.dumps([{"attempt": a, "option": o, "train": m, "test": t} for a, o, m, t in rows], indent=2)
+    )
     return 0
 
 

@@ -57,9 +57,17 @@ def reference_loop(items, classes, cfg, model, steps: int, workers: int, device:
             with Image.open(path) as im:
                 return tf(im.convert("RGB")), label
 
-    loader = torch.utils.data.DataLoader(Folder(), batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=workers > 0)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    loader = torch.utils.data.DataLoader(
+        Folder(),
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     model.train()
     seen, data_s, step_s, done = 0, 0.0, 0.0, -1  # batch 0 is the warm-up
@@ -110,24 +118,35 @@ def our_loop(items, classes, cfg, model, steps: int, device: str) -> dict:
     train_one_epoch(model, warm, cfg, opt, loss_fn, device, gen)
     n = bs * steps
     reps = -(-n // len(data))
-    sub = type(data)(data.images.repeat(reps, 1, 1, 1)[:n], data.labels.repeat(reps)[:n], (data.paths * reps)[:n], classes)
+    sub = type(data)(
+        data.images.repeat(reps, 1, 1, 1)[:n], data.labels.repeat(reps)[:n], (data.paths * reps)[:n], classes
+    )
     t1 = time.perf_counter()
     r = train_one_epoch(model, sub, cfg, opt, loss_fn, device, gen)
     wall = time.perf_counter() - t1
-    return {"images_per_s": n / wall, "data_share": r["data_s"] / (r["data_s"] + r["step_s"]), "images": n, "wall_s": wall,
-            "cache_fill_s": cache_s}
+    return {
+        "images_per_s": n / wall,
+        "data_share": r["data_s"] / (r["data_s"] + r["step_s"]),
+        "images": n,
+        "wall_s": wall,
+        "cache_fill_s": cache_s,
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=None, help="category folder (default $MVTEC_ROOT/bottle, else synthetic)")
+    ap.add_argument(
+        "--root", type=Path, default=None, help="category folder (default $MVTEC_ROOT/bottle, else synthetic)"
+    )
     ap.add_argument("--attempt", default="attempt4_gem")
     ap.add_argument("--imgsz", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6, help="measured batches per loop (after one warm-up batch)")
     ap.add_argument("--images", type=int, default=64, help="distinct images used")
     ap.add_argument("--workers", default="0,2", help="reference DataLoader workers to try, comma-separated")
-    ap.add_argument("--rounds", type=int, default=2, help="alternate the loops this many times; report each loop's best")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="alternate the loops this many times; report each loop's best"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -149,9 +168,17 @@ def main(argv=None) -> int:
 
         root = generate_category(Path(tempfile.mkdtemp()) / "synth", seed=0)
     device = resolve_device(args.device)
-    cfg = load_config(args.attempt, {"data.input_size_hw": [args.imgsz, args.imgsz], "train.batch_size": args.batch,
-                                     "data.augment.rotate_deg": 0.0, "data.augment.translate_frac": 0.0,
-                                     "data.augment.brightness": 0.0, "data.augment.contrast": 0.0})
+    cfg = load_config(
+        args.attempt,
+        {
+            "data.input_size_hw": [args.imgsz, args.imgsz],
+            "train.batch_size": args.batch,
+            "data.augment.rotate_deg": 0.0,
+            "data.augment.translate_frac": 0.0,
+            "data.augment.brightness": 0.0,
+            "data.augment.contrast": 0.0,
+        },
+    )
     items, classes = _images(root, args.images)
     loops = [(f"reference (PIL decode per item, {w} workers)", int(w)) for w in args.workers.split(",") if w.strip()]
     loops.append(("ours (cached uint8, batch augment)", None))
@@ -172,15 +199,20 @@ def main(argv=None) -> int:
                 best[name] = {"loop": name, **r}
     rows = [best[name] for name, _ in loops]
 
-    print(f"# {args.attempt} on {root} ({len(items)} images, {args.imgsz} px, batch {args.batch}, {args.steps} steps, device {device}, "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, best of {args.rounds} alternating rounds)")
+    print(
+        f"# {args.attempt} on {root} ({len(items)} images, {args.imgsz} px, batch {args.batch}, "
+        f"{args.steps} steps, device {device}, "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, best of {args.rounds} alternating rounds)"
+    )
     print(f"| {'loop':<48} | {'images/s':>9} | {'data share':>10} | {'wall s':>7} |")
     print(f"|{'-' * 50}|{'-' * 11}|{'-' * 12}|{'-' * 9}|")
     for r in rows:
         print(f"| {r['loop']:<48} | {r['images_per_s']:9.2f} | {r['data_share']:10.1%} | {r['wall_s']:7.1f} |")
     ours = rows[-1]
-    print(f"ours: one-time decode+resize cache fill {ours['cache_fill_s']:.1f} s for {len(items)} images; "
-          f"first epoch including it {ours['images_per_s_first_epoch_incl_cache']:.2f} images/s")
+    print(
+        f"ours: one-time decode+resize cache fill {ours['cache_fill_s']:.1f} s for {len(items)} images; "
+        f"first epoch including it {ours['images_per_s_first_epoch_incl_cache']:.2f} images/s"
+    )
     best_ref = max(r["images_per_s"] for r in rows[:-1]) if len(rows) > 1 else None
     if best_ref:
         print(f"speed-up of ours over the best reference loop: {ours['images_per_s'] / best_ref:.2f}x")

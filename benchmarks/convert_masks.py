@@ -72,8 +72,10 @@ def main(argv=None) -> int:
         "convert_masks_s": round(statistics.median(conv), 3),
         "ratio": round(statistics.median(c / f for c, f in zip(conv, floor)), 3),
     }
-    print(f"{res['category']}: {res['files_decoded']} files; single-threaded decode {res['decode_floor_s']} s, "
-          f"convert-masks {res['convert_masks_s']} s, ratio {res['ratio']} ({res['cores']} cores)")
+    print(
+        f"{res['category']}: {res['files_decoded']} files; single-threaded decode {res['decode_floor_s']} s, "
+        f"convert-masks {res['convert_masks_s']} s, ratio {res['ratio']} ({res['cores']} cores)"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -60,12 +60,19 @@ def _peak_mib(device: str):
 
 
 def _row(trainer, size, model, device, batch, steps, images, seconds, data_s, compute_s, peak) -> dict:
-    return {"trainer": trainer, "size": size, "model": model, "device": device, "batch": batch, "steps": steps,
-            "images_per_s": images / seconds if seconds > 0 else float("nan"),
-            "data_s_per_step": data_s / steps if data_s is not None else None,
-            "compute_s_per_step": compute_s / steps if compute_s is not None else None,
-            "data_pct": 100 * data_s / (data_s + compute_s) if data_s is not None and (data_s + compute_s) > 0 else None,
-            "peak_mib": peak}
+    return {
+        "trainer": trainer,
+        "size": size,
+        "model": model,
+        "device": device,
+        "batch": batch,
+        "steps": steps,
+        "images_per_s": images / seconds if seconds > 0 else float("nan"),
+        "data_s_per_step": data_s / steps if data_s is not None else None,
+        "compute_s_per_step": compute_s / steps if compute_s is not None else None,
+        "data_pct": 100 * data_s / (data_s + compute_s) if data_s is not None and (data_s + compute_s) > 0 else None,
+        "peak_mib": peak,
+    }
 
 
 # ----------------------------------------------------------------------------- trainers
@@ -74,17 +81,21 @@ def _row(trainer, size, model, device, batch, steps, images, seconds, data_s, co
 def check_classifier(size: str, device: str, steps: int) -> dict:
     import torch
 
+    from pipeline.models.classifier.config import load_config
     from pipeline.models.classifier.data import ImageSet
     from pipeline.models.classifier.model import build_model
     from pipeline.models.classifier.train import make_loss, make_optimizer, train_one_epoch
-    from pipeline.models.classifier.config import load_config
 
     hw, bs = ((32, 32), 4) if size == "tiny" else ((224, 224), 32)
-    cfg = load_config("attempt1_resnet18", {"data.input_size_hw": list(hw), "train.batch_size": bs, "train.device": device})
+    cfg = load_config(
+        "attempt1_resnet18", {"data.input_size_hw": list(hw), "train.batch_size": bs, "train.device": device}
+    )
     g = torch.Generator().manual_seed(0)
     n = bs * (steps + 1)
     images = torch.randint(0, 255, (n, 3, *hw), generator=g, dtype=torch.uint8)
-    data = ImageSet(images, torch.randint(0, 4, (n,), generator=g), [f"{i}.png" for i in range(n)], ["good", "a", "b", "c"])
+    data = ImageSet(
+        images, torch.randint(0, 4, (n,), generator=g), [f"{i}.png" for i in range(n)], ["good", "a", "b", "c"]
+    )
     warm = ImageSet(images[:bs], data.labels[:bs], data.paths[:bs], data.classes)
     timed = ImageSet(images[bs:], data.labels[bs:], data.paths[bs:], data.classes)
     channels_last = _cuda(device)
@@ -100,8 +111,19 @@ def check_classifier(size: str, device: str, steps: int) -> dict:
     t0 = time.perf_counter()
     tr = train_one_epoch(model, timed, cfg, opt, loss_fn, device, g, **kw)
     wall = time.perf_counter() - t0
-    return _row("classifier", size, f"resnet18 {hw[0]}px", device, bs, steps, len(timed), wall, tr["data_s"], tr["step_s"],
-                _peak_mib(device))
+    return _row(
+        "classifier",
+        size,
+        f"resnet18 {hw[0]}px",
+        device,
+        bs,
+        steps,
+        len(timed),
+        wall,
+        tr["data_s"],
+        tr["step_s"],
+        _peak_mib(device),
+    )
 
 
 def _sam_inputs(work: Path):
@@ -131,8 +153,14 @@ def check_sam(size: str, device: str, steps: int, work: Path) -> list[dict]:
     groups = (groups * math.ceil(need / len(groups)))[:need]
     torch.manual_seed(0)
     sam = build_sam(model_type, device=device)
-    cfg = SamTrainConfig(train_records=str(ann / "sam" / "train.jsonl"), val_records=str(ann / "sam" / "val.jsonl"),
-                         model_type=model_type, device=device, images_per_step=per, epochs=1)
+    cfg = SamTrainConfig(
+        train_records=str(ann / "sam" / "train.jsonl"),
+        val_records=str(ann / "sam" / "val.jsonl"),
+        model_type=model_type,
+        device=device,
+        images_per_step=per,
+        epochs=1,
+    )
     params = _set_trainable(sam, cfg.train)
     rows = []
     # encoder: fill the cache (first sight of each distinct image), timed per image
@@ -159,8 +187,21 @@ def check_sam(size: str, device: str, steps: int, work: Path) -> list[dict]:
         compute_s += time.perf_counter() - tb
         embedder(g.image)  # the cache the decoder reads (untimed part repeats the encoder once)
     wall = data_s + compute_s
-    rows.append(_row("sam-encoder", size, f"{model_type} image encoder", device, 1, len(distinct), len(distinct), wall, data_s,
-                     compute_s, _peak_mib(device)))
+    rows.append(
+        _row(
+            "sam-encoder",
+            size,
+            f"{model_type} image encoder",
+            device,
+            1,
+            len(distinct),
+            len(distinct),
+            wall,
+            data_s,
+            compute_s,
+            _peak_mib(device),
+        )
+    )
     # decoder: steps of images_per_step images from the cache
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -172,17 +213,30 @@ def check_sam(size: str, device: str, steps: int, work: Path) -> list[dict]:
     t0 = time.perf_counter()
     train_one_epoch(sam, groups[per:], embedder, opt, sched, cfg, gen, step_module=step_module, timing=timing)
     wall = time.perf_counter() - t0
-    rows.append(_row("sam-decoder", size, f"{model_type} mask decoder", device, per, steps, len(groups) - per, wall,
-                     timing["data_s"], timing["compute_s"], _peak_mib(device)))
+    rows.append(
+        _row(
+            "sam-decoder",
+            size,
+            f"{model_type} mask decoder",
+            device,
+            per,
+            steps,
+            len(groups) - per,
+            wall,
+            timing["data_s"],
+            timing["compute_s"],
+            _peak_mib(device),
+        )
+    )
     return rows
 
 
 def check_anomaly(size: str, device: str, steps: int, work: Path) -> dict:
     import torch
 
+    from pipeline.data.synth import generate_category
     from pipeline.models.anomaly.patchcore import load_batch, patch_features
     from pipeline.models.backbones import SPECS, Backbone, build_stages
-    from pipeline.data.synth import generate_category
 
     name, img = ("resnet18", 64) if size == "tiny" else ("wide_resnet50_2", 256)
     bs = 8
@@ -199,24 +253,35 @@ def check_anomaly(size: str, device: str, steps: int, work: Path) -> dict:
     data_s = compute_s = 0.0
     for i in range(bs, len(paths), bs):
         ta = time.perf_counter()
-        x, _ = load_batch(paths[i:i + bs], size=img, spec=bb.spec, device=device)
+        x, _ = load_batch(paths[i : i + bs], size=img, spec=bb.spec, device=device)
         if _cuda(device):
             torch.cuda.synchronize()
         tb = time.perf_counter()
-        with (torch.autocast("cuda", dtype=torch.bfloat16) if _cuda(device) else torch.autocast("cpu", enabled=False)):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if _cuda(device) else torch.autocast("cpu", enabled=False):
             patch_features(bb, x)
         data_s += tb - ta
         compute_s += time.perf_counter() - tb
-    return _row("anomaly", size, f"{name} {img}px features", device, bs, steps, len(paths) - bs, data_s + compute_s, data_s,
-                compute_s, _peak_mib(device))
+    return _row(
+        "anomaly",
+        size,
+        f"{name} {img}px features",
+        device,
+        bs,
+        steps,
+        len(paths) - bs,
+        data_s + compute_s,
+        data_s,
+        compute_s,
+        _peak_mib(device),
+    )
 
 
 def check_yolo(size: str, device: str, steps: int, work: Path) -> dict:
     import torch
 
     from pipeline.data.convert import convert_category
-    from pipeline.models.yolo.train import train_yolo_world
     from pipeline.data.synth import generate_category
+    from pipeline.models.yolo.train import train_yolo_world
 
     ann = work / "ann"
     if not (ann / "yolo" / "data.yaml").is_file():
@@ -230,22 +295,50 @@ def check_yolo(size: str, device: str, steps: int, work: Path) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train_yolo_world(data_yaml=ann / "yolo" / "data.yaml", model=model, out_dir=work / f"yolo_{size}", epochs=1, imgsz=imgsz,
-                         batch=bs, device="0" if _cuda(device) else "cpu", force=True)
+        train_yolo_world(
+            data_yaml=ann / "yolo" / "data.yaml",
+            model=model,
+            out_dir=work / f"yolo_{size}",
+            epochs=1,
+            imgsz=imgsz,
+            batch=bs,
+            device="0" if _cuda(device) else "cpu",
+            force=True,
+        )
     wall = time.perf_counter() - t0  # includes validation and model build: a lower bound on training speed
     del torch
-    return _row("yolo", size, f"{model.split('.')[0]} {imgsz}px (1 epoch + val)", device, bs, max(n_train // bs, 1), n_train, wall,
-                None, None, _peak_mib(device))
+    return _row(
+        "yolo",
+        size,
+        f"{model.split('.')[0]} {imgsz}px (1 epoch + val)",
+        device,
+        bs,
+        max(n_train // bs, 1),
+        n_train,
+        wall,
+        None,
+        None,
+        _peak_mib(device),
+    )
 
 
 # ----------------------------------------------------------------------------- table
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = [("trainer", "trainer", "{}"), ("size", "size", "{}"), ("model", "model", "{}"), ("device", "device", "{}"),
-            ("batch", "batch", "{}"), ("steps", "steps", "{}"), ("images_per_s", "img/s", "{:.1f}"),
-            ("data_s_per_step", "data s/step", "{:.4f}"), ("compute_s_per_step", "compute s/step", "{:.4f}"),
-            ("data_pct", "data %", "{:.0f}"), ("peak_mib", "peak MiB", "{:.0f}")]
+    cols = [
+        ("trainer", "trainer", "{}"),
+        ("size", "size", "{}"),
+        ("model", "model", "{}"),
+        ("device", "device", "{}"),
+        ("batch", "batch", "{}"),
+        ("steps", "steps", "{}"),
+        ("images_per_s", "img/s", "{:.1f}"),
+        ("data_s_per_step", "data s/step", "{:.4f}"),
+        ("compute_s_per_step", "compute s/step", "{:.4f}"),
+        ("data_pct", "data %", "{:.0f}"),
+        ("peak_mib", "peak MiB", "{:.0f}"),
+    ]
     cells = [[h for _, h, _ in cols]]
     for r in rows:
         cells.append(["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols])
@@ -273,8 +366,14 @@ def run(*, device: str, sizes: list[str], trainers: list[str], steps: int, work:
                 else:
                     got = [check_yolo(size, device, steps, work)]
             except Exception as exc:  # report and go on: the table should show what works
-                got = [{"trainer": trainer, "size": size, "model": f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}",
-                        "device": device}]
+                got = [
+                    {
+                        "trainer": trainer,
+                        "size": size,
+                        "model": f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}",
+                        "device": device,
+                    }
+                ]
             rows += got
             echo(f"  {trainer} {size}: {time.perf_counter() - t0:.1f} s")
     return rows
@@ -282,10 +381,14 @@ def run(*, device: str, sizes: list[str], trainers: list[str], steps: int, work:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny models, 2 steps (exercises the code without a GPU)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="CPU, tiny models, 2 steps (exercises the code without a GPU)"
+    )
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
     ap.add_argument("--sizes", default=None, help="comma list of tiny,real (default: both on CUDA, tiny on CPU)")
-    ap.add_argument("--trainers", default=None, help=f"comma list of {','.join(TRAINERS)} (default: all; no yolo in --dry-run)")
+    ap.add_argument(
+        "--trainers", default=None, help=f"comma list of {','.join(TRAINERS)} (default: all; no yolo in --dry-run)"
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed steps per check (default 10 on CUDA, 2 on CPU)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -309,11 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     steps = args.steps or (10 if cuda else 2)
     if not cuda:
-        torch.set_num_threads(1 if args.dry_run else max(1, min(4, os.cpu_count() or 1)))  # small ops: 1 thread is fastest
+        torch.set_num_threads(
+            1 if args.dry_run else max(1, min(4, os.cpu_count() or 1))
+        )  # small ops: 1 thread is fastest
     env = f"torch {torch.__version__}"
     if cuda:
         p = torch.cuda.get_device_properties(torch.device(device))
-        env += f", {p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, bf16 {torch.cuda.is_bf16_supported()}"
+        env += f", {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+        f"CUDA {torch.version.cuda}, bf16 {torch.cuda.is_bf16_supported()}"
     else:
         env += f", CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"gpu_check: {env}; steps {steps}; sizes {sizes}; trainers {trainers}", flush=True)

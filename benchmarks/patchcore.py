@@ -39,11 +39,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.models import backbones
     from pipeline.core.io import read_rgb
-    from pipeline.models.anomaly import patchcore as anomaly
-    from pipeline.evaluation.anomaly import PixelHist, auroc, resize_map
     from pipeline.data.mvtec import read_mask, scan_category
+    from pipeline.evaluation.anomaly import PixelHist, auroc, resize_map
+    from pipeline.models import backbones
+    from pipeline.models.anomaly import patchcore as anomaly
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,14 +52,17 @@ def main(argv=None) -> int:
     name = args.backbone or backbones.default_backbone()
     bb = backbones.load_backbone(name, device="cpu")
     cfg = anomaly.PatchCoreConfig(backbone=name, image_size=args.imgsz, coreset_ratio=max(ratios))
-    print(f"category {cat.root.name}: {len(cat.train_good)} train/good, {len(cat.test)} test; backbone {name} "
-          f"({', '.join(bb.spec.layers)}), input {args.imgsz}x{args.imgsz}, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    print(
+        f"category {cat.root.name}: {len(cat.train_good)} train/good, {len(cat.test)} test; backbone {name} "
+        f"({', '.join(bb.spec.layers)}), input {args.imgsz}x{args.imgsz}, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     feats = []
     for i in range(0, len(cat.train_good), cfg.batch_size):
-        x, _ = anomaly.load_batch(cat.train_good[i:i + cfg.batch_size], size=cfg.image_size, spec=bb.spec)
+        x, _ = anomaly.load_batch(cat.train_good[i : i + cfg.batch_size], size=cfg.image_size, spec=bb.spec)
         f, grid = anomaly.patch_features(bb, x)
         feats.append(f)
     feats = np.concatenate(feats)
@@ -71,10 +74,12 @@ def main(argv=None) -> int:
     reached: dict[int, float] = {}
     t1 = time.perf_counter()
 
-    def progress(_k, _state={"i": 0}):  # called every 256 centres
-        _state["i"] += 256
+    done = {"i": 0}
+
+    def progress(_k):  # called every 256 centres
+        done["i"] += 256
         for n in marks:
-            if n not in reached and _state["i"] >= n:
+            if n not in reached and done["i"] >= n:
                 reached[n] = time.perf_counter() - t1
 
     idx = anomaly.greedy_coreset(feats, n_max, projection_dim=cfg.projection_dim, seed=cfg.seed, progress=progress)
@@ -95,13 +100,17 @@ def main(argv=None) -> int:
     rows = []
     for n in sorted(marks):
         r = marks[n]
-        model = anomaly.PatchCore(config=anomaly.PatchCoreConfig(**{**cfg.__dict__, "coreset_ratio": r}), backbone=bb,
-                                  memory_bank=np.ascontiguousarray(feats[idx[:n]]), grid_hw=grid)
+        model = anomaly.PatchCore(
+            config=anomaly.PatchCoreConfig(**{**cfg.__dict__, "coreset_ratio": r}),
+            backbone=bb,
+            memory_bank=np.ascontiguousarray(feats[idx[:n]]),
+            grid_hw=grid,
+        )
         model.index()
         t3 = time.perf_counter()
         scores, maps = [], []
         for i in range(0, len(x_test), cfg.batch_size):
-            s, m = model.score_batch(x_test[i:i + cfg.batch_size])
+            s, m = model.score_batch(x_test[i : i + cfg.batch_size])
             scores.append(s)
             maps.append(m)
         latency = (time.perf_counter() - t3) / len(x_test)
@@ -110,22 +119,44 @@ def main(argv=None) -> int:
         for m, mask, size in zip(maps, masks, sizes):
             h.add(resize_map(m, size), mask)
         px = h.metrics()
-        row = {"coreset_ratio": r, "memory_bank": n, "bank_mb": round(n * feats.shape[1] * 4 / 2**20, 2),
-               "fit_s": round(t_feat + reached[n], 1), "latency_ms": round(1000 * latency, 1),
-               "image_auroc": round(auroc(scores, y), 4), "pixel_auroc": round(px["pixel_auroc"], 4), "pro": round(px["pro"], 4)}
+        row = {
+            "coreset_ratio": r,
+            "memory_bank": n,
+            "bank_mb": round(n * feats.shape[1] * 4 / 2**20, 2),
+            "fit_s": round(t_feat + reached[n], 1),
+            "latency_ms": round(1000 * latency, 1),
+            "image_auroc": round(auroc(scores, y), 4),
+            "pixel_auroc": round(px["pixel_auroc"], 4),
+            "pro": round(px["pro"], 4),
+        }
         rows.append(row)
         print(row, flush=True)
 
-    print(f"\nPatchCore, {name}, {args.imgsz}px, {cat.root.name}: fit on {len(cat.train_good)} images, "
-          f"{len(cat.test)} test images; read+resize {1000 * t_read:.0f} ms/image (not in latency)")
+    print(
+        f"\nPatchCore, {name}, {args.imgsz}px, {cat.root.name}: fit on {len(cat.train_good)} images, "
+        f"{len(cat.test)} test images; read+resize {1000 * t_read:.0f} ms/image (not in latency)"
+    )
     print("| coreset ratio | memory bank | bank MB | fit s | latency ms/image | image AUROC | pixel AUROC | PRO |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['coreset_ratio']} | {r['memory_bank']} | {r['bank_mb']} | {r['fit_s']} | {r['latency_ms']} | "
-              f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pro']:.4f} |")
+        print(
+            f"| {r['coreset_ratio']} | {r['memory_bank']} | {r['bank_mb']} | {r['fit_s']} | {r['latency_ms']} | "
+            f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pro']:.4f} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"backbone": name, "imgsz": args.imgsz, "feature_s": t_feat, "coreset_s": t_core,
-                                         "read_ms": 1000 * t_read, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "backbone": name,
+                    "imgsz": args.imgsz,
+                    "feature_s": t_feat,
+                    "coreset_s": t_core,
+                    "read_ms": 1000 * t_read,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

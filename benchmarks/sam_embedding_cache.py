@@ -44,8 +44,13 @@ def bench(model_type: str, n_images: int, ann: Path, cache: Path, *, loss_resolu
     from pipeline.models.sam.model import Embedder, build_sam
     from pipeline.models.sam.train import SamTrainConfig, _set_trainable, train_one_epoch
 
-    cfg = SamTrainConfig(train_records=str(ann / "sam" / "train.jsonl"), val_records=str(ann / "sam" / "val.jsonl"),
-                         model_type=model_type, lr=1e-4, loss_resolution=loss_resolution)
+    cfg = SamTrainConfig(
+        train_records=str(ann / "sam" / "train.jsonl"),
+        val_records=str(ann / "sam" / "val.jsonl"),
+        model_type=model_type,
+        lr=1e-4,
+        loss_resolution=loss_resolution,
+    )
     groups = group_by_image(read_records(ann / "sam" / "train.jsonl"))[:n_images]
     sam = build_sam(model_type, device="cpu")  # random init: timing only
     params = _set_trainable(sam, cfg.train)
@@ -59,10 +64,19 @@ def bench(model_type: str, n_images: int, ann: Path, cache: Path, *, loss_resolu
     none = train_one_epoch(sam, groups, Embedder(sam, cache_dir=None), opt, sched, cfg, gen)
     assert warm["encoder_calls"] == 0 and none["encoder_calls"] == len(groups) == cold["encoder_calls"]
     enc = (none["seconds"] - warm["seconds"]) / len(groups)
-    return {"model": model_type, "images": len(groups), "components": sum(len(g.records) for g in groups),
-            "size": f"{groups[0].size_hw[1]}x{groups[0].size_hw[0]}", "img_size": sam.image_encoder.img_size,
-            "cold": cold["seconds"], "warm": warm["seconds"], "none": none["seconds"], "enc_per_image": enc,
-            "step": warm["seconds"] / len(groups), "ratio": none["seconds"] / warm["seconds"]}
+    return {
+        "model": model_type,
+        "images": len(groups),
+        "components": sum(len(g.records) for g in groups),
+        "size": f"{groups[0].size_hw[1]}x{groups[0].size_hw[0]}",
+        "img_size": sam.image_encoder.img_size,
+        "cold": cold["seconds"],
+        "warm": warm["seconds"],
+        "none": none["seconds"],
+        "enc_per_image": enc,
+        "step": warm["seconds"] / len(groups),
+        "ratio": none["seconds"] / warm["seconds"],
+    }
 
 
 def main() -> None:
@@ -70,7 +84,9 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,vit_b", help="comma-separated model types")
     ap.add_argument("--images", default="8,3", help="images per model (comma-separated, same order)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    ap.add_argument("--loss-resolution", default="lowres", choices=["lowres", "native"], help="where the loss is computed")
+    ap.add_argument(
+        "--loss-resolution", default="lowres", choices=["lowres", "native"], help="where the loss is computed"
+    )
     args = ap.parse_args()
     import torch
 
@@ -85,14 +101,21 @@ def main() -> None:
         for m, n in zip(models, counts):
             rows.append(bench(m, n, ann, tmp / "cache", loss_resolution=args.loss_resolution))
             print(f"done {m}", file=sys.stderr, flush=True)
-    print(f"# SAM embedding cache, CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-          f"torch {torch.__version__}, {args.threads} threads, random init, loss at {args.loss_resolution} resolution")
-    print("| model | input | images (components) | encoder s/image | decoder step s | epoch cold cache s | "
-          "epoch cached s | epoch recompute s | recompute / cached |")
+    print(
+        f"# SAM embedding cache, CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"torch {torch.__version__}, {args.threads} threads, random init, loss at {args.loss_resolution} resolution"
+    )
+    print(
+        "| model | input | images (components) | encoder s/image | decoder step s | epoch cold cache s | "
+        "epoch cached s | epoch recompute s | recompute / cached |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['size']} -> {r['img_size']} | {r['images']} ({r['components']}) | {r['enc_per_image']:.3f} | "
-              f"{r['step']:.3f} | {r['cold']:.2f} | {r['warm']:.2f} | {r['none']:.2f} | {r['ratio']:.1f}x |")
+        print(
+            f"| {r['model']} | {r['size']} -> {r['img_size']} | {r['images']} ({r['components']}) | "
+            f"{r['enc_per_image']:.3f} | "
+            f"{r['step']:.3f} | {r['cold']:.2f} | {r['warm']:.2f} | {r['none']:.2f} | {r['ratio']:.1f}x |"
+        )
     sys.stdout.flush()
 
 

@@ -107,7 +107,7 @@ def test_no_import_cycles():
         stack.append(m)
         for d in sorted(graph[m]):
             if state.get(d) == 1:
-                cycle = stack[stack.index(d):] + [d]
+                cycle = stack[stack.index(d) :] + [d]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if d not in state:
                 visit(d)
@@ -145,7 +145,7 @@ def test_model_families_do_not_import_each_other():
 
 def test_heavy_libraries_only_where_they_belong():
     bad = []
-    for mod, path in MODULES.items():
+    for path in MODULES.values():
         rel = path.relative_to(PKG).as_posix()
         for name in _imports(path):
             lib = name.split(".")[0]

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 def pipeline(*args):
-    r = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=1200
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
@@ -26,13 +28,48 @@ def run(mvtec_root, tmp_path_factory):
     ann = tmp / "annotations" / "bottle"
     out = {"tmp": tmp, "bottle": bottle, "ann": ann}
     out["convert"] = pipeline("convert-masks", bottle, "--out", ann)
-    pipeline("finetune", "yolo", "--data", ann / "yolo/data.yaml", "--model", "yolov8n-worldv2.yaml",
-             "--epochs", 2, "--imgsz", 256, "--batch", 8, "--out", tmp / "yolo")
-    pipeline("predict", "yolo", "--weights", tmp / "yolo/weights/best.pt", "--gt", ann / "coco/test.json",
-             "--imgsz", 256, "--out", tmp / "pred")
-    out["evaluate"] = pipeline("evaluate", tmp / "pred/predictions.json", "--gt", ann / "coco/test.json", "--out", tmp / "eval")
-    pipeline("export", "labelstudio", tmp / "pred/predictions.json", "--gt", ann / "coco/test.json", "--out", tmp / "ls",
-             "--min-score", 0.0)
+    pipeline(
+        "finetune",
+        "yolo",
+        "--data",
+        ann / "yolo/data.yaml",
+        "--model",
+        "yolov8n-worldv2.yaml",
+        "--epochs",
+        2,
+        "--imgsz",
+        256,
+        "--batch",
+        8,
+        "--out",
+        tmp / "yolo",
+    )
+    pipeline(
+        "predict",
+        "yolo",
+        "--weights",
+        tmp / "yolo/weights/best.pt",
+        "--gt",
+        ann / "coco/test.json",
+        "--imgsz",
+        256,
+        "--out",
+        tmp / "pred",
+    )
+    out["evaluate"] = pipeline(
+        "evaluate", tmp / "pred/predictions.json", "--gt", ann / "coco/test.json", "--out", tmp / "eval"
+    )
+    pipeline(
+        "export",
+        "labelstudio",
+        tmp / "pred/predictions.json",
+        "--gt",
+        ann / "coco/test.json",
+        "--out",
+        tmp / "ls",
+        "--min-score",
+        0.0,
+    )
     return out
 
 
@@ -40,7 +77,9 @@ def test_counts_equal_the_dataset(run):
     bottle, ann = run["bottle"], run["ann"]
     masks = sorted((bottle / "ground_truth").rglob("*_mask.png"))
     assert len(masks) == 63
-    components = sum(cv2.connectedComponents((cv2.imread(str(m), 0) > 0).astype("uint8"), connectivity=8)[0] - 1 for m in masks)
+    components = sum(
+        cv2.connectedComponents((cv2.imread(str(m), 0) > 0).astype("uint8"), connectivity=8)[0] - 1 for m in masks
+    )
     summary = json.loads((ann / "summary.json").read_text())
     assert sum(summary["masks"].values()) == 63
     assert sum(summary["instances"].values()) == components

@@ -17,7 +17,6 @@ from pipeline.core.console import Interrupted, command_line
 from pipeline.core.errors import PipelineError
 
 
-
 def _flags_take_no_value() -> None:
     """Typer 0.29's rich help prints a ``<bool>`` type after every flag (``--force <bool>``), which
     reads as if the flag took a value; a flag takes none, so its type column is left empty."""
@@ -35,7 +34,9 @@ def _flags_take_no_value() -> None:
 
 
 _flags_take_no_value()
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Industrial visual inspection on MVTec AD-layout data.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Industrial visual inspection on MVTec AD-layout data."
+)
 app.command("synth-mvtec")(data.synth_mvtec)
 app.command("convert-masks")(data.convert_masks)
 app.add_typer(train.finetune_app, name="finetune")
@@ -70,8 +71,11 @@ def main() -> None:
         print(exc.message, file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print("aborted (Ctrl-C): a run folder without a checkpoint was removed; a trainer with one continues "
-              f"with --resume; start again with: {command_line(resume=False)}", file=sys.stderr)
+        print(
+            "aborted (Ctrl-C): a run folder without a checkpoint was removed; a trainer with one continues "
+            f"with --resume; start again with: {command_line(resume=False)}",
+            file=sys.stderr,
+        )
         sys.exit(130)
     except Exception as exc:  # usage errors, --help exits, aborts (typer vendors click: match by shape)
         code = getattr(exc, "exit_code", None)

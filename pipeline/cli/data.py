@@ -26,8 +26,14 @@ def synth_mvtec(
     from pipeline.data.synth import generate_category
 
     with staged_dir(out, force=force) as tmp:
-        generate_category(tmp, seed=seed, size_hw=(height, width), n_train_good=n_train_good,
-                          n_test_good=n_test_good, n_per_defect=n_per_defect)
+        generate_category(
+            tmp,
+            seed=seed,
+            size_hw=(height, width),
+            n_train_good=n_train_good,
+            n_test_good=n_test_good,
+            n_per_defect=n_per_defect,
+        )
     echo(f"wrote synthetic category {out}")
 
 
@@ -40,9 +46,12 @@ def convert_masks(
     min_area: int = typer.Option(1, help="Drop components smaller than this many pixels (1 keeps all)."),
     rename: List[str] = typer.Option([], help="DEFECT_TYPE=class name; repeat; same name merges types."),
     split: Optional[Path] = typer.Option(None, help="Reuse this split.json instead of drawing a new split."),
-    allow_empty_masks: bool = typer.Option(False, "--allow-empty-masks",
-                                           help="Keep defect images whose mask is all zero, as good images."),
-    force: bool = typer.Option(False, "--force", help="Replace what an earlier convert-masks wrote (other files stay)."),
+    allow_empty_masks: bool = typer.Option(
+        False, "--allow-empty-masks", help="Keep defect images whose mask is all zero, as good images."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace what an earlier convert-masks wrote (other files stay)."
+    ),
 ) -> None:
     """MVTec masks -> one instance per connected component -> COCO, YOLO and SAM files per split."""
     from pipeline.data.convert import convert_category, parse_rename
@@ -56,9 +65,18 @@ def convert_masks(
         raise PipelineError(f"--ratios {ratios!r}: expected three numbers like 0.6,0.2,0.2")
     out = out or Path("annotations") / Path(category).resolve().name
     manifest = load_split(split) if split else None
-    summary = convert_category(category, out, ratios=r, seed=seed, connectivity=connectivity, min_area=min_area,
-                               rename=parse_rename(rename), split_manifest=manifest,
-                               allow_empty_masks=allow_empty_masks, force=force)
+    summary = convert_category(
+        category,
+        out,
+        ratios=r,
+        seed=seed,
+        connectivity=connectivity,
+        min_area=min_area,
+        rename=parse_rename(rename),
+        split_manifest=manifest,
+        allow_empty_masks=allow_empty_masks,
+        force=force,
+    )
     from rich.table import Table
 
     from pipeline.core.console import console

@@ -12,20 +12,27 @@ from pipeline.core.console import echo
 
 def evaluate(
     predictions: List[Path] = typer.Argument(
-        ..., help="Prediction files: COCO results JSON, classifier or anomaly JSON."),
+        ..., help="Prediction files: COCO results JSON, classifier or anomaly JSON."
+    ),
     gt: Optional[Path] = typer.Option(
-        None, help="COCO ground truth of the same split (needed for COCO results and for the image-level decision)."),
+        None, help="COCO ground truth of the same split (needed for COCO results and for the image-level decision)."
+    ),
     out: Path = typer.Option(Path("runs/evaluate"), help="Folder for metrics JSON and plots."),
     val_predictions: Optional[List[Path]] = typer.Option(
-        None, "--val-predictions",
+        None,
+        "--val-predictions",
         help="The same sources predicted on the val split, in the same order (repeat the option); turns on the "
-             "image-level good/defect decision with val thresholds and fusion."),
+        "image-level good/defect decision with val thresholds and fusion.",
+    ),
     val_gt: Optional[Path] = typer.Option(
-        None, "--val-gt", help="COCO ground truth of the val split (annotations/<cat>/coco/val.json)."),
+        None, "--val-gt", help="COCO ground truth of the val split (annotations/<cat>/coco/val.json)."
+    ),
     l2: float = typer.Option(1.0, "--l2", help="L2 penalty of the logistic-regression fusion."),
     class_agnostic: bool = typer.Option(
-        False, "--class-agnostic",
-        help="Match COCO results whatever their class (for class-less sources such as PatchCore's regions)."),
+        False,
+        "--class-agnostic",
+        help="Match COCO results whatever their class (for class-less sources such as PatchCore's regions).",
+    ),
 ) -> None:
     """Score predictions: COCO mAP (bbox, segm), mask IoU/Dice, classifier and anomaly metrics.
 
@@ -35,8 +42,15 @@ def evaluate(
     before anything is written."""
     from pipeline.evaluation.evaluate import evaluate_files
 
-    lines = evaluate_files(predictions, gt=gt, out_dir=out, class_agnostic=class_agnostic,
-                           val_predictions=val_predictions, val_gt=val_gt, l2=l2)
+    lines = evaluate_files(
+        predictions,
+        gt=gt,
+        out_dir=out,
+        class_agnostic=class_agnostic,
+        val_predictions=val_predictions,
+        val_gt=val_gt,
+        l2=l2,
+    )
     for line in lines:
         echo(line)
     echo(f"metrics and plots in {out}")
@@ -44,23 +58,28 @@ def evaluate(
 
 def report(
     runs: List[Path] = typer.Argument(
-        ..., help="Output folders of 'pipeline evaluate' (fusion.json and/or metrics_*.json), or fusion.json files."),
+        ..., help="Output folders of 'pipeline evaluate' (fusion.json and/or metrics_*.json), or fusion.json files."
+    ),
     out: Path = typer.Option(
-        Path("runs/report"), "--out", "-o", help="Report folder: report.html, report.json, images/."),
+        Path("runs/report"), "--out", "-o", help="Report folder: report.html, report.json, images/."
+    ),
     gallery: int = typer.Option(
-        6, "--gallery", help="Images per gallery group (most confident errors, least confident correct)."),
+        6, "--gallery", help="Images per gallery group (most confident errors, least confident correct)."
+    ),
     max_side: int = typer.Option(320, "--max-side", help="Longer side of gallery images in pixels."),
     title: str = typer.Option("pipeline report", "--title", help="Report title."),
     gallery_method: Optional[List[str]] = typer.Option(
-        None, "--gallery-method",
-        help="Source or fusion (fusion:or, fusion:logistic) to show a gallery for (repeat; default: the best on "
-             "test)."),
+        None,
+        "--gallery-method",
+        help="Source or fusion (fusion:or, fusion:logistic) to show a gallery for (repeat; default: the best on test).",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ) -> None:
     """Write a self-contained HTML report (plus the same numbers as JSON): dataset counts, metrics tables,
     ROC/PR curves, confusion matrices and a gallery with predictions drawn over the images."""
     from pipeline.evaluation.report import build_report
 
-    doc = build_report(runs, out, gallery=gallery, max_side=max_side, force=force, title=title,
-                       gallery_methods=gallery_method or None)
+    doc = build_report(
+        runs, out, gallery=gallery, max_side=max_side, force=force, title=title, gallery_methods=gallery_method or None
+    )
     echo(f"wrote {doc['html']} ({len(doc['images'])} images) and {Path(out) / 'report.json'}")

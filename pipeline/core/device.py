@@ -46,8 +46,9 @@ def resolve_device(spec: str | None = "auto", *, multi: bool = False) -> str:
             return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         return "cuda:0"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not multi:
-        raise PipelineError(f"device {spec!r}: under torchrun each process takes its own GPU (LOCAL_RANK); "
-                            "pass --device cuda or auto")
+        raise PipelineError(
+            f"device {spec!r}: under torchrun each process takes its own GPU (LOCAL_RANK); pass --device cuda or auto"
+        )
     if not all(p.isdigit() and int(p) < n for p in parts) or len(set(parts)) != len(parts):
         raise PipelineError(f"device {spec!r}: expected cpu, auto, cuda, cuda:N or distinct CUDA indices below {n}")
     return ",".join(f"cuda:{int(p)}" for p in parts)
@@ -61,4 +62,3 @@ def is_cuda(device: str) -> bool:
 def cuda_indices(device: str) -> list[int]:
     """CUDA indices of a resolved device string (``"cuda:0,cuda:2"`` -> ``[0, 2]``); ``[]`` for CPU."""
     return [int(p.split(":")[1]) for p in str(device).split(",") if p.startswith("cuda:")]
-

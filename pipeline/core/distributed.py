@@ -93,7 +93,9 @@ def init_from_env(device: str | None = None) -> DistInfo:
         return DistInfo()
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise PipelineError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset (launch with torchrun)")
+        raise PipelineError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset (launch with torchrun)"
+        )
     import torch
     import torch.distributed as dist
 
@@ -101,8 +103,10 @@ def init_from_env(device: str | None = None) -> DistInfo:
     use_cuda = _wants_cuda(device)
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise PipelineError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) on this node "
-                                "(expected --nproc_per_node <= number of GPUs)")
+            raise PipelineError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) on this node "
+                "(expected --nproc_per_node <= number of GPUs)"
+            )
         torch.cuda.set_device(local_rank)
     backend = "nccl" if use_cuda else "gloo"
     kwargs: dict[str, Any] = {"backend": backend}
@@ -251,8 +255,12 @@ def rng_states() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     # tensors and plain numbers only, so the checkpoint loads with torch.load(weights_only=True)
     numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_states(states: dict) -> None:

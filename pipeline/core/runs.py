@@ -39,8 +39,16 @@ _LEGACY_MARKERS = ("config.yaml", "predictions.json", "model.pt")
 class RunDir:
     """One run folder (see the module docstring). Build it with :meth:`open`."""
 
-    def __init__(self, path: Path, *, kind: str, resume: bool, force: bool, resume_file: str | None,
-                 legacy_files: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        kind: str,
+        resume: bool,
+        force: bool,
+        resume_file: str | None,
+        legacy_files: tuple[str, ...] | None = None,
+    ):
         self.path = Path(path)
         self.legacy_files = legacy_files
         self.kind = kind
@@ -54,8 +62,16 @@ class RunDir:
 
     # ------------------------------------------------------------------ rules (nothing touched)
     @classmethod
-    def open(cls, path: Path, *, kind: str, force: bool = False, resume: bool = False,
-             resume_file: str | None = None, legacy_files: tuple[str, ...] | None = None) -> RunDir:
+    def open(
+        cls,
+        path: Path,
+        *,
+        kind: str,
+        force: bool = False,
+        resume: bool = False,
+        resume_file: str | None = None,
+        legacy_files: tuple[str, ...] | None = None,
+    ) -> RunDir:
         """Check the rules for ``path`` without touching it.
 
         Args:
@@ -82,8 +98,10 @@ class RunDir:
             if resume_file is None:
                 raise PipelineError(f"{path}: this command cannot resume; pass --force to start again")
             if not (path / resume_file).is_file():
-                raise PipelineError(f"{path / resume_file}: nothing to resume (no checkpoint in the run folder); "
-                                    f"pass --force instead of --resume to start again")
+                raise PipelineError(
+                    f"{path / resume_file}: nothing to resume (no checkpoint in the run folder); "
+                    f"pass --force instead of --resume to start again"
+                )
         elif path.exists():
             if path.is_file():
                 raise PipelineError(f"{path}: is a file (expected a run folder)")
@@ -92,14 +110,21 @@ class RunDir:
                     hint = " or --resume to continue it" if resume_file else ""
                     raise PipelineError(f"{path}: output already exists; pass --force to replace it{hint}")
                 owner = _manifest(path)
-                legacy = _matching(path, legacy_files) if legacy_files else [m for m in _LEGACY_MARKERS
-                                                                              if (path / m).exists()]
+                legacy = (
+                    _matching(path, legacy_files)
+                    if legacy_files
+                    else [m for m in _LEGACY_MARKERS if (path / m).exists()]
+                )
                 if owner is None and not legacy:
-                    raise PipelineError(f"{path}: not a folder a pipeline command wrote; refusing to replace it "
-                                        "even with --force (choose another --out)")
+                    raise PipelineError(
+                        f"{path}: not a folder a pipeline command wrote; refusing to replace it "
+                        "even with --force (choose another --out)"
+                    )
                 if owner is not None and owner.get("kind") != kind:
-                    raise PipelineError(f"{path}: holds a {owner.get('kind')} run, not {kind}; refusing to replace "
-                                        "it (choose another --out)")
+                    raise PipelineError(
+                        f"{path}: holds a {owner.get('kind')} run, not {kind}; refusing to replace "
+                        "it (choose another --out)"
+                    )
         return cls(path, kind=kind, resume=resume, force=force, resume_file=resume_file, legacy_files=legacy_files)
 
     # ------------------------------------------------------------------ life cycle
@@ -131,8 +156,11 @@ class RunDir:
             from pipeline.core.console import echo
 
             more = " ..." if len(self.kept) > 5 else ""
-            echo(f"kept {len(self.kept)} file(s) in {self.path} that no pipeline command wrote: "
-                 f"{', '.join(self.kept[:5])}{more}", markup=False)
+            echo(
+                f"kept {len(self.kept)} file(s) in {self.path} that no pipeline command wrote: "
+                f"{', '.join(self.kept[:5])}{more}",
+                markup=False,
+            )
         self._started = True
         self.save_manifest()
         return self

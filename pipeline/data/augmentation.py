@@ -64,7 +64,9 @@ def policy_for(category: str, path: Path | None = None) -> AugmentPolicy:
         if bad:
             raise PipelineError(f"{path}: {where}: unknown augmentation kind(s) {bad} (expected {', '.join(KINDS)})")
     values = {**{k: True for k in KINDS}, **default, **(listed or {})}
-    source = f"{path.name}: {category}" if listed is not None else f"{path.name}: default (category {category!r} not listed)"
+    source = (
+        f"{path.name}: {category}" if listed is not None else f"{path.name}: default (category {category!r} not listed)"
+    )
     return AugmentPolicy(category=category, source=source, **{k: bool(values[k]) for k in KINDS})
 
 

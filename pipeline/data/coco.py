@@ -31,7 +31,9 @@ def class_index_to_category(model_names: list[str], gt: dict, *, source: Path) -
     by_name = {c["name"]: c["id"] for c in gt["categories"]}
     missing = sorted(set(by_name) - set(model_names))
     if missing:
-        raise PipelineError(f"{source}: model classes {model_names} lack the ground truth's {missing} (trained on another dataset?)")
+        raise PipelineError(
+            f"{source}: model classes {model_names} lack the ground truth's {missing} (trained on another dataset?)"
+        )
     return {i: by_name[n] for i, n in enumerate(model_names) if n in by_name}
 
 
@@ -46,9 +48,14 @@ def detections_to_results(
                 continue
             x0, y0, x1, y1 = (float(v) for v in d["bbox_xyxy"])
             x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)
-            out.append({"image_id": img_id, "category_id": index_to_cat[d["class_index"]],
-                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                        "score": round(float(d["score"]), 5)})
+            out.append(
+                {
+                    "image_id": img_id,
+                    "category_id": index_to_cat[d["class_index"]],
+                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "score": round(float(d["score"]), 5),
+                }
+            )
     return out
 
 

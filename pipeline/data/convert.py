@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.instances import decode_rle, encode_rle, mask_to_instances, rle_bbox_xywh
 from pipeline.core.io import atomic_write_json, atomic_write_text, image_size_hw
+from pipeline.data.instances import decode_rle, encode_rle, mask_to_instances, rle_bbox_xywh
 from pipeline.data.mvtec import Sample, read_mask, scan_category
 from pipeline.data.split import SPLITS, Split, image_ids, make_split
 from pipeline.data.yolo import MAX_CLASSES as MAX_YOLO_WORLD_CLASSES
@@ -197,44 +197,85 @@ def _split_warnings(category, manifest: dict, ratios, *, explicit: bool) -> list
     """Refuse an empty split; warn for labels that some splits will lack (fewer than 3 images)."""
     for split in SPLITS:
         if not manifest["splits"].get(split) and (explicit or ratios[SPLITS.index(split)] > 0):
-            raise PipelineError(f"split {split!r} of {category.root} is empty (expected at least one image; check the ratios)")
-    warnings = [f"{p.relative_to(category.root).as_posix()}: all-zero mask, kept as a good image" for p in category.empty_masks]
+            raise PipelineError(
+                f"split {split!r} of {category.root} is empty (expected at least one image; check the ratios)"
+            )
+    warnings = [
+        f"{p.relative_to(category.root).as_posix()}: all-zero mask, kept as a good image" for p in category.empty_masks
+    ]
     for label in sorted({s.label for s in category.test}):
         lacking = [s for s in SPLITS if not any(e["label"] == label for e in manifest["splits"].get(s, []))]
         if lacking:
             n = sum(s.label == label for s in category.test)
-            warnings.append(f"{label!r} has {n} image(s): the {', '.join(lacking)} split(s) will have none of it "
-                            "(metrics that need it there are null)")
+            warnings.append(
+                f"{label!r} has {n} image(s): the {', '.join(lacking)} split(s) will have none of it "
+                "(metrics that need it there are null)"
+            )
     return warnings
 
 
-def _build_splits(category, manifest: dict, names: list[str], type_to_name: dict[str, str], *,
-                  connectivity: int, min_area: int) -> dict[str, _SplitFiles]:
+def _build_splits(
+    category, manifest: dict, names: list[str], type_to_name: dict[str, str], *, connectivity: int, min_area: int
+) -> dict[str, _SplitFiles]:
     """COCO, YOLO and SAM content of every split, self-checked, nothing written yet."""
     ids = image_ids(manifest)
     cat_id = {n: i + 1 for i, n in enumerate(names)}
-    categories = [{"id": cat_id[n], "name": n, "supercategory": "defect",
-                   "defect_types": sorted(t for t, m in type_to_name.items() if m == n)} for n in names]
+    categories = [
+        {
+            "id": cat_id[n],
+            "name": n,
+            "supercategory": "defect",
+            "defect_types": sorted(t for t, m in type_to_name.items() if m == n),
+        }
+        for n in names
+    ]
     built: dict[str, _SplitFiles] = {}
     ann_id = 0
     for split in SPLITS:
-        info = {"description": f"MVTec AD {category.name} {split} split (pipeline convert-masks)",
-                "image_root": str(category.root), "split": split, "connectivity": connectivity, "min_area": min_area}
+        info = {
+            "description": f"MVTec AD {category.name} {split} split (pipeline convert-masks)",
+            "image_root": str(category.root),
+            "split": split,
+            "connectivity": connectivity,
+            "min_area": min_area,
+        }
         files = _SplitFiles(coco={"info": info, "images": [], "annotations": [], "categories": categories})
         for e in manifest["splits"][split]:
             sample = Sample(category.root / e["image"], category.root / e["mask"] if e["mask"] else None, e["label"])
-            ann_id = _add_sample(files, sample, category, ids[e["image"]], e, cat_id, type_to_name, ann_id,
-                                 connectivity=connectivity, min_area=min_area)
+            ann_id = _add_sample(
+                files,
+                sample,
+                category,
+                ids[e["image"]],
+                e,
+                cat_id,
+                type_to_name,
+                ann_id,
+                connectivity=connectivity,
+                min_area=min_area,
+            )
         built[split] = files
     return built
 
 
-def _add_sample(files: _SplitFiles, sample: Sample, category, img_id: int, entry: dict, cat_id: dict,
-                type_to_name: dict, ann_id: int, *, connectivity: int, min_area: int) -> int:
+def _add_sample(
+    files: _SplitFiles,
+    sample: Sample,
+    category,
+    img_id: int,
+    entry: dict,
+    cat_id: dict,
+    type_to_name: dict,
+    ann_id: int,
+    *,
+    connectivity: int,
+    min_area: int,
+) -> int:
     """One image's COCO image/annotations, YOLO label lines and SAM records; returns the last annotation id."""
     h, w = category.sizes_hw.get(sample.image) or image_size_hw(sample.image)
-    files.coco["images"].append({"id": img_id, "file_name": entry["image"], "width": w, "height": h,
-                                 "defect_type": entry["label"]})
+    files.coco["images"].append(
+        {"id": img_id, "file_name": entry["image"], "width": w, "height": h, "defect_type": entry["label"]}
+    )
     stem = yolo_name(sample)
     files.links[f"{stem}{sample.image.suffix}"] = sample.image
     lines = files.labels.setdefault(stem, [])
@@ -248,21 +289,40 @@ def _add_sample(files: _SplitFiles, sample: Sample, category, img_id: int, entry
         rle = encode_rle(inst.mask)
         _self_check(rle, inst, sample.mask)
         x, y, bw, bh = inst.bbox_xywh
-        files.coco["annotations"].append({"id": ann_id, "image_id": img_id, "category_id": cat_id[name],
-                                          "bbox": [x, y, bw, bh], "area": inst.area, "segmentation": rle,
-                                          "iscrowd": 0})
+        files.coco["annotations"].append(
+            {
+                "id": ann_id,
+                "image_id": img_id,
+                "category_id": cat_id[name],
+                "bbox": [x, y, bw, bh],
+                "area": inst.area,
+                "segmentation": rle,
+                "iscrowd": 0,
+            }
+        )
         box_norm = ((x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h)
         _check_yolo(box_norm, inst.bbox_xywh, (h, w), sample.mask)
         lines.append(f"{cat_id[name] - 1} " + " ".join(f"{v:.6f}" for v in box_norm))
-        files.sam_lines.append(json.dumps({
-            "image": str(sample.image), "image_id": img_id, "annotation_id": ann_id, "size_hw": [h, w],
-            "category_id": cat_id[name], "category": name, "bbox_xyxy": list(inst.bbox_xyxy), "segmentation": rle,
-        }))
+        files.sam_lines.append(
+            json.dumps(
+                {
+                    "image": str(sample.image),
+                    "image_id": img_id,
+                    "annotation_id": ann_id,
+                    "size_hw": [h, w],
+                    "category_id": cat_id[name],
+                    "category": name,
+                    "bbox_xyxy": list(inst.bbox_xyxy),
+                    "segmentation": rle,
+                }
+            )
+        )
     return ann_id
 
 
-def _write_outputs(out: Path, built: dict[str, _SplitFiles], manifest: dict, names: list[str],
-                   summary: ConvertSummary) -> None:
+def _write_outputs(
+    out: Path, built: dict[str, _SplitFiles], manifest: dict, names: list[str], summary: ConvertSummary
+) -> None:
     """Write every split's files, ``yolo/data.yaml``, ``split.json`` and ``summary.json`` (each atomically)."""
     import yaml
 
@@ -273,9 +333,15 @@ def _write_outputs(out: Path, built: dict[str, _SplitFiles], manifest: dict, nam
             atomic_write_text(out / "yolo" / "labels" / split / f"{stem}.txt", "".join(ln + "\n" for ln in lines))
         atomic_write_json(out / "coco" / f"{split}.json", files.coco, indent=None)
         atomic_write_text(out / "sam" / f"{split}.jsonl", "".join(ln + "\n" for ln in files.sam_lines))
-    data_yaml = {"path": str(out.resolve() / "yolo"), "train": "images/train", "val": "images/val",
-                 "test": "images/test", "nc": len(names), "names": dict(enumerate(names)),
-                 "category": manifest["category"]}  # picks the label-safe augmentation policy
+    data_yaml = {
+        "path": str(out.resolve() / "yolo"),
+        "train": "images/train",
+        "val": "images/val",
+        "test": "images/test",
+        "nc": len(names),
+        "names": dict(enumerate(names)),
+        "category": manifest["category"],
+    }  # picks the label-safe augmentation policy
     atomic_write_text(out / "yolo" / "data.yaml", yaml.safe_dump(data_yaml, sort_keys=False))
     atomic_write_json(out / "split.json", manifest)
     atomic_write_json(out / "summary.json", summary.as_dict())
@@ -299,4 +365,3 @@ def _check_yolo(box_norm: tuple[float, float, float, float], bbox_xywh, size_hw,
     back = ((cx - wn / 2) * w, (cy - hn / 2) * h, wn * w, hn * h)
     if max(abs(a - b) for a, b in zip(back, (x, y, bw, bh))) > 1e-6 * max(h, w) + 1e-9:
         raise PipelineError(f"{mask_path}: self-check failed, YOLO box {box_norm} != COCO box {bbox_xywh}")
-

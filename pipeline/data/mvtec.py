@@ -76,12 +76,21 @@ def _same_stem_problems(folder: Path, images: list[Path]) -> list[str]:
     by_stem: dict[str, list[str]] = {}
     for p in images:
         by_stem.setdefault(p.stem, []).append(p.name)
-    return [f"{folder}: images {', '.join(names)} share the stem {stem!r} (expected one image per stem)"
-            for stem, names in sorted(by_stem.items()) if len(names) > 1]
+    return [
+        f"{folder}: images {', '.join(names)} share the stem {stem!r} (expected one image per stem)"
+        for stem, names in sorted(by_stem.items())
+        if len(names) > 1
+    ]
 
 
-def scan_category(root: Path, *, check_pixels: bool = True, allow_empty_masks: bool = False,
-                  keep_masks: bool = False, workers: int | None = None) -> Category:
+def scan_category(
+    root: Path,
+    *,
+    check_pixels: bool = True,
+    allow_empty_masks: bool = False,
+    keep_masks: bool = False,
+    workers: int | None = None,
+) -> Category:
     """Scan and validate an MVTec AD category folder.
 
     Checks that every defect image has exactly one mask ``ground_truth/<defect>/<stem>_mask.png``,
@@ -110,7 +119,9 @@ def scan_category(root: Path, *, check_pixels: bool = True, allow_empty_masks: b
         raise PipelineError(f"{root}: category folder not found (expected <root>/<category> in MVTec AD layout)")
     test_dir, gt_dir, train_dir = root / "test", root / "ground_truth", root / "train" / GOOD
     if not test_dir.is_dir():
-        raise PipelineError(f"{test_dir}: missing (expected MVTec AD layout: train/good, test/<defect>, ground_truth/<defect>)")
+        raise PipelineError(
+            f"{test_dir}: missing (expected MVTec AD layout: train/good, test/<defect>, ground_truth/<defect>)"
+        )
     problems: list[str] = []
     samples = _pair_masks(test_dir, gt_dir, problems)
     train_good = tuple(_images(train_dir)) if train_dir.is_dir() else ()
@@ -135,16 +146,17 @@ def scan_category(root: Path, *, check_pixels: bool = True, allow_empty_masks: b
                 if allow_empty_masks:
                     empty.append(s.image)
                     continue
-                probs = [f"{s.mask}: all-zero mask for defect image {s.image.name} "
-                         "(expected a marked defect; --allow-empty-masks keeps it as a good image)"]
+                probs = [
+                    f"{s.mask}: all-zero mask for defect image {s.image.name} "
+                    "(expected a marked defect; --allow-empty-masks keeps it as a good image)"
+                ]
             problems += probs
             if keep_masks and not probs:
                 masks[s.mask] = mask[..., 0] > 0 if mask.ndim == 3 else mask > 0
     if problems:
         raise PipelineError(f"{root}: {len(problems)} problem(s): " + "; ".join(problems))
     test = tuple(Sample(s.image, None, GOOD) if s.image in empty else s for s in samples)
-    return Category(root=root, train_good=train_good, test=test, empty_masks=tuple(empty), masks=masks,
-                    sizes_hw=sizes)
+    return Category(root=root, train_good=train_good, test=test, empty_masks=tuple(empty), masks=masks, sizes_hw=sizes)
 
 
 def _pair_masks(test_dir: Path, gt_dir: Path, problems: list[str]) -> list[Sample]:
@@ -213,7 +225,9 @@ def mask_problems(mask: np.ndarray, path: Path, size_hw: tuple[int, int]) -> lis
         out.append(f"{path}: mask has {mask.shape[2]} channels (expected one 8-bit grey channel)")
         return out
     if mask.shape != tuple(size_hw):
-        out.append(f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image {size_hw[1]}x{size_hw[0]}")
+        out.append(
+            f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image {size_hw[1]}x{size_hw[0]}"
+        )
     values = set(np.unique(mask).tolist())
     if not (values <= {0, 255} or values <= {0, 1}):
         bad = sorted(values - {0, 1, 255})[:5]

@@ -106,15 +106,18 @@ def _parse_record(line: str, *, where: str, sizes: dict[Path, tuple[int, int]]) 
         sizes[image] = image_size_hw(image)
     h, w = (int(v) for v in d["size_hw"])
     if sizes[image] != (h, w):
-        raise PipelineError(f"{where}: image {image} is {sizes[image][1]}x{sizes[image][0]}, "
-                            f"record says size_hw {[h, w]}")
+        raise PipelineError(
+            f"{where}: image {image} is {sizes[image][1]}x{sizes[image][0]}, record says size_hw {[h, w]}"
+        )
     try:
         x0, y0, x1, y1 = (float(v) for v in d["bbox_xyxy"])
     except (TypeError, ValueError):
         raise PipelineError(f"{where}: bbox_xyxy {d['bbox_xyxy']!r} (expected four numbers x0, y0, x1, y1)") from None
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise PipelineError(f"{where}: bbox_xyxy {[x0, y0, x1, y1]} outside the {w}x{h} image or empty "
-                            "(expected 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H)")
+        raise PipelineError(
+            f"{where}: bbox_xyxy {[x0, y0, x1, y1]} outside the {w}x{h} image or empty "
+            "(expected 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H)"
+        )
     seg = d["segmentation"]
     if not isinstance(seg, dict) or list(seg.get("size", [])) != [h, w] or "counts" not in seg:
         raise PipelineError(f"{where}: segmentation is not an RLE of size {[h, w]}")
@@ -124,9 +127,16 @@ def _parse_record(line: str, *, where: str, sizes: dict[Path, tuple[int, int]]) 
         raise PipelineError(f"{where}: segmentation RLE does not decode ({exc})") from None
     if not m.any():
         raise PipelineError(f"{where}: empty mask (annotation {d['annotation_id']} has no pixels)")
-    return SamRecord(image=image, image_id=int(d["image_id"]), annotation_id=int(d["annotation_id"]), size_hw=(h, w),
-                     category_id=int(d["category_id"]), category=str(d.get("category", d["category_id"])),
-                     bbox_xyxy=(x0, y0, x1, y1), segmentation=seg)
+    return SamRecord(
+        image=image,
+        image_id=int(d["image_id"]),
+        annotation_id=int(d["annotation_id"]),
+        size_hw=(h, w),
+        category_id=int(d["category_id"]),
+        category=str(d.get("category", d["category_id"])),
+        bbox_xyxy=(x0, y0, x1, y1),
+        segmentation=seg,
+    )
 
 
 def group_by_image(records: list[SamRecord]) -> list[ImageGroup]:

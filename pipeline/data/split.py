@@ -62,7 +62,9 @@ def make_split(
         PipelineError: ratios not positive or not summing to 1.
     """
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
-        raise PipelineError(f"split ratios {ratios}: expected three non-negative numbers (train, val, test) summing to 1")
+        raise PipelineError(
+            f"split ratios {ratios}: expected three non-negative numbers (train, val, test) summing to 1"
+        )
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[Sample]] = {}
     for s in category.test:

@@ -88,7 +88,10 @@ def at_threshold(scores, labels, threshold: float) -> dict:
         "recall": tp / (tp + fn) if tp + fn else 0.0,
         "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
         "accuracy": (tp + tn) / len(s) if len(s) else float("nan"),
-        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
     }
 
 
@@ -138,8 +141,15 @@ class PixelHist:
         self.regions += n - 1
 
     def __add__(self, other: "PixelHist") -> "PixelHist":
-        return PixelHist(self.lo, self.hi, self.bins, self.neg + other.neg, self.pos + other.pos,
-                         self.pro + other.pro, self.regions + other.regions)
+        return PixelHist(
+            self.lo,
+            self.hi,
+            self.bins,
+            self.neg + other.neg,
+            self.pos + other.pos,
+            self.pro + other.pro,
+            self.regions + other.regions,
+        )
 
     def curves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(fpr, tpr, pro)`` at every bin edge from the top, each starting at 0."""
@@ -154,8 +164,13 @@ class PixelHist:
         # thresholds at the lower edge of each bin, from the highest bin down; prepend "nothing flagged"
         fp = np.concatenate([[0.0], np.cumsum(self.neg[::-1])])
         tp = np.concatenate([[0.0], np.cumsum(self.pos[::-1])])
-        out: dict = {"pixel_auroc": float("nan"), "pro": float("nan"), "pixel_f1_max": float("nan"),
-                     "pixel_threshold": float("nan"), "regions": int(self.regions)}
+        out: dict = {
+            "pixel_auroc": float("nan"),
+            "pro": float("nan"),
+            "pixel_f1_max": float("nan"),
+            "pixel_threshold": float("nan"),
+            "regions": int(self.regions),
+        }
         if n_neg == 0 or n_pos == 0:
             return out
         fpr, tpr = fp / n_neg, tp / n_pos
@@ -227,8 +242,9 @@ def _ground_truth(split_or_gt, pred: dict, pred_path: Path) -> tuple[Path, dict]
     if split_or_gt is None:
         root = pred.get("root")
         if not root:
-            raise PipelineError(f"{pred_path}: no ground truth given and no 'root' recorded "
-                                "(pass the split or category)")
+            raise PipelineError(
+                f"{pred_path}: no ground truth given and no 'root' recorded (pass the split or category)"
+            )
         split_or_gt = Path(root)
     if isinstance(split_or_gt, Split):
         split = split_or_gt
@@ -236,8 +252,7 @@ def _ground_truth(split_or_gt, pred: dict, pred_path: Path) -> tuple[Path, dict]
         p = Path(split_or_gt)
         if p.is_dir():
             cat = scan_category(p, check_pixels=False)
-            return cat.root, {s.image.relative_to(cat.root).as_posix(): (s.label, from_path(s.mask))
-                              for s in cat.test}
+            return cat.root, {s.image.relative_to(cat.root).as_posix(): (s.label, from_path(s.mask)) for s in cat.test}
         doc = read_json(p)
         if isinstance(doc, dict) and "images" in doc and "annotations" in doc:
             return _coco_ground_truth(doc, p, pred)
@@ -260,8 +275,9 @@ def _coco_ground_truth(doc: dict, path: Path, pred: dict) -> tuple[Path, dict]:
     for im in doc["images"]:
         label = im.get("defect_type")
         if label is None:
-            raise PipelineError(f"{path}: image {im.get('id')} has no 'defect_type' "
-                                "(expected pipeline convert-masks output)")
+            raise PipelineError(
+                f"{path}: image {im.get('id')} has no 'defect_type' (expected pipeline convert-masks output)"
+            )
 
         def loader(im=im):
             a = anns.get(im["id"], [])
@@ -292,8 +308,13 @@ def _image_metrics(labels: list[str], scores: np.ndarray, threshold: float) -> d
         y = lab[sel] != GOOD
         s = scores[sel]
         f1, thr = f1_max(s, y)
-        g = {"n_images": int(sel.sum()), "n_defect": int(y.sum()), "image_auroc": auroc(s, y),
-             "image_f1_max": f1, "image_f1_threshold": thr}
+        g = {
+            "n_images": int(sel.sum()),
+            "n_defect": int(y.sum()),
+            "image_auroc": auroc(s, y),
+            "image_f1_max": f1,
+            "image_f1_threshold": thr,
+        }
         if np.isfinite(threshold):
             g["at_threshold"] = at_threshold(s, y, threshold)
         res[name] = g
@@ -322,7 +343,7 @@ def _definitions(max_fpr: float) -> dict[str, str]:
         "image_auroc": "exact ROC AUC of image scores (defect = positive)",
         "pixel_auroc": f"pixel ROC AUC at native mask resolution, maps resized bilinearly, {PIXEL_BINS} score bins",
         "pro": f"normalised area under per-region overlap vs good-pixel FPR for FPR <= {max_fpr} "
-               "(8-connected GT components; Bergmann et al. 2020)",
+        "(8-connected GT components; Bergmann et al. 2020)",
         "per_type": "images of that defect type plus all good images",
     }
 
@@ -360,16 +381,19 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
     pred_path = Path(pred_path)
     loaded = load_predictions(pred_path)
     if loaded.kind != "anomaly":
-        raise PipelineError(f"{pred_path}: not an anomaly prediction file (a {loaded.kind} file; "
-                            "expected {'kind': 'anomaly', 'predictions': [...]})")
+        raise PipelineError(
+            f"{pred_path}: not an anomaly prediction file (a {loaded.kind} file; "
+            "expected {'kind': 'anomaly', 'predictions': [...]})"
+        )
     pred, records = loaded.doc, loaded.records
     if not records:
         raise PipelineError(f"{pred_path}: no predictions to evaluate")
     root, gt = _ground_truth(split_or_gt, pred, pred_path)
     missing = [p["image"] for p in records if p["image"] not in gt]
     if missing:
-        raise PipelineError(f"{pred_path}: {len(missing)} image(s) not in the ground truth of {root}, "
-                            f"e.g. {missing[0]}")
+        raise PipelineError(
+            f"{pred_path}: {len(missing)} image(s) not in the ground truth of {root}, e.g. {missing[0]}"
+        )
     labels = [gt[p["image"]][0] for p in records]
     scores = np.array([float(p["score"]) for p in records])
     threshold = float(pred.get("threshold", float("nan")))
@@ -384,9 +408,17 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
             total = total + h
             res[t].update((good + h).metrics(max_fpr=max_fpr))
         res["overall"].update(total.metrics(max_fpr=max_fpr))
-    out = {"kind": "anomaly", "model": pred.get("model"), "backbone": pred.get("backbone"), "threshold": threshold,
-           "predictions": str(pred_path), "definitions": _definitions(max_fpr), "pixel_metrics": bool(with_pixels),
-           "overall": res.pop("overall"), "per_type": res}
+    out = {
+        "kind": "anomaly",
+        "model": pred.get("model"),
+        "backbone": pred.get("backbone"),
+        "threshold": threshold,
+        "predictions": str(pred_path),
+        "definitions": _definitions(max_fpr),
+        "pixel_metrics": bool(with_pixels),
+        "overall": res.pop("overall"),
+        "per_type": res,
+    }
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -397,8 +429,9 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
     return out
 
 
-def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist | None", max_fpr: float,
-                 m: dict) -> None:
+def _plot_curves(
+    path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist | None", max_fpr: float, m: dict
+) -> None:
     """Image ROC, pixel ROC and the PRO curve (overall) in one PNG."""
     import matplotlib
 
@@ -414,12 +447,16 @@ def _plot_curves(path: Path, scores: np.ndarray, y: np.ndarray, hist: "PixelHist
     if hist is not None:
         fpr, tpr, pro = hist.curves()
         axes[0, 1].plot(fpr, tpr)
-        axes[0, 1].set(title=f"pixel ROC (AUROC {m['overall']['pixel_auroc']:.4f})", xlabel="FPR",
-                       ylabel="TPR")
+        axes[0, 1].set(title=f"pixel ROC (AUROC {m['overall']['pixel_auroc']:.4f})", xlabel="FPR", ylabel="TPR")
         keep = fpr <= max_fpr
         axes[0, 2].plot(fpr[keep], pro[keep])
-        axes[0, 2].set(title=f"PRO up to FPR {max_fpr} (area {m['overall']['pro']:.4f})", xlabel="FPR",
-                       ylabel="PRO", xlim=(0, max_fpr), ylim=(0, 1))
+        axes[0, 2].set(
+            title=f"PRO up to FPR {max_fpr} (area {m['overall']['pro']:.4f})",
+            xlabel="FPR",
+            ylabel="PRO",
+            xlim=(0, max_fpr),
+            ylim=(0, 1),
+        )
     fig.suptitle(f"{m.get('backbone') or ''} {Path(m['predictions']).name}")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
@@ -429,8 +466,15 @@ def table_rows(metrics: dict) -> list[dict]:
     """One row per group (``overall`` first) with the headline numbers, for printing."""
     rows = []
     for name, g in [("overall", metrics["overall"]), *metrics["per_type"].items()]:
-        rows.append({"group": name, "n": g["n_images"], "image_auroc": g["image_auroc"],
-                     "image_f1_max": g["image_f1_max"], "pixel_auroc": g.get("pixel_auroc"), "pro": g.get("pro"),
-                     "pixel_f1_max": g.get("pixel_f1_max")})
+        rows.append(
+            {
+                "group": name,
+                "n": g["n_images"],
+                "image_auroc": g["image_auroc"],
+                "image_f1_max": g["image_f1_max"],
+                "pixel_auroc": g.get("pixel_auroc"),
+                "pro": g.get("pro"),
+                "pixel_f1_max": g.get("pixel_f1_max"),
+            }
+        )
     return rows
-

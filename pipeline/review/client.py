@@ -48,14 +48,16 @@ def api_errors(url: str, *, token_env: str = TOKEN_ENV, what: str = "request") -
     except ApiError as exc:
         code = exc.status_code
         if code in (401, 403):
-            raise PipelineError(f"Label Studio at {url} rejected the API token in ${token_env} "
-                                f"(HTTP {code}: {_short(exc.body)})") from None
+            raise PipelineError(
+                f"Label Studio at {url} rejected the API token in ${token_env} (HTTP {code}: {_short(exc.body)})"
+            ) from None
         raise PipelineError(f"Label Studio at {url}: {what} failed (HTTP {code}: {_short(exc.body)})") from None
     except httpx.InvalidURL as exc:
         raise PipelineError(f"--url {url!r}: not a valid URL ({exc})") from None
     except httpx.HTTPError as exc:
-        raise PipelineError(f"cannot reach Label Studio at {url} "
-                            f"({type(exc).__name__}: {exc or 'no response'})") from None
+        raise PipelineError(
+            f"cannot reach Label Studio at {url} ({type(exc).__name__}: {exc or 'no response'})"
+        ) from None
 
 
 def connect(url: str, *, token_env: str = TOKEN_ENV, timeout: float = 60.0):
@@ -67,8 +69,10 @@ def connect(url: str, *, token_env: str = TOKEN_ENV, timeout: float = 60.0):
     LabelStudio = import_sdk().LabelStudio
     token = os.environ.get(token_env, "").strip()
     if not token:
-        raise PipelineError(f"set the Label Studio API token in the environment variable {token_env} "
-                            f"(Label Studio: Account & Settings > Access Token)")
+        raise PipelineError(
+            f"set the Label Studio API token in the environment variable {token_env} "
+            f"(Label Studio: Account & Settings > Access Token)"
+        )
     if not url.startswith(("http://", "https://")):
         raise PipelineError(f"--url {url!r}: expected http://HOST:PORT")
     with api_errors(url, token_env=token_env, what="login"):
@@ -130,8 +134,11 @@ def push_tasks(
         project = find_project(ls, title)
         created = project is None
         if not created:
-            validate_tasks(tasks, project.label_config or "<View/>",
-                           source=f"{source} vs the labeling config of project {title!r} (id {project.id})")
+            validate_tasks(
+                tasks,
+                project.label_config or "<View/>",
+                source=f"{source} vs the labeling config of project {title!r} (id {project.id})",
+            )
             existing = {t["data"].get("file_name"): t for t in _project_tasks(ls, project.id)}
         else:
             existing = {}
@@ -152,8 +159,13 @@ def push_tasks(
                 except Exception:  # the original error matters more
                     pass
             raise
-    return {"project_id": project.id, "project_url": f"{url.rstrip('/')}/projects/{project.id}", "created": created,
-            "n_imported": len(new), "n_updated": len(old)}
+    return {
+        "project_id": project.id,
+        "project_url": f"{url.rstrip('/')}/projects/{project.id}",
+        "created": created,
+        "n_imported": len(new),
+        "n_updated": len(old),
+    }
 
 
 def _register_storage(ls, project_id: int, storage_path: Path) -> None:
@@ -182,8 +194,10 @@ def local_files_start_command(document_root: Path) -> str:
     """
     import shlex
 
-    return (f"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
-            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={shlex.quote(str(document_root))} label-studio start")
+    return (
+        f"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
+        f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={shlex.quote(str(document_root))} label-studio start"
+    )
 
 
 # ----------------------------------------------------------------------------- pull

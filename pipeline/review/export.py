@@ -32,8 +32,15 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.data.mvtec import GOOD
 from pipeline.review.client import TOKEN_ENV
-from pipeline.review.labeling_config import BRUSH_TAG, IMAGE_TAG, POLY_TAG, REASON_FIELD, RECT_TAG, labeling_config, \
-    validate_tasks
+from pipeline.review.labeling_config import (
+    BRUSH_TAG,
+    IMAGE_TAG,
+    POLY_TAG,
+    REASON_FIELD,
+    RECT_TAG,
+    labeling_config,
+    validate_tasks,
+)
 
 ORDERS = ("image", "uncertainty")
 # review's name for each kind of pipeline.data.predictions: COCO results are the detections shown as regions
@@ -43,8 +50,9 @@ SOURCE_KINDS = {"coco": "detections", "classification": "classification", "anoma
 # ----------------------------------------------------------------------------- results
 
 
-def image_url(path: Path, *, document_root: Path | None = None, url_prefix: str | None = None,
-              rel: str | None = None) -> str:
+def image_url(
+    path: Path, *, document_root: Path | None = None, url_prefix: str | None = None, rel: str | None = None
+) -> str:
     """URL Label Studio uses for an image.
 
     With ``url_prefix``: ``url_prefix + rel`` (``rel`` = path relative to the category root). Otherwise
@@ -70,8 +78,15 @@ def _result_id(*parts) -> str:
 
 def _base_result(*, rid: str, kind: str, from_name: str, size_hw: tuple[int, int], score: float | None) -> dict:
     h, w = size_hw
-    r = {"id": rid, "type": kind, "from_name": from_name, "to_name": IMAGE_TAG,
-         "original_width": int(w), "original_height": int(h), "image_rotation": 0}
+    r = {
+        "id": rid,
+        "type": kind,
+        "from_name": from_name,
+        "to_name": IMAGE_TAG,
+        "original_width": int(w),
+        "original_height": int(h),
+        "image_rotation": 0,
+    }
     if score is not None:
         r["score"] = float(score)
     return r
@@ -84,8 +99,14 @@ def rectangle_result(*, bbox_xywh, label: str, size_hw: tuple[int, int], score: 
     x0, y0 = max(0.0, x), max(0.0, y)
     x1, y1 = min(float(w), x + bw), min(float(h), y + bh)
     r = _base_result(rid=rid, kind="rectanglelabels", from_name=RECT_TAG, size_hw=size_hw, score=None)
-    r["value"] = {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w,
-                  "height": 100 * (y1 - y0) / h, "rotation": 0, "rectanglelabels": [label]}
+    r["value"] = {
+        "x": 100 * x0 / w,
+        "y": 100 * y0 / h,
+        "width": 100 * (x1 - x0) / w,
+        "height": 100 * (y1 - y0) / h,
+        "rotation": 0,
+        "rectanglelabels": [label],
+    }
     if score is not None:
         r["score"] = float(score)
     return r
@@ -121,8 +142,16 @@ def polygon_results(*, mask: np.ndarray, label: str, score: float | None, rid: s
     return out
 
 
-def region_results(*, bbox_xywh, mask: np.ndarray | None, label: str, size_hw: tuple[int, int], score: float | None,
-                   rid: str, polygons: bool = False) -> list[dict]:
+def region_results(
+    *,
+    bbox_xywh,
+    mask: np.ndarray | None,
+    label: str,
+    size_hw: tuple[int, int],
+    score: float | None,
+    rid: str,
+    polygons: bool = False,
+) -> list[dict]:
     """A predicted object as results: its rectangle (id ``rid``), its brush mask (``rid_brush``) when it
     has a mask, and its polygons (``rid_poly<k>``) when ``polygons``.
 
@@ -132,8 +161,9 @@ def region_results(*, bbox_xywh, mask: np.ndarray | None, label: str, size_hw: t
     out = [rectangle_result(bbox_xywh=bbox_xywh, label=label, size_hw=size_hw, score=score, rid=rid)]
     if mask is not None:
         if mask.shape != tuple(size_hw):
-            raise PipelineError(f"prediction mask {mask.shape[1]}x{mask.shape[0]} is not at the image size "
-                                f"{size_hw[1]}x{size_hw[0]}")
+            raise PipelineError(
+                f"prediction mask {mask.shape[1]}x{mask.shape[0]} is not at the image size {size_hw[1]}x{size_hw[0]}"
+            )
         out.append(brush_result(mask=mask, label=label, score=score, rid=f"{rid}_brush"))
         if polygons:
             out += polygon_results(mask=mask, label=label, score=score, rid=rid)
@@ -218,8 +248,10 @@ def _add_image_records(src: Source, path: Path, doc: dict, coco) -> None:
         if img_id not in img_ids:
             img_id = by_file.get(str(rec.get("image", "")).replace(os.sep, "/"))
         if img_id is None:
-            raise PipelineError(f"{path}: prediction {i} (image {rec.get('image')!r}, image_id "
-                                f"{rec.get('image_id')!r}) is not an image of the ground truth")
+            raise PipelineError(
+                f"{path}: prediction {i} (image {rec.get('image')!r}, image_id "
+                f"{rec.get('image_id')!r}) is not an image of the ground truth"
+            )
         if src.kind == "classification" and not isinstance(rec.get("scores"), dict):
             raise PipelineError(f"{path}: prediction {i} lacks scores {{class: probability}}")
         if src.kind == "anomaly" and not isinstance(rec.get("score"), (int, float)):
@@ -259,8 +291,10 @@ def _detection_terms(src: Source, recs: list[dict], threshold: float, names: dic
         worst = max(recs, key=lambda r: score_closeness(float(r["score"]), threshold))
         s = float(worst["score"])
         u = score_closeness(s, threshold)
-        term = (u, f"{src.name}: {names.get(worst['category_id'], '?')} score {s:.2f} "
-                   f"{_relation(u, s, threshold, '.2f')}")
+        term = (
+            u,
+            f"{src.name}: {names.get(worst['category_id'], '?')} score {s:.2f} {_relation(u, s, threshold, '.2f')}",
+        )
     top = max(recs, key=lambda r: r["score"], default=None)
     is_defect = top is not None and top["score"] >= threshold
     cls = names.get(top["category_id"]) if is_defect else None
@@ -275,8 +309,11 @@ def _classifier_terms(src: Source, rec: dict):
     p2, c2 = probs[1] if len(probs) > 1 else (0.0, "-")
     label = str(rec.get("label", c1))
     is_defect = label != GOOD
-    return (1.0 - (p1 - p2), f"{src.name}: {c1} {p1:.2f} vs {c2} {p2:.2f}"), \
-        (is_defect, label if is_defect else None, f"{src.name}={label} ({p1:.2f})")
+    return (1.0 - (p1 - p2), f"{src.name}: {c1} {p1:.2f} vs {c2} {p2:.2f}"), (
+        is_defect,
+        label if is_defect else None,
+        f"{src.name}={label} ({p1:.2f})",
+    )
 
 
 def _anomaly_terms(src: Source, rec: dict):
@@ -285,12 +322,12 @@ def _anomaly_terms(src: Source, rec: dict):
     u = math.exp(-abs(s - t) / src.scale)
     is_defect = s >= t
     verdict = f"{src.name}={'defect' if is_defect else GOOD} ({s:.3g} {'>=' if is_defect else '<'} {t:.3g})"
-    return (u, f"{src.name}: anomaly score {s:.3g} {_relation(u, s, t, '.3g')}"), \
-        (is_defect, None, verdict)
+    return (u, f"{src.name}: anomaly score {s:.3g} {_relation(u, s, t, '.3g')}"), (is_defect, None, verdict)
 
 
-def image_uncertainty(image_id: int, sources: list[Source], *, threshold: float,
-                      names: dict[int, str]) -> tuple[float, str]:
+def image_uncertainty(
+    image_id: int, sources: list[Source], *, threshold: float, names: dict[int, str]
+) -> tuple[float, str]:
     """Review priority of one image in [0, 1] (1 = review first) and the reason, in words.
 
     uncertainty = max(disagreement, the per-source terms):
@@ -355,27 +392,38 @@ def _segmentation_mask(seg, *, size_hw: tuple[int, int]) -> np.ndarray:
     try:
         return decode_rle(seg)
     except (KeyError, TypeError, ValueError) as exc:
-        raise PipelineError(f"prediction segmentation is not COCO RLE or polygons "
-                            f"({type(exc).__name__}: {exc})") from None
+        raise PipelineError(
+            f"prediction segmentation is not COCO RLE or polygons ({type(exc).__name__}: {exc})"
+        ) from None
 
 
-def _image_predictions(img: dict, sources: list[Source], *, min_score: float, names: dict[int, str],
-                       polygons: bool) -> list[dict]:
+def _image_predictions(
+    img: dict, sources: list[Source], *, min_score: float, names: dict[int, str], polygons: bool
+) -> list[dict]:
     """One Label Studio prediction per detection source: its results on ``img`` scoring ``>= min_score``."""
     size_hw = (int(img["height"]), int(img["width"]))
     preds = []
     for src in sources:
         if src.kind != "detections":
             continue
-        kept = sorted((r for r in src.by_image.get(img["id"], []) if r["score"] >= min_score),
-                      key=lambda r: -r["score"])
+        kept = sorted(
+            (r for r in src.by_image.get(img["id"], []) if r["score"] >= min_score), key=lambda r: -r["score"]
+        )
         result = []
         for k, r in enumerate(kept):
             mask = _segmentation_mask(r["segmentation"], size_hw=size_hw) if r.get("segmentation") else None
-            result += region_results(bbox_xywh=r["bbox"], mask=mask, label=names[r["category_id"]], size_hw=size_hw,
-                                     score=r["score"], rid=_result_id(img["id"], k, src.name), polygons=polygons)
-        preds.append({"model_version": src.name, "score": max((r["score"] for r in kept), default=0.0),
-                      "result": result})
+            result += region_results(
+                bbox_xywh=r["bbox"],
+                mask=mask,
+                label=names[r["category_id"]],
+                size_hw=size_hw,
+                score=r["score"],
+                rid=_result_id(img["id"], k, src.name),
+                polygons=polygons,
+            )
+        preds.append(
+            {"model_version": src.name, "score": max((r["score"] for r in kept), default=0.0), "result": result}
+        )
     return preds
 
 
@@ -419,21 +467,27 @@ def build_tasks(
     tasks = []
     for img in coco_gt["images"]:
         u, reason = image_uncertainty(img["id"], sources, threshold=min_score, names=names)
-        tasks.append({
-            "data": {
-                IMAGE_TAG: image_url(image_root / img["file_name"], document_root=document_root,
-                                     url_prefix=url_prefix, rel=img["file_name"]),
-                "image_id": img["id"],
-                "file_name": img["file_name"],
-                "width": int(img["width"]),
-                "height": int(img["height"]),
-                "image_root": str(image_root),
-                "defect_type": img.get("defect_type", ""),
-                "uncertainty": round(u, 4),
-                REASON_FIELD: f"{img['file_name']}: uncertainty {u:.2f}: {reason}",
-            },
-            "predictions": _image_predictions(img, sources, min_score=min_score, names=names, polygons=polygons),
-        })
+        tasks.append(
+            {
+                "data": {
+                    IMAGE_TAG: image_url(
+                        image_root / img["file_name"],
+                        document_root=document_root,
+                        url_prefix=url_prefix,
+                        rel=img["file_name"],
+                    ),
+                    "image_id": img["id"],
+                    "file_name": img["file_name"],
+                    "width": int(img["width"]),
+                    "height": int(img["height"]),
+                    "image_root": str(image_root),
+                    "defect_type": img.get("defect_type", ""),
+                    "uncertainty": round(u, 4),
+                    REASON_FIELD: f"{img['file_name']}: uncertainty {u:.2f}: {reason}",
+                },
+                "predictions": _image_predictions(img, sources, min_score=min_score, names=names, polygons=polygons),
+            }
+        )
     if order == "uncertainty":
         tasks.sort(key=lambda t: (-t["data"]["uncertainty"], t["data"]["image_id"]))
     for rank, t in enumerate(tasks, 1):
@@ -499,17 +553,32 @@ def export_tasks(
     image_root = Path(gt.get("info", {}).get("image_root", "."))
     if document_root is None and url_prefix is None:
         document_root = image_root.parent
-    tasks = build_tasks(gt, sources, min_score=min_score, document_root=document_root, url_prefix=url_prefix,
-                        polygons=polygons, order=order)
-    config = labeling_config([c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])],
-                             brush=True, polygons=polygons, reason=True)
+    tasks = build_tasks(
+        gt,
+        sources,
+        min_score=min_score,
+        document_root=document_root,
+        url_prefix=url_prefix,
+        polygons=polygons,
+        order=order,
+    )
+    config = labeling_config(
+        [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])], brush=True, polygons=polygons, reason=True
+    )
     validate_tasks(tasks, config, source=str(paths[0]))
     split = gt.get("info", {}).get("split")
     title = f"review {image_root.name}" + (f" {split}" if split else "")
     pushed = None
     if push:  # before anything is written: a refused push leaves no output folder
-        pushed = push_tasks(tasks, config, url=url, title=project or title, token_env=token_env,
-                            storage_path=None if url_prefix else image_root, source=str(paths[0]))
+        pushed = push_tasks(
+            tasks,
+            config,
+            url=url,
+            title=project or title,
+            token_env=token_env,
+            storage_path=None if url_prefix else image_root,
+            source=str(paths[0]),
+        )
     with staged_dir(out_dir, force=force) as tmp:
         atomic_write_json(tmp / "tasks.json", tasks)
         atomic_write_text(tmp / "labeling_config.xml", config)

@@ -19,13 +19,26 @@ RECT_TAG = "label"
 BRUSH_TAG = "brush"
 POLY_TAG = "polygon"
 REASON_FIELD = "review_reason"
-PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
-           "#fabed4", "#469990", "#dcbeff", "#9a6324")
+PALETTE = (
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#bfef45",
+    "#fabed4",
+    "#469990",
+    "#dcbeff",
+    "#9a6324",
+)
 RESULT_KEYS = {"RectangleLabels": "rectanglelabels", "BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
 
 
-def labeling_config(class_names: list[str], *, brush: bool = False, polygons: bool = False,
-                    reason: bool = False) -> str:
+def labeling_config(
+    class_names: list[str], *, brush: bool = False, polygons: bool = False, reason: bool = False
+) -> str:
     """Label Studio labeling config XML: one image, rectangle labels and optionally brush/polygon labels.
 
     Args:
@@ -73,8 +86,11 @@ def config_controls(config_xml: str, *, source: str = "labeling config") -> dict
     out = {}
     for el in root.iter():
         if el.tag.endswith("Labels") and "name" in el.attrib:
-            out[el.attrib["name"]] = Control(RESULT_KEYS.get(el.tag, el.tag.lower()), el.attrib.get("toName", ""),
-                                             tuple(lab.attrib["value"] for lab in el.iter("Label")))
+            out[el.attrib["name"]] = Control(
+                RESULT_KEYS.get(el.tag, el.tag.lower()),
+                el.attrib.get("toName", ""),
+                tuple(lab.attrib["value"] for lab in el.iter("Label")),
+            )
     return out
 
 
@@ -86,8 +102,13 @@ def config_class_names(config_xml: str, *, source: str = "labeling config") -> l
     return names
 
 
-def validate_tasks(tasks: list[dict], config_xml: str, *, source: str = "tasks",
-                   groups: tuple[str, ...] = ("predictions", "annotations")) -> None:
+def validate_tasks(
+    tasks: list[dict],
+    config_xml: str,
+    *,
+    source: str = "tasks",
+    groups: tuple[str, ...] = ("predictions", "annotations"),
+) -> None:
     """Check every result's tag names, type and labels exist in the config and result ids are unique.
 
     Ids must be unique within each prediction or annotation (Label Studio copies a prediction's ids
@@ -118,8 +139,9 @@ def _check_results(results: list[dict], controls: dict[str, Control], where: str
         if r.get("to_name") != ctl.to_name:
             raise PipelineError(f"{where} to_name {r.get('to_name')!r} (config expects {ctl.to_name!r})")
         if r.get("type") != ctl.kind:
-            raise PipelineError(f"{where} result type {r.get('type')!r} for {r['from_name']!r} "
-                                f"(config expects {ctl.kind!r})")
+            raise PipelineError(
+                f"{where} result type {r.get('type')!r} for {r['from_name']!r} (config expects {ctl.kind!r})"
+            )
         for label in (r.get("value") or {}).get(ctl.kind, []):
             if label not in ctl.labels:
                 raise PipelineError(f"{where} label {label!r} not in the config {sorted(ctl.labels)}")

@@ -26,7 +26,6 @@ from pipeline.review.labeling_config import IMAGE_TAG, config_class_names, valid
 _REGION_ID = re.compile(r"^(?P<stem>[0-9a-f]{10})(?:_brush|_poly\d+)?(?:#.*)?$")  # the editor may add "#<annotation>"
 
 
-
 def _pick_annotation(task: dict) -> dict | None:
     """The task's review: its latest submitted annotation (ground-truth-marked ones first); None if none."""
     anns = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
@@ -38,8 +37,9 @@ def _pick_annotation(task: dict) -> dict | None:
 def _result_size_hw(r: dict, size_hw: tuple[int, int], source: str) -> tuple[int, int]:
     h, w = int(r.get("original_height") or size_hw[0]), int(r.get("original_width") or size_hw[1])
     if (h, w) != tuple(size_hw):
-        raise PipelineError(f"{source}: result {r.get('id')!r} is for a {w}x{h} image, "
-                            f"the task's image is {size_hw[1]}x{size_hw[0]}")
+        raise PipelineError(
+            f"{source}: result {r.get('id')!r} is for a {w}x{h} image, the task's image is {size_hw[1]}x{size_hw[0]}"
+        )
     return h, w
 
 
@@ -113,13 +113,21 @@ def task_regions(results: list[dict], *, size_hw: tuple[int, int], source: str) 
                 continue
             if mask is None or not mask.any():
                 mask = np.zeros((h, w), bool)
-                mask[bbox[1]:bbox[1] + bbox[3], bbox[0]:bbox[0] + bbox[2]] = True
-            out.append({"label": label, "bbox": bbox, "area": int(mask.sum()), "segmentation": encode_rle(mask),
-                        "iscrowd": 0})
+                mask[bbox[1] : bbox[1] + bbox[3], bbox[0] : bbox[0] + bbox[2]] = True
+            out.append(
+                {"label": label, "bbox": bbox, "area": int(mask.sum()), "segmentation": encode_rle(mask), "iscrowd": 0}
+            )
         elif mask is not None:
             for inst in mask_to_instances(mask):
-                out.append({"label": label, "bbox": list(inst.bbox_xywh), "area": inst.area,
-                            "segmentation": encode_rle(inst.mask), "iscrowd": 0})
+                out.append(
+                    {
+                        "label": label,
+                        "bbox": list(inst.bbox_xywh),
+                        "area": inst.area,
+                        "segmentation": encode_rle(inst.mask),
+                        "iscrowd": 0,
+                    }
+                )
     return out
 
 
@@ -151,8 +159,9 @@ def _region_mask(brushes: list[dict], polys: list[dict], *, size_hw: tuple[int, 
         _result_size_hw(r, size_hw, source)
         rle = (r.get("value") or {}).get("rle", r.get("rle"))
         if not isinstance(rle, list):
-            raise PipelineError(f"{source}: brush result {r.get('id')!r} has no 'rle' list "
-                                f"(expected Label Studio brush RLE)")
+            raise PipelineError(
+                f"{source}: brush result {r.get('id')!r} has no 'rle' list (expected Label Studio brush RLE)"
+            )
         mask |= brush_decode(rle, size_hw=size_hw, source=source) >= 128
     return mask
 
@@ -168,12 +177,19 @@ def _task_file_name(task: dict, i: int, source: str, document_root: Path | None,
             return (Path(document_root) / d[0]).resolve().relative_to(Path(image_root).resolve()).as_posix()
         except ValueError:
             pass
-    raise PipelineError(f"{source}: task {i} has no data.file_name and its image URL {url!r} "
-                        f"is not under the image root")
+    raise PipelineError(
+        f"{source}: task {i} has no data.file_name and its image URL {url!r} is not under the image root"
+    )
 
 
-def tasks_to_coco(tasks: list, config_xml: str, *, image_root: Path | None = None, source: str = "export",
-                  document_root: Path | None = None) -> tuple[dict, int]:
+def tasks_to_coco(
+    tasks: list,
+    config_xml: str,
+    *,
+    image_root: Path | None = None,
+    source: str = "export",
+    document_root: Path | None = None,
+) -> tuple[dict, int]:
     """COCO ground truth from a Label Studio JSON export of reviewed tasks.
 
     Each task's review is its latest submitted (not cancelled) annotation; tasks without one are left
@@ -195,8 +211,9 @@ def tasks_to_coco(tasks: list, config_xml: str, *, image_root: Path | None = Non
             project with another config), missing image sizes or file names, undecodable masks.
     """
     if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("data"), dict) for t in tasks):
-        raise PipelineError(f"{source}: not a Label Studio JSON export "
-                            f"(expected a list of tasks with data and annotations)")
+        raise PipelineError(
+            f"{source}: not a Label Studio JSON export (expected a list of tasks with data and annotations)"
+        )
     validate_tasks(tasks, config_xml, source=source, groups=("annotations",))
     names = config_class_names(config_xml, source=source)
     if not names:
@@ -214,14 +231,24 @@ def tasks_to_coco(tasks: list, config_xml: str, *, image_root: Path | None = Non
         img_id = int(task["data"]["image_id"]) if keep_ids else k + 1
         regions = task_regions(results, size_hw=size_hw, source=f"{source}: task {i}")
         defect_type = GOOD if not regions else max(regions, key=lambda r: r["area"])["label"]
-        images.append({"id": img_id, "file_name": file_name, "width": size_hw[1], "height": size_hw[0],
-                       "defect_type": defect_type})
+        images.append(
+            {
+                "id": img_id,
+                "file_name": file_name,
+                "width": size_hw[1],
+                "height": size_hw[0],
+                "defect_type": defect_type,
+            }
+        )
         for reg in regions:
             annotations.append({"id": 0, "image_id": img_id, "category_id": cat_id[reg.pop("label")], **reg})
     images, annotations = _in_image_order(images, annotations)
     coco = {
-        "info": {"description": f"Label Studio review import of {Path(source).name}",
-                 "image_root": str(image_root.resolve()), "source": str(source)},
+        "info": {
+            "description": f"Label Studio review import of {Path(source).name}",
+            "image_root": str(image_root.resolve()),
+            "source": str(source),
+        },
         "images": images,
         "annotations": annotations,
         "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in names],
@@ -233,8 +260,9 @@ def _tasks_image_root(tasks: list[dict], source: str) -> Path:
     """The one ``data.image_root`` the tasks share (the category folder), else PipelineError."""
     roots = {t["data"].get("image_root") for t in tasks} - {None, ""}
     if len(roots) != 1:
-        raise PipelineError(f"{source}: cannot tell the image root from the tasks ({len(roots)} different); "
-                            f"pass --image-root")
+        raise PipelineError(
+            f"{source}: cannot tell the image root from the tasks ({len(roots)} different); pass --image-root"
+        )
     return Path(roots.pop())
 
 
@@ -262,8 +290,9 @@ def _in_image_order(images: list[dict], annotations: list[dict]) -> tuple[list[d
     return images, annotations
 
 
-def import_export(export_path: Path, *, config_path: Path, out_path: Path, image_root: Path | None = None,
-                  force: bool = False) -> dict:
+def import_export(
+    export_path: Path, *, config_path: Path, out_path: Path, image_root: Path | None = None, force: bool = False
+) -> dict:
     """Read a Label Studio JSON export and write COCO ground truth (see :func:`tasks_to_coco`) atomically.
 
     Returns:
@@ -280,8 +309,13 @@ def import_export(export_path: Path, *, config_path: Path, out_path: Path, image
     if not config_path.is_file():
         raise PipelineError(f"{config_path}: file not found (expected the labeling config XML)")
     tasks = read_json(export_path)
-    coco, n_unreviewed = tasks_to_coco(tasks, config_path.read_text(encoding="utf-8"), image_root=image_root,
-                                       source=str(export_path))
+    coco, n_unreviewed = tasks_to_coco(
+        tasks, config_path.read_text(encoding="utf-8"), image_root=image_root, source=str(export_path)
+    )
     atomic_write_json(out_path, coco, indent=None)
-    return {"out": out_path.resolve(), "n_images": len(coco["images"]), "n_annotations": len(coco["annotations"]),
-            "n_unreviewed": n_unreviewed}
+    return {
+        "out": out_path.resolve(),
+        "n_images": len(coco["images"]),
+        "n_annotations": len(coco["annotations"]),
+        "n_unreviewed": n_unreviewed,
+    }

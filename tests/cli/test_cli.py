@@ -13,15 +13,17 @@ import pytest
 
 def run(*args, cwd=None, env=None):
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd, env=e,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd, env=e, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help_is_instant_and_imports_nothing_heavy():
     t = time.perf_counter()
     r = run("--help")
     assert r.returncode == 0 and "convert-masks" in r.stdout and "finetune" in r.stdout
-    code = "import sys, pipeline.cli.app; print(sorted(m for m in ('torch','cv2','ultralytics','segment_anything','pycocotools','matplotlib') if m in sys.modules))"
+    heavy = "('torch','cv2','ultralytics','segment_anything','pycocotools','matplotlib')"
+    code = f"import sys, pipeline.cli.app; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
     assert out == "[]"
     assert time.perf_counter() - t < 30  # generous; the real number is well under a second
@@ -34,26 +36,43 @@ def cat(synth_category, tmp_path):
 
 def _one_line_error(r, *needles):
     assert r.returncode == 1, r.stdout + r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     for n in needles:
         assert n in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("breakage, needles", [
-    # missing category folder
-    (lambda c: shutil.rmtree(c), ["category folder not found"]),
-    # a defect image without its mask
-    (lambda c: (c / "ground_truth/spot/004_mask.png").unlink(), ["spot/004.png: no mask"]),
-    # an orphan mask
-    (lambda c: shutil.copy(c / "ground_truth/spot/000_mask.png", c / "ground_truth/spot/050_mask.png"), ["orphan mask"]),
-    # a mask of another size than its image
-    (lambda c: cv2.imwrite(str(c / "ground_truth/ring/000_mask.png"), np.zeros((10, 10), np.uint8)), ["ring/000_mask.png", "differs"]),
-    # a mask with values other than {0, 255} or {0, 1}
-    (lambda c: cv2.imwrite(str(c / "ground_truth/ring/000_mask.png"), np.arange(96 * 128).reshape(96, 128).astype(np.uint8)), ["expected only 0/255 or 0/1"]),
-    # a truncated PNG
-    (lambda c: (c / "test/ring/001.png").write_bytes((c / "test/ring/001.png").read_bytes()[:300]), ["ring/001.png", "truncated"]),
-])
+@pytest.mark.parametrize(
+    "breakage, needles",
+    [
+        # missing category folder
+        (lambda c: shutil.rmtree(c), ["category folder not found"]),
+        # a defect image without its mask
+        (lambda c: (c / "ground_truth/spot/004_mask.png").unlink(), ["spot/004.png: no mask"]),
+        # an orphan mask
+        (
+            lambda c: shutil.copy(c / "ground_truth/spot/000_mask.png", c / "ground_truth/spot/050_mask.png"),
+            ["orphan mask"],
+        ),
+        # a mask of another size than its image
+        (
+            lambda c: cv2.imwrite(str(c / "ground_truth/ring/000_mask.png"), np.zeros((10, 10), np.uint8)),
+            ["ring/000_mask.png", "differs"],
+        ),
+        # a mask with values other than {0, 255} or {0, 1}
+        (
+            lambda c: cv2.imwrite(
+                str(c / "ground_truth/ring/000_mask.png"), np.arange(96 * 128).reshape(96, 128).astype(np.uint8)
+            ),
+            ["expected only 0/255 or 0/1"],
+        ),
+        # a truncated PNG
+        (
+            lambda c: (c / "test/ring/001.png").write_bytes((c / "test/ring/001.png").read_bytes()[:300]),
+            ["ring/001.png", "truncated"],
+        ),
+    ],
+)
 def test_convert_bad_input(cat, tmp_path, breakage, needles):
     breakage(cat)
     r = run("convert-masks", cat, "--out", tmp_path / "out")
@@ -74,8 +93,17 @@ def test_empty_split(tmp_path):
 
 def test_missing_weights_without_allow_download(cat, tmp_path):
     assert run("convert-masks", cat, "--out", tmp_path / "ann").returncode == 0
-    r = run("finetune", "yolo", "--data", tmp_path / "ann/yolo/data.yaml", "--model", "yolov8s-worldv2.pt",
-            "--out", tmp_path / "run", env={"PIPELINE_WEIGHTS": str(tmp_path / "w"), "TORCH_HOME": str(tmp_path / "t")})
+    r = run(
+        "finetune",
+        "yolo",
+        "--data",
+        tmp_path / "ann/yolo/data.yaml",
+        "--model",
+        "yolov8s-worldv2.pt",
+        "--out",
+        tmp_path / "run",
+        env={"PIPELINE_WEIGHTS": str(tmp_path / "w"), "TORCH_HOME": str(tmp_path / "t")},
+    )
     _one_line_error(r, "yolov8s-worldv2.pt", "--allow-download")
     assert not (tmp_path / "run").exists()
 
@@ -85,12 +113,15 @@ def test_debug_shows_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["convert-masks"], "Missing argument 'category'"),  # a missing argument
-    (["evaluate", "x.json", "--nope"], "No such option: --nope"),  # an unknown option
-    (["finetune", "yolo", "--data", "d.yaml", "--epochs", "abc"], "Invalid value for '--epochs'"),  # a wrong type
-    (["nosuch"], "No such command 'nosuch'"),  # an unknown command
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["convert-masks"], "Missing argument 'category'"),  # a missing argument
+        (["evaluate", "x.json", "--nope"], "No such option: --nope"),  # an unknown option
+        (["finetune", "yolo", "--data", "d.yaml", "--epochs", "abc"], "Invalid value for '--epochs'"),  # a wrong type
+        (["nosuch"], "No such command 'nosuch'"),  # an unknown command
+    ],
+)
 def test_usage_errors_are_one_line(args, needle):
     r = run(*args)
     assert r.returncode == 2
@@ -98,7 +129,7 @@ def test_usage_errors_are_one_line(args, needle):
 
 
 def _one_line_error_text(stderr, needle):
-    lines = [l for l in stderr.splitlines() if l.strip()]
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
 
 

@@ -41,9 +41,16 @@ from pipeline.core import distributed as D  # noqa: E402
 ATOL = 2e-5  # metrics, single process vs 2 ranks (float32, a few AdamW steps)
 WEIGHT_ATOL = 2e-4  # weights, single process vs 2 ranks (see the module docstring)
 FROZEN_TRUNK = ["stem", "layer1", "layer2", "layer3", "layer4"]
-CLS_OVERRIDES = {"data.input_size_hw": [32, 32], "train.batch_size": 4, "train.device": "cpu", "train.epochs": 2,
-                 "data.max_train_good": 4, "model.freeze": FROZEN_TRUNK, "model.dropout": 0.0,
-                 "model.attention_dropout": 0.0}
+CLS_OVERRIDES = {
+    "data.input_size_hw": [32, 32],
+    "train.batch_size": 4,
+    "train.device": "cpu",
+    "train.epochs": 2,
+    "data.max_train_good": 4,
+    "model.freeze": FROZEN_TRUNK,
+    "model.dropout": 0.0,
+    "model.attention_dropout": 0.0,
+}
 
 WORKER = textwrap.dedent('''
     """Run by torchrun in the tests: one trainer; every rank saves its final weights."""
@@ -120,8 +127,21 @@ def _launch(tmp_path: Path, args: list[str], *, nproc: int, env: dict, ok: bool 
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            *args,
+        ]
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
     assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -153,8 +173,21 @@ def _close(a, b, path="") -> None:
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
 
-_VOLATILE = {"images_per_s", "train_images_per_s", "data_s", "step_s", "seconds", "train_seconds", "decode_resize_s",
-             "world_size", "encoder_calls", "cache_hits", "train_encoder_calls", "train_cache_hits", "embedding_cache"}
+_VOLATILE = {
+    "images_per_s",
+    "train_images_per_s",
+    "data_s",
+    "step_s",
+    "seconds",
+    "train_seconds",
+    "decode_resize_s",
+    "world_size",
+    "encoder_calls",
+    "cache_hits",
+    "train_encoder_calls",
+    "train_cache_hits",
+    "embedding_cache",
+}
 
 
 def _stable(obj):
@@ -221,8 +254,8 @@ def test_rank_slices_tile_the_global_batch(n, world, sizes):
 
 
 def test_augmentation_of_a_rank_slice_equals_the_slice_of_the_global_batch():
-    from pipeline.models.classifier.data import augment
     from pipeline.models.classifier.config import AugmentConfig
+    from pipeline.models.classifier.data import augment
 
     aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate_deg=10.0, translate_frac=0.05, brightness=0.1, contrast=0.1)
     x = torch.randn(5, 3, 8, 8)
@@ -245,10 +278,13 @@ def split_path(synth_category, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("balance", [
-    "none",  # plain mean loss: each rank's share is its image count
-    "reweight",  # class-weighted mean: each rank's share is its sum of class weights (reduced per step)
-])
+@pytest.mark.parametrize(
+    "balance",
+    [
+        "none",  # plain mean loss: each rank's share is its image count
+        "reweight",  # class-weighted mean: each rank's share is its sum of class weights (reduced per step)
+    ],
+)
 def test_classifier_two_gloo_ranks_match_single_process(split_path, tmp_path, balance):
     env = {"CLS_OVERRIDES": json.dumps({**CLS_OVERRIDES, "longtail.balance": balance})}
     _launch(tmp_path, ["classifier", str(tmp_path / "one"), str(split_path)], nproc=1, env=env)
@@ -269,7 +305,9 @@ def test_classifier_two_gloo_ranks_match_single_process(split_path, tmp_path, ba
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     _close(_stable(h1), _stable(h2))
     assert h1[-1]["train_loss"] < h1[0]["train_loss"] + 1.0  # trained, finite
-    assert len((tmp_path / "two" / "log.txt").read_text().splitlines()) == len((tmp_path / "one" / "log.txt").read_text().splitlines())
+    assert len((tmp_path / "two" / "log.txt").read_text().splitlines()) == len(
+        (tmp_path / "one" / "log.txt").read_text().splitlines()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -282,9 +320,17 @@ def ann(synth_category, tmp_path_factory) -> Path:
 
 
 def _sam_config(ann: Path, tmp: Path) -> dict:
-    return dict(train_records=str(ann / "sam" / "train.jsonl"), val_records=str(ann / "sam" / "val.jsonl"),
-                model_type="tiny", epochs=2, lr=1e-3, cache_dir=str(tmp / "cache"), device="cpu",
-                images_per_step=2, box_jitter_px=2.0)
+    return dict(
+        train_records=str(ann / "sam" / "train.jsonl"),
+        val_records=str(ann / "sam" / "val.jsonl"),
+        model_type="tiny",
+        epochs=2,
+        lr=1e-3,
+        cache_dir=str(tmp / "cache"),
+        device="cpu",
+        images_per_step=2,
+        box_jitter_px=2.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -331,13 +377,22 @@ def test_gpu_check_dry_run_prints_the_table():
     """``scripts/gpu_check.sh --dry-run``: the CUDA benchmark's code on CPU, tiny models, 2 steps."""
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=root, capture_output=True,
-                          text=True, timeout=240, env={**env, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        ["bash", str(root / "scripts" / "gpu_check.sh"), "--dry-run"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**env, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header[:2] == ["trainer", "size"] and {"img/s", "data s/step", "compute s/step", "peak MiB"} <= set(header)
-    rows = {tuple(c.strip() for c in ln.strip("|").split("|"))[0]: [c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]}
+    rows = {
+        tuple(c.strip() for c in ln.strip("|").split("|"))[0]: [c.strip() for c in ln.strip("|").split("|")]
+        for ln in lines[2:]
+    }
     assert set(rows) == {"classifier", "sam-encoder", "sam-decoder", "anomaly"}
     for cells in rows.values():
         assert cells[1] == "tiny" and cells[3] == "cpu" and float(cells[header.index("img/s")]) > 0

@@ -28,7 +28,9 @@ def test_new_run_writes_config_log_metrics_and_manifest(tmp_path):
     assert files == sorted([MANIFEST, "config.yaml", "log.txt", "metrics.json"])
     assert _strict((tmp_path / "run" / "metrics.json").read_text()) == {"loss": None, "acc": 0.5}
     assert json.loads((tmp_path / "run" / MANIFEST).read_text()) == {
-        "kind": "demo", "files": ["config.yaml", "log.txt", "metrics.json"]}
+        "kind": "demo",
+        "files": ["config.yaml", "log.txt", "metrics.json"],
+    }
 
 
 def test_existing_folder_needs_force_and_force_keeps_the_users_files(tmp_path):

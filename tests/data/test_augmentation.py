@@ -14,11 +14,17 @@ TODAY = {"hflip": 0.5, "vflip": 0.5, "rotate_deg": 10.0, "brightness": 0.1, "sat
     "category, classifier, yolo",
     [
         # cable_swap is the left-right colour order: no flips, rotations or colour jitter
-        ("cable", {"hflip": 0.0, "vflip": 0.0, "rotate_deg": 0.0, "saturation": 0.0, "hue": 0.0},
-         {"fliplr": 0.0, "flipud": 0.0, "degrees": 0.0, "hsv_h": 0.0, "hsv_s": 0.0}),
+        (
+            "cable",
+            {"hflip": 0.0, "vflip": 0.0, "rotate_deg": 0.0, "saturation": 0.0, "hue": 0.0},
+            {"fliplr": 0.0, "flipud": 0.0, "degrees": 0.0, "hsv_h": 0.0, "hsv_s": 0.0},
+        ),
         # misplaced is a position: no flips, rotations or mosaic; colour stays
-        ("transistor", {"hflip": 0.0, "vflip": 0.0, "rotate_deg": 0.0},
-         {"fliplr": 0.0, "flipud": 0.0, "degrees": 0.0, "mosaic": 0.0, "close_mosaic": 0}),
+        (
+            "transistor",
+            {"hflip": 0.0, "vflip": 0.0, "rotate_deg": 0.0},
+            {"fliplr": 0.0, "flipud": 0.0, "degrees": 0.0, "mosaic": 0.0, "close_mosaic": 0},
+        ),
         # color is a defect type of pill: only the colour jitter goes
         ("pill", {"saturation": 0.0, "hue": 0.0}, {"hsv_h": 0.0, "hsv_s": 0.0}),
         # an unknown category keeps today's augmentation and says so

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.data.convert import class_names, convert_category
-from pipeline.data.yolo import read_yolo_labels
 from pipeline.core.errors import PipelineError
+from pipeline.data.convert import class_names, convert_category
 from pipeline.data.instances import decode_rle, mask_to_instances
 from pipeline.data.mvtec import read_mask
+from pipeline.data.yolo import read_yolo_labels
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,9 @@ def test_coco_is_valid_and_exact(converted, synth_category):
             assert int(m.sum()) == a["area"]
             ys, xs = np.nonzero(m)
             assert a["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
-            gt_mask = read_mask(synth_category / img["file_name"].replace("test/", "ground_truth/").replace(".png", "_mask.png"))
+            gt_mask = read_mask(
+                synth_category / img["file_name"].replace("test/", "ground_truth/").replace(".png", "_mask.png")
+            )
             assert not (m & ~gt_mask).any()
 
 
@@ -72,7 +74,9 @@ def test_yolo_labels_equal_coco_boxes(converted):
                 assert int(c) == a["category_id"] - 1
                 assert 0 <= cx - w / 2 and cx + w / 2 <= 1 + 1e-6
                 x, y, bw, bh = a["bbox"]
-                np.testing.assert_allclose([(cx - w / 2) * 128, (cy - h / 2) * 96, w * 128, h * 96], [x, y, bw, bh], atol=1e-3)
+                np.testing.assert_allclose(
+                    [(cx - w / 2) * 128, (cy - h / 2) * 96, w * 128, h * 96], [x, y, bw, bh], atol=1e-3
+                )
 
 
 def test_sam_records_decode_to_their_components(converted):
@@ -131,10 +135,13 @@ def test_rename_merges_types(synth_category, tmp_path):
     assert data["names"] == {0: "round defect", 1: "scratch"}
 
 
-@pytest.mark.parametrize("rename, message", [
-    ({"ring": "a/b"}, "without '/'"),  # '/' is a synonym separator for YOLO-World
-    ({"nope": "x"}, "unknown defect types"),
-])
+@pytest.mark.parametrize(
+    "rename, message",
+    [
+        ({"ring": "a/b"}, "without '/'"),  # '/' is a synonym separator for YOLO-World
+        ({"nope": "x"}, "unknown defect types"),
+    ],
+)
 def test_bad_class_names(rename, message):
     with pytest.raises(PipelineError, match=message):
         class_names(["ring", "spot"], rename)
@@ -165,10 +172,13 @@ def test_force_on_a_folder_from_before_the_manifest_keeps_other_files(converted,
     assert (out / "coco" / "reviewed.json").read_text() == "{}"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"connectivity": 6}, "--connectivity 6: expected 4 or 8"),
-    ({"min_area": 0}, "--min-area 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"connectivity": 6}, "--connectivity 6: expected 4 or 8"),
+        ({"min_area": 0}, "--min-area 0"),
+    ],
+)
 def test_bad_options_are_one_line_errors(synth_category, tmp_path, kwargs, message):
     with pytest.raises(PipelineError, match=message):
         convert_category(synth_category, tmp_path / "ann", **kwargs)
@@ -179,8 +189,22 @@ def test_connectivity_6_on_the_cli_is_one_line(synth_category, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "pipeline", "convert-masks", str(synth_category), "--out",
-                        str(tmp_path / "a"), "--connectivity", "6"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "convert-masks",
+            str(synth_category),
+            "--out",
+            str(tmp_path / "a"),
+            "--connectivity",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "expected 4 or 8" in r.stderr
 
 

@@ -43,8 +43,11 @@ def _diagonal():
         # ... six with 4-connectivity
         (_diagonal(), 4, [(i, i, 1, 1) for i in range(6)]),
         # two separate blobs in one mask, values 0/1 instead of 0/255
-        (np.pad(np.ones((2, 3), np.uint8), ((0, 3), (0, 4))) | np.pad(np.ones((1, 1), np.uint8), ((4, 0), (6, 0))), 8,
-         [(0, 0, 3, 2), (6, 4, 1, 1)]),
+        (
+            np.pad(np.ones((2, 3), np.uint8), ((0, 3), (0, 4))) | np.pad(np.ones((1, 1), np.uint8), ((4, 0), (6, 0))),
+            8,
+            [(0, 0, 3, 2), (6, 4, 1, 1)],
+        ),
         # a full-image defect touching all four borders
         (np.full((4, 3), 255, np.uint8), 8, [(0, 0, 3, 4)]),
     ],
@@ -82,8 +85,10 @@ def test_polygons_have_at_least_three_points():
 
 
 @settings(max_examples=60, deadline=None)
-@given(arrays(np.uint8, st.tuples(st.integers(1, 24), st.integers(1, 24)), elements=st.sampled_from([0, 255])),
-       st.sampled_from([4, 8]))
+@given(
+    arrays(np.uint8, st.tuples(st.integers(1, 24), st.integers(1, 24)), elements=st.sampled_from([0, 255])),
+    st.sampled_from([4, 8]),
+)
 def test_property_round_trip_and_yolo_range(mask, connectivity):
     h, w = mask.shape
     union = np.zeros(mask.shape, bool)

@@ -36,13 +36,27 @@ def test_scan_pairs_every_defect_image_with_its_mask(synth_category):
         # a defect image without its mask
         (lambda c: (c / "ground_truth/ring/002_mask.png").unlink(), "ring/002.png: no mask"),
         # an orphan mask
-        (lambda c: shutil.copy(c / "ground_truth/ring/000_mask.png", c / "ground_truth/ring/099_mask.png"), "099_mask.png: orphan mask"),
+        (
+            lambda c: shutil.copy(c / "ground_truth/ring/000_mask.png", c / "ground_truth/ring/099_mask.png"),
+            "099_mask.png: orphan mask",
+        ),
         # a mask of another size than its image
-        (lambda c: cv2.imwrite(str(c / "ground_truth/spot/001_mask.png"), np.zeros((50, 60), np.uint8)), "differs from its image"),
+        (
+            lambda c: cv2.imwrite(str(c / "ground_truth/spot/001_mask.png"), np.zeros((50, 60), np.uint8)),
+            "differs from its image",
+        ),
         # a mask with values other than {0, 255} / {0, 1}
-        (lambda c: cv2.imwrite(str(c / "ground_truth/spot/001_mask.png"), np.full((96, 128), 128, np.uint8)), "mask values [128]"),
+        (
+            lambda c: cv2.imwrite(str(c / "ground_truth/spot/001_mask.png"), np.full((96, 128), 128, np.uint8)),
+            "mask values [128]",
+        ),
         # a truncated PNG
-        (lambda c: (c / "ground_truth/scratch/000_mask.png").write_bytes((c / "ground_truth/scratch/000_mask.png").read_bytes()[:100]), "unreadable or truncated"),
+        (
+            lambda c: (c / "ground_truth/scratch/000_mask.png").write_bytes(
+                (c / "ground_truth/scratch/000_mask.png").read_bytes()[:100]
+            ),
+            "unreadable or truncated",
+        ),
         # an unreadable image
         (lambda c: (c / "test/scratch/001.png").write_bytes(b"not a png"), "test/scratch/001.png: unreadable"),
     ],
@@ -111,15 +125,27 @@ def _truncate(path):
         # a truncated good test image
         (lambda c: _truncate(c / "test/good/002.png"), "test/good/002.png: unreadable or truncated"),
         # an empty file
-        (lambda c: (c / "test/good/001.png").write_bytes(b""), "test/good/001.png: unreadable or truncated image (empty file"),
+        (
+            lambda c: (c / "test/good/001.png").write_bytes(b""),
+            "test/good/001.png: unreadable or truncated image (empty file",
+        ),
         # a 16-bit image is refused, not rescaled
         (lambda c: cv2.imwrite(str(c / "train/good/000.png"), np.full((96, 128), 40000, np.uint16)), "uint16 image"),
         # an all-zero mask for a defect image
-        (lambda c: cv2.imwrite(str(c / "ground_truth/ring/001_mask.png"), np.zeros((96, 128), np.uint8)), "ring/001_mask.png: all-zero mask for defect image 001.png"),
+        (
+            lambda c: cv2.imwrite(str(c / "ground_truth/ring/001_mask.png"), np.zeros((96, 128), np.uint8)),
+            "ring/001_mask.png: all-zero mask for defect image 001.png",
+        ),
         # two images of one folder with one stem would share one mask
-        (lambda c: shutil.copy(c / "test/ring/000.png", c / "test/ring/000.jpg"), "000.jpg, 000.png share the stem '000'"),
+        (
+            lambda c: shutil.copy(c / "test/ring/000.png", c / "test/ring/000.jpg"),
+            "000.jpg, 000.png share the stem '000'",
+        ),
         # an orphan mask names the image it expected, whatever its extension would be
-        (lambda c: (c / "test/ring/004.png").rename(c / "test/ring/004.bak"), "004_mask.png: orphan mask (expected its image"),
+        (
+            lambda c: (c / "test/ring/004.png").rename(c / "test/ring/004.bak"),
+            "004_mask.png: orphan mask (expected its image",
+        ),
     ],
 )
 def test_every_image_is_checked(cat, breakage, expected):
@@ -143,8 +169,12 @@ def test_truncated_png_gives_one_line_and_no_library_noise(cat):
     import sys
 
     _truncate(cat / "ground_truth/scratch/000_mask.png")
-    r = subprocess.run([sys.executable, "-m", "pipeline", "convert-masks", str(cat), "--out", str(cat.parent / "ann")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "convert-masks", str(cat), "--out", str(cat.parent / "ann")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "000_mask.png" in r.stderr
     assert "libpng" not in r.stderr + r.stdout

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data.convert import convert_category
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.coco import coco_eval, evaluate_coco_results, mask_iou_dice
 from pipeline.data.coco import load_coco_gt
+from pipeline.data.convert import convert_category
 from pipeline.data.instances import encode_rle
+from pipeline.evaluation.coco import coco_eval, evaluate_coco_results, mask_iou_dice
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,16 @@ def gt_path(synth_category, tmp_path_factory):
 
 
 def _gt_as_results(gt, *, masks=False, score=1.0):
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": score,
-             **({"segmentation": a["segmentation"]} if masks else {})} for a in gt["annotations"]]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": score,
+            **({"segmentation": a["segmentation"]} if masks else {}),
+        }
+        for a in gt["annotations"]
+    ]
 
 
 def test_ground_truth_as_predictions_scores_one(gt_path, tmp_path):
@@ -36,7 +44,9 @@ def test_ground_truth_as_predictions_scores_one(gt_path, tmp_path):
         assert list(m[kind]["per_class_AP"].values()) == pytest.approx([1.0, 1.0, 1.0])
     assert m["masks"]["mIoU"] == 1.0 and m["masks"]["mDice"] == 1.0 and m["masks"]["pixel_IoU"] == 1.0
     assert (tmp_path / "ev" / f"pr_bbox_{tmp_path.name}-gt.png").stat().st_size > 1000
-    assert json.loads((tmp_path / "ev" / f"metrics_{tmp_path.name}-gt.json").read_text())["bbox"]["AP"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "ev" / f"metrics_{tmp_path.name}-gt.json").read_text())["bbox"][
+        "AP"
+    ] == pytest.approx(1.0)
 
 
 def test_no_predictions_gives_zero_without_crash(gt_path, tmp_path):
@@ -52,11 +62,17 @@ def test_predictions_on_good_images_are_false_positives(gt_path):
     good = [i["id"] for i in gt["images"] if i["defect_type"] == "good"]
     results = _gt_as_results(gt, score=0.5)
     # one confident false positive per class on a good image ranks above every true positive
-    results += [{"image_id": good[0], "category_id": c["id"], "bbox": [1, 1, 5, 5], "score": 0.9} for c in gt["categories"]]
+    results += [
+        {"image_id": good[0], "category_id": c["id"], "bbox": [1, 1, 5, 5], "score": 0.9} for c in gt["categories"]
+    ]
     m = coco_eval(coco, results)
     assert m["AP50"] < 0.999
     for name, ap in m["per_class_AP50"].items():
-        n = sum(1 for a in gt["annotations"] if a["category_id"] == next(c["id"] for c in gt["categories"] if c["name"] == name))
+        n = sum(
+            1
+            for a in gt["annotations"]
+            if a["category_id"] == next(c["id"] for c in gt["categories"] if c["name"] == name)
+        )
         # precision is 1/2 at recall 1/n ... n/(n+1) at recall 1: interpolated AP = n/(n+1) over the 101 points
         assert ap == pytest.approx(n / (n + 1), abs=0.02)
 
@@ -77,10 +93,21 @@ def test_mask_iou_dice_known_values():
     p = np.zeros((h, w), bool)
     p[0:4, 2:7] = True  # 20 px, 12 overlap
     coco = COCO()
-    coco.dataset = {"images": [{"id": 1, "width": w, "height": h}],
-                    "categories": [{"id": 1, "name": "d"}],
-                    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 4], "area": 20,
-                                     "iscrowd": 0, "segmentation": encode_rle(g)}]}
+    coco.dataset = {
+        "images": [{"id": 1, "width": w, "height": h}],
+        "categories": [{"id": 1, "name": "d"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 5, 4],
+                "area": 20,
+                "iscrowd": 0,
+                "segmentation": encode_rle(g),
+            }
+        ],
+    }
     coco.createIndex()
     m = mask_iou_dice(coco, [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": encode_rle(p)}])
     assert m["per_class"]["d"]["IoU"] == pytest.approx(12 / 28)
@@ -100,15 +127,18 @@ def test_class_agnostic_matches_whatever_the_class(gt_path):
     assert m["per_class"]["all"]["IoU"] == 1.0 and m["pixel_IoU"] == 1.0
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("unknown_kind", "not a prediction file"),  # the second file is no prediction file
-    ("missing_file", "file not found"),  # the second file does not exist
-    ("no_gt", "COCO results need --gt"),  # COCO results without ground truth
-    ("missing_gt", "file not found"),  # the ground truth does not exist
-    ("val_without_val_gt", "--val-gt"),  # fusion asked for without the val ground truth
-    ("val_count", "same prediction sources"),  # one val file for two test files
-    ("val_kind", "same order and kinds"),  # val files in another order than the test files
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("unknown_kind", "not a prediction file"),  # the second file is no prediction file
+        ("missing_file", "file not found"),  # the second file does not exist
+        ("no_gt", "COCO results need --gt"),  # COCO results without ground truth
+        ("missing_gt", "file not found"),  # the ground truth does not exist
+        ("val_without_val_gt", "--val-gt"),  # fusion asked for without the val ground truth
+        ("val_count", "same prediction sources"),  # one val file for two test files
+        ("val_kind", "same order and kinds"),  # val files in another order than the test files
+    ],
+)
 def test_evaluate_files_checks_every_input_before_writing(gt_path, tmp_path, case, needle):
     from pipeline.evaluation.evaluate import evaluate_files
 
@@ -120,15 +150,17 @@ def test_evaluate_files_checks_every_input_before_writing(gt_path, tmp_path, cas
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"kind": "other"}))
     kw = {"predictions": [det, cls], "gt": gt_path, "val_predictions": None, "val_gt": None}
-    kw.update({
-        "unknown_kind": {"predictions": [det, other]},
-        "missing_file": {"predictions": [det, tmp_path / "nope.json"]},
-        "no_gt": {"gt": None},
-        "missing_gt": {"gt": tmp_path / "nope_gt.json"},
-        "val_without_val_gt": {"val_predictions": [det, cls]},
-        "val_count": {"val_predictions": [det], "val_gt": gt_path},
-        "val_kind": {"val_predictions": [cls, det], "val_gt": gt_path},
-    }[case])
+    kw.update(
+        {
+            "unknown_kind": {"predictions": [det, other]},
+            "missing_file": {"predictions": [det, tmp_path / "nope.json"]},
+            "no_gt": {"gt": None},
+            "missing_gt": {"gt": tmp_path / "nope_gt.json"},
+            "val_without_val_gt": {"val_predictions": [det, cls]},
+            "val_count": {"val_predictions": [det], "val_gt": gt_path},
+            "val_kind": {"val_predictions": [cls, det], "val_gt": gt_path},
+        }[case]
+    )
     out = tmp_path / "ev"
     with pytest.raises(PipelineError, match=needle):
         evaluate_files(kw.pop("predictions"), out_dir=out, **kw)

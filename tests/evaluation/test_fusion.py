@@ -7,17 +7,38 @@ import pytest
 
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.curves import pr_curve, roc_curve
-from pipeline.evaluation.fusion import auroc, decision_metrics, f1_threshold, fit_logistic, fuse_files, load_split_labels, source_scores
+from pipeline.evaluation.fusion import (
+    auroc,
+    decision_metrics,
+    f1_threshold,
+    fit_logistic,
+    fuse_files,
+    load_split_labels,
+    source_scores,
+)
 
 
 def _gt(path, ids_types, root="/data/cat"):
     """COCO ground truth with images (id, defect_type) and one box per defect image."""
-    images = [{"id": i, "file_name": f"test/{t}/{i:03d}.png", "width": 20, "height": 10, "defect_type": t}
-              for i, t in ids_types]
-    anns = [{"id": k + 1, "image_id": i, "category_id": 1, "bbox": [2, 2, 4, 4], "area": 16, "iscrowd": 0}
-            for k, (i, t) in enumerate(ids_types) if t != "good"]
-    path.write_text(json.dumps({"info": {"image_root": root}, "images": images, "annotations": anns,
-                                "categories": [{"id": 1, "name": "ring"}]}))
+    images = [
+        {"id": i, "file_name": f"test/{t}/{i:03d}.png", "width": 20, "height": 10, "defect_type": t}
+        for i, t in ids_types
+    ]
+    anns = [
+        {"id": k + 1, "image_id": i, "category_id": 1, "bbox": [2, 2, 4, 4], "area": 16, "iscrowd": 0}
+        for k, (i, t) in enumerate(ids_types)
+        if t != "good"
+    ]
+    path.write_text(
+        json.dumps(
+            {
+                "info": {"image_root": root},
+                "images": images,
+                "annotations": anns,
+                "categories": [{"id": 1, "name": "ring"}],
+            }
+        )
+    )
     return path
 
 
@@ -34,38 +55,80 @@ def test_scores_from_each_kind(tmp_path):
     labels = load_split_labels(_gt(tmp_path / "test.json", TEST))
     assert labels.y.tolist() == [False, True, True, False]
     # COCO: max over boxes/masks per image, 0 when none
-    coco = _write(tmp_path / "det.json", [
-        {"image_id": 12, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.3},
-        {"image_id": 12, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.8},
-        {"image_id": 14, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.1}])
+    coco = _write(
+        tmp_path / "det.json",
+        [
+            {"image_id": 12, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.3},
+            {"image_id": 12, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.8},
+            {"image_id": 14, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.1},
+        ],
+    )
     s = source_scores(coco, labels)
     assert s.kind == "boxes" and s.scores.tolist() == [0.0, 0.8, 0.0, 0.1]
-    seg = _write(tmp_path / "sam.json", [{"image_id": 13, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5,
-                                          "segmentation": {"size": [10, 20], "counts": "0"}}])
+    seg = _write(
+        tmp_path / "sam.json",
+        [
+            {
+                "image_id": 13,
+                "category_id": 1,
+                "bbox": [0, 0, 1, 1],
+                "score": 0.5,
+                "segmentation": {"size": [10, 20], "counts": "0"},
+            }
+        ],
+    )
     assert source_scores(seg, labels).kind == "masks"
     # classifier: 1 - p(good); one record matched by its image path instead of an id
-    preds = [{"image_id": i, "image": f"test/{t}/{i:03d}.png", "label": t, "scores": {"good": g, "ring": 1 - g}}
-             for (i, t), g in zip(TEST, [0.9, 0.2, 0.4, 0.7])]
+    preds = [
+        {"image_id": i, "image": f"test/{t}/{i:03d}.png", "label": t, "scores": {"good": g, "ring": 1 - g}}
+        for (i, t), g in zip(TEST, [0.9, 0.2, 0.4, 0.7])
+    ]
     del preds[2]["image_id"]
     cls = _write(tmp_path / "cls.json", {"kind": "classification", "classes": ["good", "ring"], "predictions": preds})
     s = source_scores(cls, labels)
     assert s.kind == "classifier" and np.allclose(s.scores, [0.1, 0.8, 0.6, 0.3])
     # binary classifier without "good": p(defect)
-    binp = _write(tmp_path / "bin.json", {"kind": "classification", "classes": ["ok", "defect"], "predictions": [
-        {"image_id": i, "scores": {"ok": 1 - d, "defect": d}} for (i, _), d in zip(TEST, [0.1, 0.9, 0.7, 0.2])]})
+    binp = _write(
+        tmp_path / "bin.json",
+        {
+            "kind": "classification",
+            "classes": ["ok", "defect"],
+            "predictions": [
+                {"image_id": i, "scores": {"ok": 1 - d, "defect": d}} for (i, _), d in zip(TEST, [0.1, 0.9, 0.7, 0.2])
+            ],
+        },
+    )
     assert np.allclose(source_scores(binp, labels).scores, [0.1, 0.9, 0.7, 0.2])
     # anomaly: its score, any range
-    an = _write(tmp_path / "an.json", {"kind": "anomaly", "threshold": 3.0, "predictions": [
-        {"image_id": i, "image": "x", "score": v, "label": "good"} for (i, _), v in zip(TEST, [1.5, 7.0, 4.0, 2.0])]})
+    an = _write(
+        tmp_path / "an.json",
+        {
+            "kind": "anomaly",
+            "threshold": 3.0,
+            "predictions": [
+                {"image_id": i, "image": "x", "score": v, "label": "good"}
+                for (i, _), v in zip(TEST, [1.5, 7.0, 4.0, 2.0])
+            ],
+        },
+    )
     assert source_scores(an, labels).scores.tolist() == [1.5, 7.0, 4.0, 2.0]
 
 
-@pytest.mark.parametrize("obj, match", [
-    ([{"image_id": 99, "category_id": 1, "score": 0.5}], "image_id 99 not in the ground truth"),  # foreign image
-    ({"kind": "anomaly", "predictions": [{"image_id": 11, "score": 1.0}]}, "no prediction for 3 image"),  # incomplete
-    ({"kind": "classification", "predictions": [{"image_id": i, "scores": {"a": 1.0}} for i, _ in TEST]}, "neither"),
-    ({"kind": "other"}, "not a prediction file"),
-])
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        ([{"image_id": 99, "category_id": 1, "score": 0.5}], "image_id 99 not in the ground truth"),  # foreign image
+        (
+            {"kind": "anomaly", "predictions": [{"image_id": 11, "score": 1.0}]},
+            "no prediction for 3 image",
+        ),  # incomplete
+        (
+            {"kind": "classification", "predictions": [{"image_id": i, "scores": {"a": 1.0}} for i, _ in TEST]},
+            "neither",
+        ),
+        ({"kind": "other"}, "not a prediction file"),
+    ],
+)
 def test_bad_prediction_files(tmp_path, obj, match):
     labels = load_split_labels(_gt(tmp_path / "test.json", TEST))
     with pytest.raises(PipelineError, match=match):
@@ -128,12 +191,22 @@ def test_fuse_files_or_and_logistic(tmp_path):
     val_gt, test_gt = _gt(tmp_path / "val.json", VAL), _gt(tmp_path / "test.json", TEST)
 
     def det(path, scores):  # one box per image with that score (none when 0)
-        return _write(path, [{"image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "score": s}
-                             for i, s in scores.items() if s > 0])
+        return _write(
+            path,
+            [{"image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "score": s} for i, s in scores.items() if s > 0],
+        )
 
     def anom(path, scores):
-        return _write(path, {"kind": "anomaly", "threshold": 0.5, "predictions": [
-            {"image_id": i, "image": f"img{i}", "score": s, "label": "good"} for i, s in scores.items()]})
+        return _write(
+            path,
+            {
+                "kind": "anomaly",
+                "threshold": 0.5,
+                "predictions": [
+                    {"image_id": i, "image": f"img{i}", "score": s, "label": "good"} for i, s in scores.items()
+                ],
+            },
+        )
 
     # detector finds ring (3, 4 / 12) but not spot (5 / 13); anomaly finds spot but is weak on ring
     dv = det(tmp_path / "det_val.json", {1: 0.0, 2: 0.1, 3: 0.9, 4: 0.8, 5: 0.0, 6: 0.0})
@@ -144,7 +217,9 @@ def test_fuse_files_or_and_logistic(tmp_path):
     names = [s["name"] for s in r["sources"]]
     assert names == ["boxes:det_test", "anomaly:an_test"]
     det_s, an_s = r["sources"]
-    assert det_s["threshold"] == pytest.approx(0.45)  # val: defects 0.9, 0.8 vs best good 0.1 -> F1 at 0.8, halfway to 0.1
+    assert det_s["threshold"] == pytest.approx(
+        0.45
+    )  # val: defects 0.9, 0.8 vs best good 0.1 -> F1 at 0.8, halfway to 0.1
     assert det_s["test"]["confusion_matrix"] == [[2, 0], [1, 1]]  # misses the spot
     # val anomaly: good 1.0 1.2 2.0, defect 1.5 2.5 5.0 -> F1 best (6/7) calling >= 1.5 defect; halfway to 1.2
     assert an_s["threshold"] == pytest.approx(1.35)
@@ -165,7 +240,9 @@ def test_fuse_files_or_and_logistic(tmp_path):
 def test_fuse_rejects_mismatched_sources(tmp_path):
     val_gt, test_gt = _gt(tmp_path / "val.json", VAL), _gt(tmp_path / "test.json", TEST)
     d = _write(tmp_path / "d.json", [])
-    a = _write(tmp_path / "a.json", {"kind": "anomaly", "predictions": [{"image_id": i, "score": 1.0} for i, _ in TEST]})
+    a = _write(
+        tmp_path / "a.json", {"kind": "anomaly", "predictions": [{"image_id": i, "score": 1.0} for i, _ in TEST]}
+    )
     with pytest.raises(PipelineError, match="same order and kinds"):
         fuse_files([d], [a], val_gt=val_gt, test_gt=test_gt)
     with pytest.raises(PipelineError, match="same prediction sources"):

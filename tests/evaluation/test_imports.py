@@ -34,7 +34,7 @@ def test_no_import_cycle_inside_evaluation():
 
     def visit(m, path):
         if state.get(m) == 1:
-            pytest.fail("import cycle: " + " -> ".join([*path[path.index(m):], m]))
+            pytest.fail("import cycle: " + " -> ".join([*path[path.index(m) :], m]))
         if state.get(m) == 2:
             return
         state[m] = 1

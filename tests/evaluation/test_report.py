@@ -57,29 +57,52 @@ def _predictions(ann: Path, split: str, out: Path, rng) -> list[Path]:
         anns = [a for a in gt["annotations"] if a["image_id"] == im["id"]]
         if defect and k % 3:  # detector misses every third image
             for a in anns:
-                det.append({"image_id": im["id"], "category_id": a["category_id"], "bbox": a["bbox"],
-                            "score": 0.6 + 0.3 * rng.random(), "segmentation": a["segmentation"]})
+                det.append(
+                    {
+                        "image_id": im["id"],
+                        "category_id": a["category_id"],
+                        "bbox": a["bbox"],
+                        "score": 0.6 + 0.3 * rng.random(),
+                        "segmentation": a["segmentation"],
+                    }
+                )
         elif not defect and k % 2:  # weak false alarm on some good images
             det.append({"image_id": im["id"], "category_id": 1, "bbox": [5, 5, 10, 10], "score": 0.2 * rng.random()})
         amap = rng.random((24, 32)).astype(np.float32) * 0.3
         for a in anns:
             amap += cv2.resize(decode_rle(a["segmentation"]).astype(np.float32), (32, 24), interpolation=cv2.INTER_AREA)
         np.save(out / f"maps_{split}" / f"{im['id']}.npy", amap)
-        preds.append({"image": im["file_name"], "image_id": im["id"], "score": float(amap.max() + 0.1 * rng.random()),
-                      "label": "defect" if defect else "good", "map": f"maps_{split}/{im['id']}.npy"})
+        preds.append(
+            {
+                "image": im["file_name"],
+                "image_id": im["id"],
+                "score": float(amap.max() + 0.1 * rng.random()),
+                "label": "defect" if defect else "good",
+                "map": f"maps_{split}/{im['id']}.npy",
+            }
+        )
     d = out / f"det_{split}.json"
     d.write_text(json.dumps(det))
     a = out / f"anomaly_{split}.json"
-    a.write_text(json.dumps({"kind": "anomaly", "model": "fake", "threshold": 0.8, "root": gt["info"]["image_root"],
-                             "predictions": preds}))
+    a.write_text(
+        json.dumps(
+            {
+                "kind": "anomaly",
+                "model": "fake",
+                "threshold": 0.8,
+                "root": gt["info"]["image_root"],
+                "predictions": preds,
+            }
+        )
+    )
     return [d, a]
 
 
 @pytest.fixture(scope="module")
 def fused_run(synth_category, tmp_path_factory):
+    from pipeline.core.io import atomic_write_json
     from pipeline.data.convert import convert_category
     from pipeline.evaluation.fusion import fuse_files
-    from pipeline.core.io import atomic_write_json
 
     tmp = tmp_path_factory.mktemp("report")
     ann = convert_category(synth_category, tmp / "ann").out
@@ -107,7 +130,10 @@ def test_report_html_json_and_images(fused_run, tmp_path):
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     r0 = saved["runs"][0]
     # the same numbers as fusion.json
-    assert [row["name"] for row in r0["image_level"]] == [s["name"] for s in result["sources"]] + ["fusion:or", "fusion:logistic"]
+    assert [row["name"] for row in r0["image_level"]] == [s["name"] for s in result["sources"]] + [
+        "fusion:or",
+        "fusion:logistic",
+    ]
     assert r0["image_level"][0]["test"] == result["sources"][0]["test"]
     assert r0["best"] == result["best"]
     # dataset counts per split and class, from the COCO files
@@ -130,8 +156,13 @@ def test_report_html_json_and_images(fused_run, tmp_path):
     # overwrite needs force
     with pytest.raises(PipelineError, match="--force"):
         build_report([run], tmp_path / "rep")
-    build_report([run, run / "fusion.json"], tmp_path / "rep", force=True, gallery=1,  # a set of runs
-                 gallery_methods=["fusion:or", "fusion:logistic"])
+    build_report(
+        [run, run / "fusion.json"],
+        tmp_path / "rep",
+        force=True,
+        gallery=1,  # a set of runs
+        gallery_methods=["fusion:or", "fusion:logistic"],
+    )
     runs = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"]
     assert len(runs) == 2 and list(runs[1]["gallery"]) == ["fusion:or", "fusion:logistic"]
     with pytest.raises(PipelineError, match="no method 'nope'"):
@@ -146,9 +177,14 @@ def test_overlay_draws_boxes_masks_and_heatmap(tmp_path):
     m = np.zeros((40, 60), np.uint8)
     m[10:20, 30:50] = 1
     np.save(tmp_path / "map.npy", np.pad(np.ones((5, 5), np.float32), ((0, 5), (0, 10))))
-    sources = [{"threshold": 0.5, "color": (0, 0, 255), "results": {7: [
-                   {"bbox": [30, 10, 20, 10], "score": 0.9, "segmentation": encode_rle(m)}]}},
-               {"threshold": 0.5, "color": (255, 0, 0), "maps": {7: tmp_path / "map.npy"}}]
+    sources = [
+        {
+            "threshold": 0.5,
+            "color": (0, 0, 255),
+            "results": {7: [{"bbox": [30, 10, 20, 10], "score": 0.9, "segmentation": encode_rle(m)}]},
+        },
+        {"threshold": 0.5, "color": (255, 0, 0), "maps": {7: tmp_path / "map.npy"}},
+    ]
     out = draw_overlay(img, image_id=7, gt_anns=[{"bbox": [0, 0, 10, 10]}], sources=sources, max_side=60)
     assert out.shape == (40, 60, 3) and out.dtype == np.uint8
     assert (out[15, 40] != img[15, 40]).any()  # mask filled
@@ -160,15 +196,19 @@ def test_overlay_draws_boxes_masks_and_heatmap(tmp_path):
 
 def test_single_source_and_metrics_only_runs(fused_run, tmp_path):
     """One source: no fusion rows; a folder with only per-file metrics: just their table."""
-    from pipeline.evaluation.fusion import fuse_files
     from pipeline.core.io import atomic_write_json
+    from pipeline.evaluation.fusion import fuse_files
     from pipeline.evaluation.report import build_report
 
     _, ann, _ = fused_run
     preds = ann.parent / "preds"
     one = tmp_path / "one"
-    r = fuse_files([preds / "anomaly_val.json"], [preds / "anomaly_test.json"], val_gt=ann / "coco" / "val.json",
-                   test_gt=ann / "coco" / "test.json")
+    r = fuse_files(
+        [preds / "anomaly_val.json"],
+        [preds / "anomaly_test.json"],
+        val_gt=ann / "coco" / "val.json",
+        test_gt=ann / "coco" / "test.json",
+    )
     assert r["fusion"] == {} and r["better_fusion"] is None and r["best"] == "anomaly:anomaly_test"
     atomic_write_json(one / "fusion.json", r)
     only = tmp_path / "only"
@@ -199,10 +239,21 @@ def test_report_renders_in_headless_chromium(fused_run, tmp_path):
     html_path = (tmp_path / "rep" / "report.html").resolve()
     _check_images_exist(html_path, _img_srcs(html_path))
     png = tmp_path / "shot.png"
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1280,2000",
-           html_path.as_uri()]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={png}",
+        "--window-size=1280,2000",
+        html_path.as_uri(),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and png.is_file(), r.stderr[-2000:]
     import cv2
@@ -223,11 +274,25 @@ def test_cli_evaluate_fused_then_report(fused_run, tmp_path):
     ev, rep = tmp_path / "ev", tmp_path / "rep"
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=300
+        )
 
-    r = run("evaluate", preds / "det_test.json", preds / "anomaly_test.json", "--gt", ann / "coco" / "test.json",
-            "--val-predictions", preds / "det_val.json", "--val-predictions", preds / "anomaly_val.json",
-            "--val-gt", ann / "coco" / "val.json", "--out", ev)
+    r = run(
+        "evaluate",
+        preds / "det_test.json",
+        preds / "anomaly_test.json",
+        "--gt",
+        ann / "coco" / "test.json",
+        "--val-predictions",
+        preds / "det_val.json",
+        "--val-predictions",
+        preds / "anomaly_val.json",
+        "--val-gt",
+        ann / "coco" / "val.json",
+        "--out",
+        ev,
+    )
     assert r.returncode == 0, r.stderr
     assert "fusion:logistic" in r.stdout and "better fusion" in r.stdout
     fused = json.loads((ev / "fusion.json").read_text())
@@ -236,11 +301,21 @@ def test_cli_evaluate_fused_then_report(fused_run, tmp_path):
     assert r.returncode == 0, r.stderr
     saved = json.loads((rep / "report.json").read_text())
     assert {"det_test", "preds-det_test"} & set(saved["runs"][0]["per_file"])  # COCO metrics of evaluate
-    assert saved["runs"][0]["per_file"]["preds-anomaly_test"]["overall.image_auroc"] == 1.0  # anomaly metrics of evaluate, named per file
+    assert (
+        saved["runs"][0]["per_file"]["preds-anomaly_test"]["overall.image_auroc"] == 1.0
+    )  # anomaly metrics of evaluate, named per file
     _check_images_exist(rep / "report.html", _img_srcs(rep / "report.html"))
     # user errors are one line
-    r = run("evaluate", preds / "det_test.json", "--gt", ann / "coco" / "test.json", "--val-predictions", preds / "det_val.json",
-            "--out", tmp_path / "ev2")
+    r = run(
+        "evaluate",
+        preds / "det_test.json",
+        "--gt",
+        ann / "coco" / "test.json",
+        "--val-predictions",
+        preds / "det_val.json",
+        "--out",
+        tmp_path / "ev2",
+    )
     assert r.returncode == 1 and "--val-gt" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -248,9 +323,9 @@ def test_cli_evaluate_fused_then_report(fused_run, tmp_path):
 def test_report_on_real_bottle(mvtec_root, tmp_path):
     """Real 900x900 bottle images through convert -> fusion -> report: tiles are downscaled, every
     referenced image exists, counts match the split (predictions are made from the truth, with noise)."""
+    from pipeline.core.io import atomic_write_json
     from pipeline.data.convert import convert_category
     from pipeline.evaluation.fusion import fuse_files
-    from pipeline.core.io import atomic_write_json
     from pipeline.evaluation.report import build_report
 
     ann = convert_category(mvtec_root / "bottle", tmp_path / "ann").out
@@ -258,8 +333,12 @@ def test_report_on_real_bottle(mvtec_root, tmp_path):
     val = _predictions(ann, "val", tmp_path / "preds", rng)
     test = _predictions(ann, "test", tmp_path / "preds", rng)
     run = tmp_path / "eval"
-    atomic_write_json(run / "fusion.json", fuse_files(val, test, val_gt=ann / "coco" / "val.json", test_gt=ann / "coco" / "test.json"))
-    doc = build_report([run], tmp_path / "rep", gallery=3, max_side=256, gallery_methods=["fusion:or", "fusion:logistic"])
+    atomic_write_json(
+        run / "fusion.json", fuse_files(val, test, val_gt=ann / "coco" / "val.json", test_gt=ann / "coco" / "test.json")
+    )
+    doc = build_report(
+        [run], tmp_path / "rep", gallery=3, max_side=256, gallery_methods=["fusion:or", "fusion:logistic"]
+    )
     html_path = Path(doc["html"])
     _check_images_exist(html_path, _img_srcs(html_path))
     import cv2
@@ -267,4 +346,7 @@ def test_report_on_real_bottle(mvtec_root, tmp_path):
     tiles = [p for p in doc["images"] if p.endswith(".jpg")]
     assert tiles and all(max(cv2.imread(str(html_path.parent / p)).shape[:2]) == 256 for p in tiles)
     counts = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"][0]["counts"]
-    assert sum(c["n_images"] for c in counts.values()) == 83 and sum(c["images"].get("good", 0) for c in counts.values()) == 20
+    assert (
+        sum(c["n_images"] for c in counts.values()) == 83
+        and sum(c["images"].get("good", 0) for c in counts.values()) == 20
+    )

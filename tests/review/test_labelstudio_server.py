@@ -34,7 +34,6 @@ START_TIMEOUT_S = float(os.environ.get("LABEL_STUDIO_START_TIMEOUT", 900))  # fi
 INSTALL_TIMEOUT_S = 1800
 
 
-
 def _tail(path: Path, n: int = 30) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
@@ -72,8 +71,9 @@ class ServerStartError(RuntimeError):
     """Label Studio did not come up; the message carries the log's tail."""
 
 
-def start_server(*, port: int, data_dir: Path, document_root: Path, log_path: Path, env: dict,
-                 timeout_s: float = START_TIMEOUT_S) -> subprocess.Popen:
+def start_server(
+    *, port: int, data_dir: Path, document_root: Path, log_path: Path, env: dict, timeout_s: float = START_TIMEOUT_S
+) -> subprocess.Popen:
     """Start ``scripts/labelstudio_server.sh start`` in its own process group and wait for ``/health``.
 
     Raises:
@@ -82,21 +82,34 @@ def start_server(*, port: int, data_dir: Path, document_root: Path, log_path: Pa
     """
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["bash", str(SCRIPT), "start", str(port), str(data_dir), str(document_root)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", str(SCRIPT), "start", str(port), str(data_dir), str(document_root)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     t0 = time.monotonic()
     try:
         while not _healthy(url):
             if proc.poll() is not None:
-                raise ServerStartError(f"Label Studio exited with status {proc.returncode} during start-up; "
-                                       f"log {log_path}:\n{_tail(log_path)}")
-            moved = re.search(r"Starting development server at http://[^:/]+:(\d+)/", log_path.read_text(errors="replace"))
+                raise ServerStartError(
+                    f"Label Studio exited with status {proc.returncode} during start-up; "
+                    f"log {log_path}:\n{_tail(log_path)}"
+                )
+            moved = re.search(
+                r"Starting development server at http://[^:/]+:(\d+)/", log_path.read_text(errors="replace")
+            )
             if moved and int(moved.group(1)) != port:  # label-studio takes the next port when ours was taken
-                raise ServerStartError(f"Label Studio started on port {moved.group(1)} instead of the free port {port} "
-                                       f"it was given; log {log_path}:\n{_tail(log_path)}")
+                raise ServerStartError(
+                    f"Label Studio started on port {moved.group(1)} instead of the free port {port} "
+                    f"it was given; log {log_path}:\n{_tail(log_path)}"
+                )
             if time.monotonic() - t0 > timeout_s:
-                raise ServerStartError(f"Label Studio did not answer {url}/health within {timeout_s:.0f} s; "
-                                       f"log {log_path}:\n{_tail(log_path)}")
+                raise ServerStartError(
+                    f"Label Studio did not answer {url}/health within {timeout_s:.0f} s; "
+                    f"log {log_path}:\n{_tail(log_path)}"
+                )
             time.sleep(2)
     except BaseException:
         _stop(proc)
@@ -112,24 +125,40 @@ def labelstudio_server(mvtec_root, tmp_path_factory):
         return
     tmp = tmp_path_factory.mktemp("labelstudio")
     try:
-        inst = subprocess.run(["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        inst = subprocess.run(
+            ["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
-        pytest.skip(f"Label Studio could not be installed: 'scripts/labelstudio_server.sh install' ran over {INSTALL_TIMEOUT_S} s")
+        pytest.skip(
+            "Label Studio could not be installed: 'scripts/labelstudio_server.sh install' "
+            f"ran over {INSTALL_TIMEOUT_S} s"
+        )
     if inst.returncode != 0:
         tail = "\n".join((inst.stdout + inst.stderr).strip().splitlines()[-8:])
         pytest.skip(f"Label Studio could not be installed into .venv-labelstudio (no package index?):\n{tail}")
     port, token = _free_port(), secrets.token_hex(20)
-    env = dict(os.environ, LABEL_STUDIO_USERNAME="reviewer@example.com", LABEL_STUDIO_PASSWORD=secrets.token_urlsafe(16),
-               LABEL_STUDIO_USER_TOKEN=token)
+    env = dict(
+        os.environ,
+        LABEL_STUDIO_USERNAME="reviewer@example.com",
+        LABEL_STUDIO_PASSWORD=secrets.token_urlsafe(16),
+        LABEL_STUDIO_USER_TOKEN=token,
+    )
     t0 = time.monotonic()
     try:
-        proc = start_server(port=port, data_dir=tmp / "data", document_root=mvtec_root, log_path=tmp / "server.log", env=env)
+        proc = start_server(
+            port=port, data_dir=tmp / "data", document_root=mvtec_root, log_path=tmp / "server.log", env=env
+        )
     except ServerStartError as exc:
         pytest.fail(str(exc))
     old = os.environ.get("LABEL_STUDIO_API_KEY")
     os.environ["LABEL_STUDIO_API_KEY"] = token
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "token": token, "log": tmp / "server.log", "startup_s": time.monotonic() - t0}
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "token": token,
+            "log": tmp / "server.log",
+            "startup_s": time.monotonic() - t0,
+        }
     finally:
         if old is None:
             os.environ.pop("LABEL_STUDIO_API_KEY", None)
@@ -140,12 +169,23 @@ def labelstudio_server(mvtec_root, tmp_path_factory):
 
 def test_start_failure_is_reported_with_the_log_tail(tmp_path):
     """Fast (no server): a start that fails at once ends with the reason and the log, not a long wait."""
-    env = dict(os.environ, LS_VENV=str(tmp_path / "no-venv"), LABEL_STUDIO_USERNAME="a@b.c", LABEL_STUDIO_PASSWORD="x" * 8,
-               LABEL_STUDIO_USER_TOKEN="t" * 20)
+    env = dict(
+        os.environ,
+        LS_VENV=str(tmp_path / "no-venv"),
+        LABEL_STUDIO_USERNAME="a@b.c",
+        LABEL_STUDIO_PASSWORD="x" * 8,
+        LABEL_STUDIO_USER_TOKEN="t" * 20,
+    )
     t0 = time.monotonic()
     with pytest.raises(ServerStartError, match=r"(?s)exited with status 1 during start-up.*run '.*install' first"):
-        start_server(port=_free_port(), data_dir=tmp_path / "d", document_root=tmp_path, log_path=tmp_path / "log", env=env,
-                     timeout_s=60)
+        start_server(
+            port=_free_port(),
+            data_dir=tmp_path / "d",
+            document_root=tmp_path,
+            log_path=tmp_path / "log",
+            env=env,
+            timeout_s=60,
+        )
     assert time.monotonic() - t0 < 30
 
 
@@ -157,17 +197,21 @@ def bottle_review(mvtec_root, tmp_path_factory):
     """COCO ground truth (convert-masks' conventions) for four bottle images, and predictions for them:
     a SAM-like file (boxes and masks of the true instances, plus a false positive on the good image) and
     an anomaly file that calls the good image good (so the queue puts it first)."""
+    from pipeline.core.io import image_size_hw
     from pipeline.data.convert import class_names
     from pipeline.data.instances import encode_rle, mask_to_instances
-    from pipeline.core.io import image_size_hw
     from pipeline.data.mvtec import read_mask
 
     root = mvtec_root / "bottle"
     tmp = tmp_path_factory.mktemp("bottle_review")
     names, type_to_name = class_names(["broken_large", "broken_small", "contamination"])
     cat_id = {n: i + 1 for i, n in enumerate(names)}
-    gt = {"info": {"image_root": str(root), "split": "test"}, "images": [], "annotations": [],
-          "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in names]}
+    gt = {
+        "info": {"image_root": str(root), "split": "test"},
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in names],
+    }
     preds, ann_id = [], 0
     for img_id, rel in enumerate(IMAGES, 1):
         h, w = image_size_hw(root / rel)
@@ -176,28 +220,66 @@ def bottle_review(mvtec_root, tmp_path_factory):
         if label == "good":
             fp = np.zeros((h, w), bool)
             fp[100:140, 200:260] = True
-            preds.append({"image_id": img_id, "category_id": 1, "bbox": [200, 100, 60, 40], "score": 0.6, "segmentation": encode_rle(fp)})
+            preds.append(
+                {
+                    "image_id": img_id,
+                    "category_id": 1,
+                    "bbox": [200, 100, 60, 40],
+                    "score": 0.6,
+                    "segmentation": encode_rle(fp),
+                }
+            )
             continue
         mask = read_mask(root / "ground_truth" / label / rel.split("/")[2].replace(".png", "_mask.png"))
         for k, inst in enumerate(mask_to_instances(mask)):
             ann_id += 1
             rle = encode_rle(inst.mask)
-            a = {"id": ann_id, "image_id": img_id, "category_id": cat_id[type_to_name[label]], "bbox": list(inst.bbox_xywh),
-                 "area": inst.area, "segmentation": rle, "iscrowd": 0}
+            a = {
+                "id": ann_id,
+                "image_id": img_id,
+                "category_id": cat_id[type_to_name[label]],
+                "bbox": list(inst.bbox_xywh),
+                "area": inst.area,
+                "segmentation": rle,
+                "iscrowd": 0,
+            }
             gt["annotations"].append(a)
-            preds.append({"image_id": img_id, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9 - 0.1 * k,
-                          "segmentation": rle})
-    anomaly = {"kind": "anomaly", "model": "patchcore", "threshold": 0.5,
-               "predictions": [{"image": i["file_name"], "image_id": i["id"], "score": 0.2 if i["defect_type"] == "good" else 0.8 + 0.05 * i["id"],
-                                "label": "good" if i["defect_type"] == "good" else "defect"} for i in gt["images"]]}
+            preds.append(
+                {
+                    "image_id": img_id,
+                    "category_id": a["category_id"],
+                    "bbox": a["bbox"],
+                    "score": 0.9 - 0.1 * k,
+                    "segmentation": rle,
+                }
+            )
+    anomaly = {
+        "kind": "anomaly",
+        "model": "patchcore",
+        "threshold": 0.5,
+        "predictions": [
+            {
+                "image": i["file_name"],
+                "image_id": i["id"],
+                "score": 0.2 if i["defect_type"] == "good" else 0.8 + 0.05 * i["id"],
+                "label": "good" if i["defect_type"] == "good" else "defect",
+            }
+            for i in gt["images"]
+        ],
+    }
     for name, obj in (("gt.json", gt), ("sam.json", preds), ("anomaly.json", anomaly)):
         (tmp / name).write_text(json.dumps(obj))
     return {"root": root, "tmp": tmp, "gt": gt}
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=dict(os.environ, **(env or {})),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -211,8 +293,25 @@ def test_round_trip_through_label_studio(labelstudio_server, bottle_review, mvte
     tmp, gt = bottle_review["tmp"], bottle_review["gt"]
     title = f"bottle review {secrets.token_hex(3)}"
     # 1. export + push through the CLI (token from the environment only)
-    r = _cli("export", "labelstudio", tmp / "sam.json", tmp / "anomaly.json", "--gt", tmp / "gt.json", "--out", tmp / "ls",
-             "--polygons", "--order", "uncertainty", "--push", "--url", url, "--project", title, env={"LABEL_STUDIO_API_KEY": token})
+    r = _cli(
+        "export",
+        "labelstudio",
+        tmp / "sam.json",
+        tmp / "anomaly.json",
+        "--gt",
+        tmp / "gt.json",
+        "--out",
+        tmp / "ls",
+        "--polygons",
+        "--order",
+        "uncertainty",
+        "--push",
+        "--url",
+        url,
+        "--project",
+        title,
+        env={"LABEL_STUDIO_API_KEY": token},
+    )
     assert r.returncode == 0, r.stderr
     assert token not in r.stdout + r.stderr
     assert "created project" in r.stdout and "4 tasks imported" in r.stdout
@@ -248,12 +347,19 @@ def test_round_trip_through_label_studio(labelstudio_server, bottle_review, mvte
     # pushing again updates the project: same tasks, predictions of the same model version replaced
     from pipeline.review.client import push_tasks
 
-    again = push_tasks(json.loads((tmp / "ls" / "tasks.json").read_text()), (tmp / "ls" / "labeling_config.xml").read_text(),
-                       url=url, title=title, storage_path=bottle_review["root"])
+    again = push_tasks(
+        json.loads((tmp / "ls" / "tasks.json").read_text()),
+        (tmp / "ls" / "labeling_config.xml").read_text(),
+        url=url,
+        title=title,
+        storage_path=bottle_review["root"],
+    )
     assert (again["created"], again["n_imported"], again["n_updated"], again["project_id"]) == (False, 0, 4, project.id)
     tasks2 = fetch_tasks(url, project.id)
     assert [t["id"] for t in tasks2] == [t["id"] for t in tasks]
-    assert [[p["result"] for p in t["predictions"]] for t in tasks2] == [[p["result"] for p in t["predictions"]] for t in tasks]
+    assert [[p["result"] for p in t["predictions"]] for t in tasks2] == [
+        [p["result"] for p in t["predictions"]] for t in tasks
+    ]
     tasks = tasks2
     # 3. a review: delete the false positive on the good image, move and shrink one box, accept the rest
     moved = {}
@@ -273,19 +379,30 @@ def test_round_trip_through_label_studio(labelstudio_server, bottle_review, mvte
     exported = export_project(url, project.id)
     assert len(exported) == 4 and all(len(t["annotations"]) == 1 for t in exported)
     (tmp / "export.json").write_text(json.dumps(exported))
-    info = import_export(tmp / "export.json", config_path=tmp / "ls" / "labeling_config.xml", out_path=tmp / "reviewed.json", force=True)
+    info = import_export(
+        tmp / "export.json", config_path=tmp / "ls" / "labeling_config.xml", out_path=tmp / "reviewed.json", force=True
+    )
     coco = json.loads((tmp / "reviewed.json").read_text())
     assert info["n_unreviewed"] == 0 and coco["info"]["image_root"] == str(bottle_review["root"].resolve())
-    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == \
-        [(i["id"], i["file_name"], i["width"], i["height"]) for i in gt["images"]]
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
+        (i["id"], i["file_name"], i["width"], i["height"]) for i in gt["images"]
+    ]
     assert coco["categories"] == gt["categories"]
     (moved_img,) = moved
     assert len(coco["annotations"]) == len(gt["annotations"])
     for img in gt["images"]:
         want = [a for a in gt["annotations"] if a["image_id"] == img["id"]]
         got = [a for a in coco["annotations"] if a["image_id"] == img["id"]]
-        want_sorted = sorted(want, key=lambda a: -next(p["score"] for p in json.loads((tmp / "sam.json").read_text())
-                                                         if p["image_id"] == a["image_id"] and p["bbox"] == a["bbox"]))
+        want_sorted = sorted(
+            want,
+            key=lambda a: (
+                -next(
+                    p["score"]
+                    for p in json.loads((tmp / "sam.json").read_text())
+                    if p["image_id"] == a["image_id"] and p["bbox"] == a["bbox"]
+                )
+            ),
+        )
         assert len(got) == len(want_sorted)
         for k, (g, w_) in enumerate(zip(got, want_sorted)):
             bbox = list(w_["bbox"])
@@ -295,9 +412,19 @@ def test_round_trip_through_label_studio(labelstudio_server, bottle_review, mvte
             assert np.array_equal(decode_rle(g["segmentation"]), decode_rle(w_["segmentation"]))
     assert next(i for i in coco["images"] if i["file_name"] == "test/good/000.png")["defect_type"] == "good"
     # 5. the reviewed COCO goes downstream: readable as ground truth, through the CLI too
-    r = _cli("import", "labelstudio", tmp / "export.json", "--config", tmp / "ls" / "labeling_config.xml", "--out", tmp / "reviewed_cli.json")
+    r = _cli(
+        "import",
+        "labelstudio",
+        tmp / "export.json",
+        "--config",
+        tmp / "ls" / "labeling_config.xml",
+        "--out",
+        tmp / "reviewed_cli.json",
+    )
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp / "reviewed_cli.json").read_text()) == coco | {"info": json.loads((tmp / "reviewed_cli.json").read_text())["info"]}
+    assert json.loads((tmp / "reviewed_cli.json").read_text()) == coco | {
+        "info": json.loads((tmp / "reviewed_cli.json").read_text())["info"]
+    }
     from pipeline.data.coco import load_coco_gt
 
     load_coco_gt(tmp / "reviewed.json")
@@ -312,20 +439,57 @@ def test_bad_token_and_foreign_config_fail_cleanly(labelstudio_server, bottle_re
     url, token = labelstudio_server["url"], labelstudio_server["token"]
     tmp = bottle_review["tmp"]
     # a wrong token: one line naming the variable, not the token
-    r = _cli("export", "labelstudio", tmp / "sam.json", "--gt", tmp / "gt.json", "--out", tmp / "bad", "--push", "--url", url,
-             env={"LABEL_STUDIO_API_KEY": "not-the-token-42"})
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert r.returncode == 1 and len(lines) == 1 and "rejected the API token in $LABEL_STUDIO_API_KEY" in lines[0], r.stderr
+    r = _cli(
+        "export",
+        "labelstudio",
+        tmp / "sam.json",
+        "--gt",
+        tmp / "gt.json",
+        "--out",
+        tmp / "bad",
+        "--push",
+        "--url",
+        url,
+        env={"LABEL_STUDIO_API_KEY": "not-the-token-42"},
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "rejected the API token in $LABEL_STUDIO_API_KEY" in lines[0], (
+        r.stderr
+    )
     assert "not-the-token-42" not in r.stderr and not (tmp / "bad").exists()
     # a project made for other labels: the push is refused before anything is imported
     title = f"other config {secrets.token_hex(3)}"
     other = labeling_config(["crack"], brush=True)
-    task = {"data": {"image": "/data/local-files/?d=bottle/test/good/001.png", "file_name": "test/good/001.png"},
-            "predictions": [{"model_version": "m", "result": [rectangle_result(bbox_xywh=[1, 1, 5, 5], label="crack", size_hw=(900, 900), score=0.9, rid="0000000001")]}]}
+    task = {
+        "data": {"image": "/data/local-files/?d=bottle/test/good/001.png", "file_name": "test/good/001.png"},
+        "predictions": [
+            {
+                "model_version": "m",
+                "result": [
+                    rectangle_result(
+                        bbox_xywh=[1, 1, 5, 5], label="crack", size_hw=(900, 900), score=0.9, rid="0000000001"
+                    )
+                ],
+            }
+        ],
+    }
     push_tasks([task], other, url=url, title=title)
-    r = _cli("export", "labelstudio", tmp / "sam.json", "--gt", tmp / "gt.json", "--out", tmp / "bad", "--push", "--url", url,
-             "--project", title, env={"LABEL_STUDIO_API_KEY": token})
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    r = _cli(
+        "export",
+        "labelstudio",
+        tmp / "sam.json",
+        "--gt",
+        tmp / "gt.json",
+        "--out",
+        tmp / "bad",
+        "--push",
+        "--url",
+        url,
+        "--project",
+        title,
+        env={"LABEL_STUDIO_API_KEY": token},
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "labeling config of project" in lines[0], r.stderr
     assert not (tmp / "bad").exists()
     pid = find_project(connect(url), title).id

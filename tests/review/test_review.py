@@ -11,7 +11,13 @@ import pytest
 from pipeline.core.errors import PipelineError
 from pipeline.data.instances import decode_rle, encode_rle
 from pipeline.review.export import (
-    Source, export_tasks, image_uncertainty, image_url, rectangle_result, region_results, score_closeness,
+    Source,
+    export_tasks,
+    image_uncertainty,
+    image_url,
+    rectangle_result,
+    region_results,
+    score_closeness,
 )
 from pipeline.review.labeling_config import config_class_names, config_controls, labeling_config, validate_tasks
 from pipeline.review.reviewed import import_export, polygon_to_mask, rect_to_bbox_xywh, task_regions
@@ -19,7 +25,14 @@ from pipeline.review.reviewed import import_export, polygon_to_mask, rect_to_bbo
 
 def test_rectangle_in_percent_of_original_size():
     r = rectangle_result(bbox_xywh=[100, 50, 200, 25], label="scratch", size_hw=(500, 1000), score=0.7, rid="a")
-    assert r["value"] == {"x": 10.0, "y": 10.0, "width": 20.0, "height": 5.0, "rotation": 0, "rectanglelabels": ["scratch"]}
+    assert r["value"] == {
+        "x": 10.0,
+        "y": 10.0,
+        "width": 20.0,
+        "height": 5.0,
+        "rotation": 0,
+        "rectanglelabels": ["scratch"],
+    }
     assert (r["original_width"], r["original_height"], r["score"]) == (1000, 500, 0.7)
     # a box hanging over the border is clipped to the image
     c = rectangle_result(bbox_xywh=[-10, 490, 20, 30], label="x", size_hw=(500, 1000), score=None, rid="b")
@@ -28,8 +41,9 @@ def test_rectangle_in_percent_of_original_size():
 
 def test_config_and_validation():
     cfg = labeling_config(["broken large", "contamination"])
-    assert {k: (c.to_name, set(c.labels)) for k, c in config_controls(cfg).items()} == \
-        {"label": ("image", {"broken large", "contamination"})}
+    assert {k: (c.to_name, set(c.labels)) for k, c in config_controls(cfg).items()} == {
+        "label": ("image", {"broken large", "contamination"})
+    }
     ok = rectangle_result(bbox_xywh=[0, 0, 1, 1], label="contamination", size_hw=(10, 10), score=1.0, rid="1")
     validate_tasks([{"predictions": [{"result": [ok]}]}], cfg)
     bad = dict(ok, id="2", value=dict(ok["value"], rectanglelabels=["crack"]))
@@ -52,9 +66,13 @@ def test_export_tasks_end_to_end(synth_category, tmp_path):
 
     ann = convert_category(synth_category, tmp_path / "ann").out
     gt = json.loads((ann / "coco" / "test.json").read_text())
-    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.8}
-             for a in gt["annotations"]]
-    preds.append({"image_id": gt["images"][0]["id"], "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.1})  # below min_score
+    preds = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.8}
+        for a in gt["annotations"]
+    ]
+    preds.append(
+        {"image_id": gt["images"][0]["id"], "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.1}
+    )  # below min_score
     (tmp_path / "p.json").write_text(json.dumps(preds))
     info = export_tasks(tmp_path / "p.json", gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
     tasks = json.loads(info["tasks"].read_text())
@@ -63,8 +81,11 @@ def test_export_tasks_end_to_end(synth_category, tmp_path):
         assert t["data"]["image"] == f"/data/local-files/?d=synth/{t['data']['file_name']}"
         for r in t["predictions"][0]["result"]:
             img = next(i for i in gt["images"] if i["id"] == t["data"]["image_id"])
-            ann_ = next(a for a in gt["annotations"] if a["image_id"] == img["id"] and
-                        abs(a["bbox"][0] / img["width"] * 100 - r["value"]["x"]) < 1e-9)
+            ann_ = next(
+                a
+                for a in gt["annotations"]
+                if a["image_id"] == img["id"] and abs(a["bbox"][0] / img["width"] * 100 - r["value"]["x"]) < 1e-9
+            )
             assert r["value"]["width"] == pytest.approx(ann_["bbox"][2] / img["width"] * 100)
     validate_tasks(tasks, info["config"].read_text())
     with pytest.raises(PipelineError, match="--force"):
@@ -82,12 +103,15 @@ def _blob_mask(h=40, w=60):
     return m
 
 
-@pytest.mark.parametrize("mask", [
-    _blob_mask(),  # several components
-    np.zeros((7, 9), bool),  # empty
-    np.ones((7, 9), bool),  # full, touching every border
-    np.pad(np.ones((5, 5), bool), 3) ^ np.pad(np.pad(np.ones((1, 1), bool), 2), 3),  # a hole
-])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        _blob_mask(),  # several components
+        np.zeros((7, 9), bool),  # empty
+        np.ones((7, 9), bool),  # full, touching every border
+        np.pad(np.ones((5, 5), bool), 3) ^ np.pad(np.pad(np.ones((1, 1), bool), 2), 3),  # a hole
+    ],
+)
 def test_brush_rle_round_trip_is_exact_and_opaque(mask):
     from pipeline.review.brush import brush_decode, brush_encode
 
@@ -103,14 +127,20 @@ def test_brush_rle_round_trip_is_exact_and_opaque(mask):
 
 def test_region_results_ids_and_config():
     m = _blob_mask()
-    rs = region_results(bbox_xywh=[10, 5, 40, 30], mask=m, label="spot", size_hw=m.shape, score=0.5, rid="0123456789", polygons=True)
+    rs = region_results(
+        bbox_xywh=[10, 5, 40, 30], mask=m, label="spot", size_hw=m.shape, score=0.5, rid="0123456789", polygons=True
+    )
     assert [r["type"] for r in rs][:2] == ["rectanglelabels", "brushlabels"]
-    assert [r["id"] for r in rs] == ["0123456789", "0123456789_brush"] + [f"0123456789_poly{k}" for k in range(len(rs) - 2)]
+    assert [r["id"] for r in rs] == ["0123456789", "0123456789_brush"] + [
+        f"0123456789_poly{k}" for k in range(len(rs) - 2)
+    ]
     assert len(rs) - 2 == 2  # two outer contours (the one-pixel part has too few points for a polygon)
     cfg = labeling_config(["ring", "spot"], brush=True, polygons=True, reason=True)
     assert {k: (c.kind, c.labels) for k, c in config_controls(cfg).items()} == {
-        "label": ("rectanglelabels", ("ring", "spot")), "brush": ("brushlabels", ("ring", "spot")),
-        "polygon": ("polygonlabels", ("ring", "spot"))}
+        "label": ("rectanglelabels", ("ring", "spot")),
+        "brush": ("brushlabels", ("ring", "spot")),
+        "polygon": ("polygonlabels", ("ring", "spot")),
+    }
     assert config_class_names(cfg) == ["ring", "spot"] and "$review_reason" in cfg
     validate_tasks([{"predictions": [{"result": rs}]}], cfg)
     # a brush result under the rectangle control's name is refused
@@ -146,8 +176,14 @@ def test_uncertainty_score_definition():
     assert score_closeness(0.25, 0.25) == 1.0 and score_closeness(1.0, 0.25) == 0.0
     assert score_closeness(0.625, 0.25) == pytest.approx(0.5)
     names = {1: "ring", 2: "spot"}
-    det = Source("det", "detections", {1: [{"category_id": 1, "score": 0.9, "bbox": [0, 0, 1, 1]}],
-                                        2: [{"category_id": 2, "score": 0.3, "bbox": [0, 0, 1, 1]}]})
+    det = Source(
+        "det",
+        "detections",
+        {
+            1: [{"category_id": 1, "score": 0.9, "bbox": [0, 0, 1, 1]}],
+            2: [{"category_id": 2, "score": 0.3, "bbox": [0, 0, 1, 1]}],
+        },
+    )
     u1, _ = image_uncertainty(1, [det], threshold=0.25, names=names)
     u2, why2 = image_uncertainty(2, [det], threshold=0.25, names=names)
     assert u1 == pytest.approx(1 - 0.65 / 0.75) and u2 == pytest.approx(1 - 0.05 / 0.75)
@@ -159,7 +195,9 @@ def test_uncertainty_score_definition():
     assert u == 1.0 and why.startswith("sources disagree: det=defect (ring 0.90), patchcore=good (0.2 < 0.5)")
     assert image_uncertainty(2, [ano], threshold=0.25, names=names)[0] == pytest.approx(np.exp(-4))
     # classifier: one minus the top-2 margin; a class conflict among defect verdicts scores 0.5
-    cls = Source("resnet", "classification", {1: [{"label": "spot", "scores": {"good": 0.05, "ring": 0.15, "spot": 0.8}}]})
+    cls = Source(
+        "resnet", "classification", {1: [{"label": "spot", "scores": {"good": 0.05, "ring": 0.15, "spot": 0.8}}]}
+    )
     assert image_uncertainty(1, [cls], threshold=0.25, names=names)[0] == pytest.approx(0.35)
     u, why = image_uncertainty(1, [det, cls], threshold=0.25, names=names)
     assert u == 0.5 and "disagree on the class" in why
@@ -172,18 +210,43 @@ def _exported(synth_category, tmp_path, **kw):
     if not ann.exists():
         convert_category(synth_category, ann)
     gt = json.loads((ann / "coco" / "test.json").read_text())
-    preds = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9,
-              "segmentation": a["segmentation"]} for a in gt["annotations"]]
+    preds = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+            "segmentation": a["segmentation"],
+        }
+        for a in gt["annotations"]
+    ]
     good = next(i for i in gt["images"] if i["defect_type"] == "good")
     fp = np.zeros((good["height"], good["width"]), bool)
     fp[10:20, 30:50] = True
-    preds.append({"image_id": good["id"], "category_id": 1, "bbox": [30, 10, 20, 10], "score": 0.3, "segmentation": encode_rle(fp)})
+    preds.append(
+        {
+            "image_id": good["id"],
+            "category_id": 1,
+            "bbox": [30, 10, 20, 10],
+            "score": 0.3,
+            "segmentation": encode_rle(fp),
+        }
+    )
     (tmp_path / "sam.json").write_text(json.dumps(preds))
     files = [tmp_path / "sam.json"]
     if kw.pop("anomaly", False):
-        recs = [{"image": i["file_name"], "image_id": i["id"], "score": 0.1 if i["defect_type"] == "good" else 0.9,
-                 "label": "good" if i["defect_type"] == "good" else "defect"} for i in gt["images"]]
-        (tmp_path / "ano.json").write_text(json.dumps({"kind": "anomaly", "model": "patchcore", "threshold": 0.5, "predictions": recs}))
+        recs = [
+            {
+                "image": i["file_name"],
+                "image_id": i["id"],
+                "score": 0.1 if i["defect_type"] == "good" else 0.9,
+                "label": "good" if i["defect_type"] == "good" else "defect",
+            }
+            for i in gt["images"]
+        ]
+        (tmp_path / "ano.json").write_text(
+            json.dumps({"kind": "anomaly", "model": "patchcore", "threshold": 0.5, "predictions": recs})
+        )
         files.append(tmp_path / "ano.json")
     info = export_tasks(files, gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls", **kw)
     return gt, good, info, json.loads(info["tasks"].read_text())
@@ -207,7 +270,9 @@ def test_export_with_masks_order_and_reason(synth_category, tmp_path):
     assert tasks[0]["data"]["image_id"] == good["id"] and tasks[0]["data"]["uncertainty"] == 1.0
     assert "sources disagree" in tasks[0]["data"]["review_reason"]
     us = [t["data"]["uncertainty"] for t in tasks]
-    assert us == sorted(us, reverse=True) and [t["data"]["review_rank"] for t in tasks] == list(range(1, len(tasks) + 1))
+    assert us == sorted(us, reverse=True) and [t["data"]["review_rank"] for t in tasks] == list(
+        range(1, len(tasks) + 1)
+    )
     validate_tasks(tasks, info["config"].read_text())
 
 
@@ -217,8 +282,15 @@ def _review(tasks, edit):
     for k, t in enumerate(tasks):
         result = json.loads(json.dumps(t["predictions"][0]["result"]))
         result = edit(t, result)
-        out.append(dict(t, id=k + 1, annotations=[{"id": k + 1, "result": result, "was_cancelled": False,
-                                                     "updated_at": "2026-01-01T00:00:00Z"}]))
+        out.append(
+            dict(
+                t,
+                id=k + 1,
+                annotations=[
+                    {"id": k + 1, "result": result, "was_cancelled": False, "updated_at": "2026-01-01T00:00:00Z"}
+                ],
+            )
+        )
     return out
 
 
@@ -247,8 +319,9 @@ def test_import_round_trip_with_edits(synth_category, tmp_path):
     coco = json.loads((tmp_path / "reviewed.json").read_text())
     assert coco["info"]["image_root"] == gt["info"]["image_root"]
     assert [c["name"] for c in coco["categories"]] == [c["name"] for c in gt["categories"]]
-    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == \
-        [(i["id"], i["file_name"], i["width"], i["height"]) for i in sorted(gt["images"], key=lambda i: i["id"])]
+    assert [(i["id"], i["file_name"], i["width"], i["height"]) for i in coco["images"]] == [
+        (i["id"], i["file_name"], i["width"], i["height"]) for i in sorted(gt["images"], key=lambda i: i["id"])
+    ]
     assert [a["id"] for a in coco["annotations"]] == list(range(1, len(coco["annotations"]) + 1))
     assert len(coco["annotations"]) == len(gt["annotations"])
     (moved_img,) = moved
@@ -279,18 +352,42 @@ def test_import_reviewer_drawn_shapes():
 
     results = [
         # a brush painted by the reviewer (random id): one annotation per connected component
-        {"id": "Xy_-k9LmQz", "type": "brushlabels", "from_name": "brush", "to_name": "image", "original_width": w,
-         "original_height": h, "value": {"format": "rle", "rle": brush_encode(m), "brushlabels": ["spot"]}},
+        {
+            "id": "Xy_-k9LmQz",
+            "type": "brushlabels",
+            "from_name": "brush",
+            "to_name": "image",
+            "original_width": w,
+            "original_height": h,
+            "value": {"format": "rle", "rle": brush_encode(m), "brushlabels": ["spot"]},
+        },
         # a box alone: filled rectangle as its mask
-        {"id": "Ab3", "type": "rectanglelabels", "from_name": "label", "to_name": "image", "original_width": w,
-         "original_height": h, "value": {"x": 25.0, "y": 50.0, "width": 10.0, "height": 10.0, "rotation": 0, "rectanglelabels": ["ring"]}},
+        {
+            "id": "Ab3",
+            "type": "rectanglelabels",
+            "from_name": "label",
+            "to_name": "image",
+            "original_width": w,
+            "original_height": h,
+            "value": {"x": 25.0, "y": 50.0, "width": 10.0, "height": 10.0, "rotation": 0, "rectanglelabels": ["ring"]},
+        },
         # a polygon alone (triangle)
-        {"id": "P1", "type": "polygonlabels", "from_name": "polygon", "to_name": "image", "original_width": w,
-         "original_height": h, "value": {"points": [[50.0, 10.0], [75.0, 10.0], [50.0, 40.0]], "polygonlabels": ["ring"]}},
+        {
+            "id": "P1",
+            "type": "polygonlabels",
+            "from_name": "polygon",
+            "to_name": "image",
+            "original_width": w,
+            "original_height": h,
+            "value": {"points": [[50.0, 10.0], [75.0, 10.0], [50.0, 40.0]], "polygonlabels": ["ring"]},
+        },
     ]
     regs = task_regions(results, size_hw=(h, w), source="t")
-    assert [(r["label"], r["bbox"], r["area"]) for r in regs[:3]] == [("spot", [3, 2, 6, 4], 24), ("spot", [30, 20, 8, 5], 40),
-                                                                      ("ring", [10, 15, 4, 3], 12)]
+    assert [(r["label"], r["bbox"], r["area"]) for r in regs[:3]] == [
+        ("spot", [3, 2, 6, 4], 24),
+        ("spot", [30, 20, 8, 5], 40),
+        ("ring", [10, 15, 4, 3], 12),
+    ]
     tri = decode_rle(regs[3]["segmentation"])
     assert regs[3]["bbox"] == [20, 3, 11, 10] and tri[3, 20] and tri[12, 20] and tri[3, 30] and not tri[12, 30]
 
@@ -312,7 +409,9 @@ def test_import_bad_inputs_write_nothing(tmp_path, synth_category):
 
 def _cli(*args, env=None):
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=e, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], env=e, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_push_failures_are_one_line_and_write_nothing(synth_category, tmp_path):
@@ -322,21 +421,43 @@ def test_cli_push_failures_are_one_line_and_write_nothing(synth_category, tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    args = ["export", "labelstudio", tmp_path / "sam.json", "--gt", tmp_path / "ann/coco/test.json", "--out", tmp_path / "o",
-            "--push", "--url", f"http://127.0.0.1:{port}"]
+    args = [
+        "export",
+        "labelstudio",
+        tmp_path / "sam.json",
+        "--gt",
+        tmp_path / "ann/coco/test.json",
+        "--out",
+        tmp_path / "o",
+        "--push",
+        "--url",
+        f"http://127.0.0.1:{port}",
+    ]
     r = _cli(*args, env={"LABEL_STUDIO_API_KEY": "secret-token-123"})
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "cannot reach Label Studio" in lines[0], r.stderr
     assert "secret-token-123" not in r.stdout + r.stderr and not (tmp_path / "o").exists()
     env = {k: v for k, v in os.environ.items() if k != "LABEL_STUDIO_API_KEY"}
-    r = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 1 and "LABEL_STUDIO_API_KEY" in r.stderr and not (tmp_path / "o").exists()
     # import: an export against another project's config, one line, no output
     (tmp_path / "export.json").write_text(json.dumps(_review(tasks, lambda t, res: res)))
     (tmp_path / "other.xml").write_text(labeling_config(["crack"], brush=True))
-    r = _cli("import", "labelstudio", tmp_path / "export.json", "--config", tmp_path / "other.xml", "--out", tmp_path / "c.json")
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert r.returncode == 1 and len(lines) == 1 and "not in the config" in lines[0] and not (tmp_path / "c.json").exists()
+    r = _cli(
+        "import",
+        "labelstudio",
+        tmp_path / "export.json",
+        "--config",
+        tmp_path / "other.xml",
+        "--out",
+        tmp_path / "c.json",
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert (
+        r.returncode == 1 and len(lines) == 1 and "not in the config" in lines[0] and not (tmp_path / "c.json").exists()
+    )
 
 
 def test_prediction_segmentation_as_polygons_or_rle():
@@ -357,21 +478,35 @@ def test_review_reason_names_the_image_and_the_real_reason(tmp_path):
 
     names = {1: "ring"}
     # t = 0.6: 0.95 is far above it, 0.05 far below it (a low score), 0.55 near it
-    det = Source("det", "detections", {1: [{"category_id": 1, "score": 0.95, "bbox": [0, 0, 1, 1]}],
-                                        2: [{"category_id": 1, "score": 0.05, "bbox": [0, 0, 1, 1]}],
-                                        3: [{"category_id": 1, "score": 0.55, "bbox": [0, 0, 1, 1]}]})
+    det = Source(
+        "det",
+        "detections",
+        {
+            1: [{"category_id": 1, "score": 0.95, "bbox": [0, 0, 1, 1]}],
+            2: [{"category_id": 1, "score": 0.05, "bbox": [0, 0, 1, 1]}],
+            3: [{"category_id": 1, "score": 0.55, "bbox": [0, 0, 1, 1]}],
+        },
+    )
     assert image_uncertainty(1, [det], threshold=0.6, names=names)[1] == "det: ring score 0.95 above threshold 0.60"
-    assert image_uncertainty(2, [det], threshold=0.6, names=names)[1] == \
-        "det: ring score 0.05 below threshold 0.60 (low score)"
+    assert (
+        image_uncertainty(2, [det], threshold=0.6, names=names)[1]
+        == "det: ring score 0.05 below threshold 0.60 (low score)"
+    )
     assert image_uncertainty(3, [det], threshold=0.6, names=names)[1] == "det: ring score 0.55 near threshold 0.60"
     ano = Source("patchcore", "anomaly", {1: [{"score": 0.9}]}, threshold=0.5, scale=0.1)
-    assert image_uncertainty(1, [ano], threshold=0.6, names=names)[1] == \
-        "patchcore: anomaly score 0.9 above threshold 0.5"
-    gt = {"info": {"image_root": str(tmp_path / "cat")}, "categories": [{"id": 1, "name": "ring"}],
-          "images": [{"id": 2, "file_name": "test/ring/002.png", "width": 8, "height": 8}]}
+    assert (
+        image_uncertainty(1, [ano], threshold=0.6, names=names)[1] == "patchcore: anomaly score 0.9 above threshold 0.5"
+    )
+    gt = {
+        "info": {"image_root": str(tmp_path / "cat")},
+        "categories": [{"id": 1, "name": "ring"}],
+        "images": [{"id": 2, "file_name": "test/ring/002.png", "width": 8, "height": 8}],
+    }
     (task,) = build_tasks(gt, [det], min_score=0.6)
-    assert task["data"]["review_reason"] == \
-        "test/ring/002.png: uncertainty 0.08: det: ring score 0.05 below threshold 0.60 (low score)"
+    assert (
+        task["data"]["review_reason"]
+        == "test/ring/002.png: uncertainty 0.08: det: ring score 0.05 below threshold 0.60 (low score)"
+    )
     cmd = local_files_start_command(tmp_path / "my data")
     assert cmd.endswith(" label-studio start") and f"DOCUMENT_ROOT='{tmp_path / 'my data'}' " in cmd
 

@@ -140,21 +140,27 @@ class PatchCore:
         patch = dist[:, 0].reshape(b, grid[0] * grid[1])
         nn_idx = nn_idx[:, 0].reshape(b, -1)
         feats = feats.reshape(b, grid[0] * grid[1], -1)
-        scores = np.array([
-            reweighted_score(self.memory_bank, self.index(), feats[i], patch[i], nn_idx[i], self.config.num_neighbors)
-            for i in range(b)
-        ])
+        scores = np.array(
+            [
+                reweighted_score(
+                    self.memory_bank, self.index(), feats[i], patch[i], nn_idx[i], self.config.num_neighbors
+                )
+                for i in range(b)
+            ]
+        )
         maps = patch_maps(patch.reshape(b, *grid), size=self.config.image_size, sigma=self.config.sigma)
         return scores, maps
 
-    def score_paths(self, paths: Sequence[Path], *,
-                    progress: Callable | None = None) -> tuple[np.ndarray, np.ndarray, list]:
+    def score_paths(
+        self, paths: Sequence[Path], *, progress: Callable | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list]:
         """Score image files: ``(scores B, maps BxSxS float32, native sizes [(H, W)])``."""
         scores, maps, sizes = [], [], []
         bs = self.config.batch_size
         for i in range(0, len(paths), bs):
-            x, sz = load_batch(paths[i:i + bs], size=self.config.image_size, spec=self.backbone.spec,
-                               device=self.device)
+            x, sz = load_batch(
+                paths[i : i + bs], size=self.config.image_size, spec=self.backbone.spec, device=self.device
+            )
             s, m = self.score_batch(x)
             scores.append(s)
             maps.append(m)
@@ -227,8 +233,16 @@ def patch_features(backbone, x, *, feature_dim: int | None = None) -> tuple[np.n
 
 
 # ------------------------------------------------------------------------------ coreset
-def greedy_coreset(features: np.ndarray, n: int, *, projection_dim: int | None = 128, seed: int = 0,
-                   start: int | None = None, device: str = "cpu", progress: Callable | None = None) -> np.ndarray:
+def greedy_coreset(
+    features: np.ndarray,
+    n: int,
+    *,
+    projection_dim: int | None = 128,
+    seed: int = 0,
+    start: int | None = None,
+    device: str = "cpu",
+    progress: Callable | None = None,
+) -> np.ndarray:
     """Greedy k-center coreset (Sener & Savarese 2018; PatchCore Alg. 1).
 
     Starting from one centre, repeatedly adds the point farthest (Euclidean) from the chosen set.
@@ -290,8 +304,9 @@ def knn(index, queries: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt(np.maximum(d2.astype(np.float64), 0.0)), idx
 
 
-def reweighted_score(bank: np.ndarray, index, feats: np.ndarray, patch_scores: np.ndarray,
-                     nn_idx: np.ndarray, num_neighbors: int) -> float:
+def reweighted_score(
+    bank: np.ndarray, index, feats: np.ndarray, patch_scores: np.ndarray, nn_idx: np.ndarray, num_neighbors: int
+) -> float:
     """PatchCore image score of one image (Roth et al. 2022, Eq. 7).
 
     Args:
@@ -308,7 +323,7 @@ def reweighted_score(bank: np.ndarray, index, feats: np.ndarray, patch_scores: n
     if b <= 1:
         return s_star
     m_star = int(nn_idx[p])
-    _, support = knn(index, bank[m_star:m_star + 1], k=b)
+    _, support = knn(index, bank[m_star : m_star + 1], k=b)
     others = [int(j) for j in support[0] if j != m_star and j >= 0][: b - 1]
     d_others = np.linalg.norm(bank[others].astype(np.float64) - feats[p].astype(np.float64), axis=1)
     d = np.concatenate([[s_star], d_others])
@@ -348,9 +363,15 @@ def resolve_backbone(config: PatchCoreConfig, *, allow_download: bool = False) -
     return replace(config, backbone=name)
 
 
-def fit_patchcore(train_paths: Sequence[Path], config: PatchCoreConfig = PatchCoreConfig(), *,
-                  device: str | None = None, log: Callable[[str], None] = lambda s: None,
-                  progress: bool = False, allow_download: bool = False) -> PatchCore:
+def fit_patchcore(
+    train_paths: Sequence[Path],
+    config: PatchCoreConfig = PatchCoreConfig(),
+    *,
+    device: str | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    progress: bool = False,
+    allow_download: bool = False,
+) -> PatchCore:
     """Fit PatchCore on good images.
 
     Args:
@@ -393,22 +414,33 @@ def fit_patchcore(train_paths: Sequence[Path], config: PatchCoreConfig = PatchCo
         return None
     feats, sizes, grid = gathered
     if len(sizes) > 1:
-        log(f"training images have {len(sizes)} different sizes; "
-            f"all are resized to {config.image_size}x{config.image_size}")
+        log(
+            f"training images have {len(sizes)} different sizes; "
+            f"all are resized to {config.image_size}x{config.image_size}"
+        )
     t_feat = time.perf_counter() - t0
     bank = coreset_bank(feats, config, device=device, progress=progress)
     fit_s = time.perf_counter() - t0
-    log(f"memory bank {bank.shape[0]} x {bank.shape[1]} from {len(feats)} patches of {len(train_paths)} images "
-        f"in {fit_s:.1f} s")
-    info = {"train_images": len(train_paths), "train_patches": int(len(feats)), "fit_seconds": round(fit_s, 3),
-            "feature_seconds": round(t_feat, 3), "native_sizes_hw": sorted([list(s) for s in sizes]),
-            "device": device}
-    return PatchCore(config=config, backbone=bb, memory_bank=np.ascontiguousarray(bank, np.float32),
-                     grid_hw=tuple(grid), info=info)
+    log(
+        f"memory bank {bank.shape[0]} x {bank.shape[1]} from {len(feats)} patches of {len(train_paths)} images "
+        f"in {fit_s:.1f} s"
+    )
+    info = {
+        "train_images": len(train_paths),
+        "train_patches": int(len(feats)),
+        "fit_seconds": round(fit_s, 3),
+        "feature_seconds": round(t_feat, 3),
+        "native_sizes_hw": sorted([list(s) for s in sizes]),
+        "device": device,
+    }
+    return PatchCore(
+        config=config, backbone=bb, memory_bank=np.ascontiguousarray(bank, np.float32), grid_hw=tuple(grid), info=info
+    )
 
 
-def train_features(backbone, paths: Sequence[Path], config: PatchCoreConfig, *, device: str = "cpu",
-                   progress: bool = False) -> tuple[np.ndarray, set, tuple[int, int]] | None:
+def train_features(
+    backbone, paths: Sequence[Path], config: PatchCoreConfig, *, device: str = "cpu", progress: bool = False
+) -> tuple[np.ndarray, set, tuple[int, int]] | None:
     """Patch features of the training images; under ``torchrun`` each rank extracts a strided shard
     of the batches and rank 0 gathers them.
 
@@ -423,11 +455,12 @@ def train_features(backbone, paths: Sequence[Path], config: PatchCoreConfig, *, 
     starts = list(range(0, len(paths), bs))
     mine = D.shard_indices(len(starts))  # all batches in a single process
     feats, sizes, grid = [], set(), None
-    total = sum(len(paths[starts[b]:starts[b] + bs]) for b in mine)
+    total = sum(len(paths[starts[b] : starts[b] + bs]) for b in mine)
     with progress_bar("features", total, enabled=progress and D.is_main(), transient=True) as advance:
         for b in mine:
-            x, sz = load_batch(paths[starts[b]:starts[b] + bs], size=config.image_size, spec=backbone.spec,
-                               device=device)
+            x, sz = load_batch(
+                paths[starts[b] : starts[b] + bs], size=config.image_size, spec=backbone.spec, device=device
+            )
             f, grid = patch_features(backbone, x, feature_dim=config.feature_dim)
             feats.append((b, f))
             sizes.update(tuple(s) for s in sz)
@@ -441,16 +474,18 @@ def train_features(backbone, paths: Sequence[Path], config: PatchCoreConfig, *, 
     return np.concatenate(ordered), sizes, grid
 
 
-def coreset_bank(features: np.ndarray, config: PatchCoreConfig, *, device: str = "cpu",
-                 progress: bool = False) -> np.ndarray:
+def coreset_bank(
+    features: np.ndarray, config: PatchCoreConfig, *, device: str = "cpu", progress: bool = False
+) -> np.ndarray:
     """The memory bank: ``round(coreset_ratio * N)`` rows (at least 1) of the ``NxD`` ``features``
     chosen by :func:`greedy_coreset`, or all of them when that is not fewer."""
     n = max(1, int(round(config.coreset_ratio * len(features))))
     if n >= len(features):
         return features
     with progress_bar("coreset", n, enabled=progress, transient=True) as advance:
-        idx = greedy_coreset(features, n, projection_dim=config.projection_dim, seed=config.seed, device=device,
-                             progress=advance)
+        idx = greedy_coreset(
+            features, n, projection_dim=config.projection_dim, seed=config.seed, device=device, progress=advance
+        )
     return features[idx]
 
 
@@ -464,11 +499,21 @@ def save_artefact(model: PatchCore, path: Path) -> None:
         "format": ARTEFACT_FORMAT,
         "version": ARTEFACT_VERSION,
         "config": asdict(model.config),
-        "backbone": {"name": spec.name, "layers": list(spec.layers), "channels": list(spec.channels),
-                     "weights_file": str(model.backbone.weights_path), "provenance": spec.provenance,
-                     "state_dict": {k: v.detach().cpu() for k, v in model.backbone.model.state_dict().items()}},
-        "preprocess": {"resize": [model.config.image_size, model.config.image_size], "interpolation": "area",
-                       "color": "RGB", "mean": list(spec.mean), "std": list(spec.std)},
+        "backbone": {
+            "name": spec.name,
+            "layers": list(spec.layers),
+            "channels": list(spec.channels),
+            "weights_file": str(model.backbone.weights_path),
+            "provenance": spec.provenance,
+            "state_dict": {k: v.detach().cpu() for k, v in model.backbone.model.state_dict().items()},
+        },
+        "preprocess": {
+            "resize": [model.config.image_size, model.config.image_size],
+            "interpolation": "area",
+            "color": "RGB",
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+        },
         "memory_bank": torch.from_numpy(model.memory_bank),
         "grid_hw": list(model.grid_hw),
         "threshold": float(model.threshold),
@@ -497,10 +542,16 @@ def load_artefact(path: Path, *, device: str | None = None) -> PatchCore:
     config = PatchCoreConfig(**obj["config"])
     bname = obj["backbone"]["name"]
     model = backbones.build_stages(bname, stages_state=obj["backbone"]["state_dict"], source=path).to(device)
-    bb = backbones.Backbone(spec=backbones.SPECS[bname], model=model,
-                            weights_path=Path(obj["backbone"]["weights_file"]))
-    return PatchCore(config=config, backbone=bb, memory_bank=obj["memory_bank"].numpy().astype(np.float32),
-                     grid_hw=tuple(obj["grid_hw"]), threshold=float(obj["threshold"]),
-                     pixel_threshold=float(obj["pixel_threshold"]), norm=dict(obj["norm"]), info=dict(obj["info"]))
-
-
+    bb = backbones.Backbone(
+        spec=backbones.SPECS[bname], model=model, weights_path=Path(obj["backbone"]["weights_file"])
+    )
+    return PatchCore(
+        config=config,
+        backbone=bb,
+        memory_bank=obj["memory_bank"].numpy().astype(np.float32),
+        grid_hw=tuple(obj["grid_hw"]),
+        threshold=float(obj["threshold"]),
+        pixel_threshold=float(obj["pixel_threshold"]),
+        norm=dict(obj["norm"]),
+        info=dict(obj["info"]),
+    )

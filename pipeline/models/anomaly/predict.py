@@ -41,8 +41,13 @@ def resolve_split(category_dir: Path | None, split_path: Path | None):
         raise PipelineError("give a category folder or a split manifest (--split annotations/<category>/split.json)")
     cat = scan_category(Path(category_dir))
     m = make_split(cat)
-    return Split(path=Path(category_dir) / "split.json (in memory)", root=cat.root, category=cat.name,
-                 classes=tuple(m["classes"]), manifest=m)
+    return Split(
+        path=Path(category_dir) / "split.json (in memory)",
+        root=cat.root,
+        category=cat.name,
+        classes=tuple(m["classes"]),
+        manifest=m,
+    )
 
 
 def resolve_artefact(model: Path, category_dir: Path | None, split_path: Path | None) -> tuple[Path, Path | None]:
@@ -71,9 +76,21 @@ def select_samples(split, subset: str) -> list:
 
 
 # ------------------------------------------------------------------------------ the command
-def predict_run(model: Path, *, out: Path, category_dir: Path | None = None, split_path: Path | None = None,
-                subset: str = "test", save_maps: bool = True, overlays: int = 8, coco: bool = True,
-                force: bool = False, progress: bool = True, device: str | None = None, echo: bool = True) -> Path:
+def predict_run(
+    model: Path,
+    *,
+    out: Path,
+    category_dir: Path | None = None,
+    split_path: Path | None = None,
+    subset: str = "test",
+    save_maps: bool = True,
+    overlays: int = 8,
+    coco: bool = True,
+    force: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+    echo: bool = True,
+) -> Path:
     """``pipeline predict anomaly``: score a split's images with a saved artefact into the run folder ``out``.
 
     Writes (see the module docstring): ``predictions.json``, ``maps/<image_id>.npy`` (skipped with
@@ -105,12 +122,21 @@ def predict_run(model: Path, *, out: Path, category_dir: Path | None = None, spl
         scores, maps, sizes = pc.score_paths([s.image for s in samples], progress=advance)
     try:
         with run:
-            preds, results = write_maps_and_regions(run, pc, split, samples, scores, maps, sizes,
-                                                    save_maps=save_maps, overlays=overlays, coco=coco)
-            doc = {"kind": "anomaly", "model": str(Path(artefact).resolve()), "backbone": pc.config.backbone,
-                   "threshold": float(pc.threshold), "pixel_threshold": float(pc.pixel_threshold),
-                   "root": str(split.root), "split": str(split.path), "subset": subset,
-                   "image_size": pc.config.image_size, "predictions": preds}
+            preds, results = write_maps_and_regions(
+                run, pc, split, samples, scores, maps, sizes, save_maps=save_maps, overlays=overlays, coco=coco
+            )
+            doc = {
+                "kind": "anomaly",
+                "model": str(Path(artefact).resolve()),
+                "backbone": pc.config.backbone,
+                "threshold": float(pc.threshold),
+                "pixel_threshold": float(pc.pixel_threshold),
+                "root": str(split.root),
+                "split": str(split.path),
+                "subset": subset,
+                "image_size": pc.config.image_size,
+                "predictions": preds,
+            }
             atomic_write_json(run / "predictions.json", doc)
             if coco:
                 atomic_write_json(run / "coco_results.json", results, indent=None)
@@ -120,13 +146,26 @@ def predict_run(model: Path, *, out: Path, category_dir: Path | None = None, spl
     if echo:
         from pipeline.core.console import echo as say
 
-        say(f"{len(preds)} predictions ({sum(p['label'] == DEFECT for p in preds)} defect) with backbone "
-            f"{pc.config.backbone} -> {run / 'predictions.json'}")
+        say(
+            f"{len(preds)} predictions ({sum(p['label'] == DEFECT for p in preds)} defect) with backbone "
+            f"{pc.config.backbone} -> {run / 'predictions.json'}"
+        )
     return run / "predictions.json"
 
 
-def write_maps_and_regions(run: RunDir, model: PatchCore, split, samples, scores: np.ndarray, maps: np.ndarray,
-                           sizes, *, save_maps: bool, overlays: int, coco: bool) -> tuple[list[dict], list[dict]]:
+def write_maps_and_regions(
+    run: RunDir,
+    model: PatchCore,
+    split,
+    samples,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    sizes,
+    *,
+    save_maps: bool,
+    overlays: int,
+    coco: bool,
+) -> tuple[list[dict], list[dict]]:
     """Per image: its prediction record, its map file, its COCO regions and (for a sample) its overlay.
 
     Args:
@@ -146,8 +185,13 @@ def write_maps_and_regions(run: RunDir, model: PatchCore, split, samples, scores
     for k, (s, sc, m, size) in enumerate(zip(samples, scores, maps, sizes)):
         rel = s.image.relative_to(split.root).as_posix()
         iid = ids.get(rel)
-        p = {"image": rel, "image_id": iid, "score": float(sc), "score_norm": model.normalise_score(float(sc)),
-             "label": DEFECT if sc >= model.threshold else GOOD}
+        p = {
+            "image": rel,
+            "image_id": iid,
+            "score": float(sc),
+            "score_norm": model.normalise_score(float(sc)),
+            "label": DEFECT if sc >= model.threshold else GOOD,
+        }
         stem = str(iid) if iid is not None else f"img{k:05d}"
         if save_maps:
             (run / "maps").mkdir(exist_ok=True)
@@ -155,12 +199,23 @@ def write_maps_and_regions(run: RunDir, model: PatchCore, split, samples, scores
             p["map"] = f"maps/{stem}.npy"
         preds.append(p)
         if coco and iid is not None and np.isfinite(model.pixel_threshold):
-            results += map_to_coco(m, image_id=iid, threshold=model.pixel_threshold, size_hw=tuple(size),
-                                   norm=(lo, hi) if hi > lo else None)
+            results += map_to_coco(
+                m,
+                image_id=iid,
+                threshold=model.pixel_threshold,
+                size_hw=tuple(size),
+                norm=(lo, hi) if hi > lo else None,
+            )
         if k in chosen:
             mask = read_mask(s.mask) if s.mask else None
-            write_overlay(run / "overlays" / f"{s.label}_{s.image.stem}_{sc:.3g}.png", read_rgb(s.image), m,
-                          lo=lo, hi=hi, mask=mask)
+            write_overlay(
+                run / "overlays" / f"{s.label}_{s.image.stem}_{sc:.3g}.png",
+                read_rgb(s.image),
+                m,
+                lo=lo,
+                hi=hi,
+                mask=mask,
+            )
     return preds, results
 
 
@@ -180,9 +235,17 @@ def _sample_for_overlays(samples, n: int) -> set[int]:
 
 
 # ------------------------------------------------------------------------------ maps -> regions, overlays
-def map_to_coco(amap: np.ndarray, *, image_id: int, threshold: float, size_hw: tuple[int, int] | None = None,
-                category_id: int = 1, min_area: int = 1, connectivity: int = 8,
-                norm: tuple[float, float] | None = None) -> list[dict]:
+def map_to_coco(
+    amap: np.ndarray,
+    *,
+    image_id: int,
+    threshold: float,
+    size_hw: tuple[int, int] | None = None,
+    category_id: int = 1,
+    min_area: int = 1,
+    connectivity: int = 8,
+    norm: tuple[float, float] | None = None,
+) -> list[dict]:
     """Threshold an anomaly map into COCO result instances, one per connected component.
 
     Args:
@@ -205,14 +268,23 @@ def map_to_coco(amap: np.ndarray, *, image_id: int, threshold: float, size_hw: t
     for inst in mask_to_instances(m >= threshold, connectivity=connectivity, min_area=min_area):
         raw = float(m[inst.mask].max())
         score = minmax_score(raw, threshold, norm[0], norm[1]) if norm is not None else raw
-        out.append({"image_id": int(image_id), "category_id": int(category_id),
-                    "bbox": [float(v) for v in inst.bbox_xywh], "score": score, "score_raw": raw,
-                    "segmentation": encode_rle(inst.mask), "area": int(inst.area)})
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_id),
+                "bbox": [float(v) for v in inst.bbox_xywh],
+                "score": score,
+                "score_raw": raw,
+                "segmentation": encode_rle(inst.mask),
+                "area": int(inst.area),
+            }
+        )
     return out
 
 
-def overlay(image_rgb: np.ndarray, amap: np.ndarray, *, lo: float, hi: float, alpha: float = 0.5,
-            mask: np.ndarray | None = None) -> np.ndarray:
+def overlay(
+    image_rgb: np.ndarray, amap: np.ndarray, *, lo: float, hi: float, alpha: float = 0.5, mask: np.ndarray | None = None
+) -> np.ndarray:
     """Heat-map overlay: ``HxWx3`` uint8 BGR (JET colours of the map scaled from ``lo`` to ``hi``),
     the ground-truth outline in green when ``mask`` is given."""
     import cv2
@@ -230,8 +302,9 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, *, lo: float, hi: float, al
     return out
 
 
-def write_overlay(path: Path, image_rgb: np.ndarray, amap: np.ndarray, *, lo: float, hi: float,
-                  mask: np.ndarray | None = None) -> None:
+def write_overlay(
+    path: Path, image_rgb: np.ndarray, amap: np.ndarray, *, lo: float, hi: float, mask: np.ndarray | None = None
+) -> None:
     """:func:`overlay` written as a PNG (atomic)."""
     import cv2
 

@@ -19,14 +19,22 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunDir
 from pipeline.data.mvtec import GOOD
-from pipeline.models.anomaly.patchcore import (PatchCore, PatchCoreConfig, fit_patchcore, resolve_backbone,
-                                               save_artefact)
+from pipeline.models.anomaly.patchcore import PatchCore, PatchCoreConfig, fit_patchcore, resolve_backbone, save_artefact
 from pipeline.models.anomaly.predict import resolve_split
 
 
-def fit_run(category_dir: Path | None, *, out: Path, config: PatchCoreConfig = PatchCoreConfig(),
-            split_path: Path | None = None, force: bool = False, progress: bool = True,
-            allow_download: bool = False, device: str | None = None, echo: bool = True) -> dict:
+def fit_run(
+    category_dir: Path | None,
+    *,
+    out: Path,
+    config: PatchCoreConfig | None = None,
+    split_path: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    allow_download: bool = False,
+    device: str | None = None,
+    echo: bool = True,
+) -> dict:
     """``pipeline finetune anomaly``: fit on ``train/good``, calibrate on the split's ``val``, write the
     run folder ``out`` (module docstring).
 
@@ -54,7 +62,7 @@ def fit_run(category_dir: Path | None, *, out: Path, config: PatchCoreConfig = P
     val = split.samples("val")
     if not val:
         raise PipelineError(f"{split.path}: the val split is empty (expected images to choose the threshold on)")
-    config = resolve_backbone(config, allow_download=allow_download)
+    config = resolve_backbone(config or PatchCoreConfig(), allow_download=allow_download)
     device = resolve_device(device)
     D.init_from_env(device)
     if not D.is_main():  # under torchrun: share the feature extraction, rank 0 writes the run
@@ -62,16 +70,25 @@ def fit_run(category_dir: Path | None, *, out: Path, config: PatchCoreConfig = P
         return {}
     try:
         with run:
-            model = fit_patchcore(train, config, log=lambda msg: run.log(msg, echo=echo), progress=progress,
-                                  allow_download=allow_download, device=device)
+            model = fit_patchcore(
+                train,
+                config,
+                log=lambda msg: run.log(msg, echo=echo),
+                progress=progress,
+                allow_download=allow_download,
+                device=device,
+            )
             metrics = {**model_facts(model), "val": evaluate_val(model, val)}
             model.info["val"] = metrics["val"]
             save_artefact(model, run / "model.pt")
             write_split(split.manifest, run / "split.json")
             run.write_config({"category": str(split.root), "split": str(split.path), **asdict(model.config)})
             run.write_metrics(metrics)
-            run.log(f"threshold {model.threshold:.4g} (F1-optimal on {len(val)} val images), "
-                    f"pixel threshold {model.pixel_threshold:.4g}", echo=echo)
+            run.log(
+                f"threshold {model.threshold:.4g} (F1-optimal on {len(val)} val images), "
+                f"pixel threshold {model.pixel_threshold:.4g}",
+                echo=echo,
+            )
     except BaseException:
         run.discard()  # nothing to resume: a failed fit leaves no partial run folder
         raise
@@ -124,12 +141,23 @@ def evaluate_val(model: PatchCore, val: Sequence) -> dict:
     masks = [read_mask(s.mask) if s.mask else None for s in val]
     cal = calibrate(model, scores, maps, [s.label for s in val], masks, sizes)
     y = np.array([s.label != GOOD for s in val])
-    return {"n_images": len(val), "image_auroc": auroc(scores, y), "image_f1_max": f1_max(scores, y)[0],
-            "seconds_per_image": round(per_image, 4), **cal}
+    return {
+        "n_images": len(val),
+        "image_auroc": auroc(scores, y),
+        "image_f1_max": f1_max(scores, y)[0],
+        "seconds_per_image": round(per_image, 4),
+        **cal,
+    }
 
 
-def calibrate(model: PatchCore, scores: np.ndarray, maps: np.ndarray, labels: Sequence[str],
-              masks: Sequence[np.ndarray | None], sizes: Sequence[tuple[int, int]]) -> dict:
+def calibrate(
+    model: PatchCore,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    labels: Sequence[str],
+    masks: Sequence[np.ndarray | None],
+    sizes: Sequence[tuple[int, int]],
+) -> dict:
     """Choose the thresholds and normalisation on a validation set (in place on ``model``).
 
     Image threshold: F1-optimal on ``scores`` (defect = label other than ``GOOD``); pixel threshold:

@@ -263,15 +263,24 @@ def _check_values(cfg: ClassifierConfig, source: str) -> None:
             fail(f"model.dropblock.after has {s!r} (expected stages among {', '.join(STAGES[1:])})")
     if m.variant == "selfattention" and not m.attention_after:
         fail("model.variant selfattention needs model.attention_after (e.g. [layer1, layer2])")
-    for key, v in (("model.dropout", m.dropout), ("model.attention_dropout", m.attention_dropout),
-                   ("model.dropblock.p", m.dropblock.p), ("longtail.fr_shrinkage", lt.fr_shrinkage)):
+    for key, v in (
+        ("model.dropout", m.dropout),
+        ("model.attention_dropout", m.attention_dropout),
+        ("model.dropblock.p", m.dropblock.p),
+        ("longtail.fr_shrinkage", lt.fr_shrinkage),
+    ):
         if not 0.0 <= v <= 1.0 or (key != "longtail.fr_shrinkage" and v >= 1.0):
             fail(f"{key} = {v} (expected a probability in [0, 1))")
     if not 0.0 <= t.label_smoothing < 1.0:
         fail(f"train.label_smoothing = {t.label_smoothing} (expected a value in [0, 1))")
-    for key, v in (("train.batch_size", t.batch_size), ("train.epochs", t.epochs),
-                   ("model.dropblock.block_size", m.dropblock.block_size), ("model.attention_pool", m.attention_pool),
-                   ("longtail.fr_epochs", lt.fr_epochs), ("longtail.fr_batch_size", lt.fr_batch_size)):
+    for key, v in (
+        ("train.batch_size", t.batch_size),
+        ("train.epochs", t.epochs),
+        ("model.dropblock.block_size", m.dropblock.block_size),
+        ("model.attention_pool", m.attention_pool),
+        ("longtail.fr_epochs", lt.fr_epochs),
+        ("longtail.fr_batch_size", lt.fr_batch_size),
+    ):
         if v < 1:
             fail(f"{key} = {v} (expected a positive integer)")
     for key, v in (("train.lr", t.lr), ("longtail.fr_lr", lt.fr_lr)):
@@ -282,8 +291,10 @@ def _check_values(cfg: ClassifierConfig, source: str) -> None:
     if d.max_train_good < -1:
         fail(f"data.max_train_good = {d.max_train_good} (expected -1 for all, or a count >= 0)")
     if m.dropblock.block_size % 2 == 0:
-        fail(f"model.dropblock.block_size = {m.dropblock.block_size} (expected an odd integer, as torchvision's "
-             "DropBlock2d requires)")
+        fail(
+            f"model.dropblock.block_size = {m.dropblock.block_size} (expected an odd integer, as torchvision's "
+            "DropBlock2d requires)"
+        )
     if m.gem_p <= 0:
         fail(f"model.gem_p = {m.gem_p} (expected a positive exponent)")
     if not 0.0 < lt.cb_beta < 1.0:

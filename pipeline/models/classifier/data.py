@@ -62,8 +62,9 @@ def class_names(split, task: str) -> list[str]:
     return [GOOD] + sorted(c for c in split.classes if c != GOOD)
 
 
-def subset_entries(split, subset: str, classes: Sequence[str], *, use_train_good: bool = False,
-                   max_train_good: int = -1, seed: int = 0) -> list[tuple[Path, int]]:
+def subset_entries(
+    split, subset: str, classes: Sequence[str], *, use_train_good: bool = False, max_train_good: int = -1, seed: int = 0
+) -> list[tuple[Path, int]]:
     """``(absolute image path, class index)`` of a manifest subset (``train``, ``val``, ``test``).
 
     ``use_train_good`` (train subset only) adds ``train/good`` images as ``good``; ``max_train_good``
@@ -78,8 +79,9 @@ def subset_entries(split, subset: str, classes: Sequence[str], *, use_train_good
     for s in split.samples(subset):
         lab = DEFECT if binary and s.label != GOOD else s.label
         if lab not in index:
-            raise PipelineError(f"{split.path}: label {s.label!r} of {s.image} is not among the manifest classes "
-                                f"{list(classes)}")
+            raise PipelineError(
+                f"{split.path}: label {s.label!r} of {s.image} is not among the manifest classes {list(classes)}"
+            )
         out.append((s.image, index[lab]))
     if use_train_good and subset == "train":
         extra = split.train_good()
@@ -149,17 +151,26 @@ def load_resized(path: Path, size_hw: tuple[int, int], *, cache_dir: Path | None
     return arr
 
 
-def load_image_set(entries: list[tuple[Path, int]], classes: Sequence[str], root: Path, size_hw: tuple[int, int], *,
-                   cache_dir: Path | None = None, progress: bool = True, desc: str = "images") -> ImageSet:
+def load_image_set(
+    entries: list[tuple[Path, int]],
+    classes: Sequence[str],
+    root: Path,
+    size_hw: tuple[int, int],
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    desc: str = "images",
+) -> ImageSet:
     """Decode, resize and stack ``entries`` into an :class:`ImageSet` (cached; decoded in a thread pool).
 
     ``paths`` are made relative to ``root`` (kept absolute for images outside it)."""
     h, w = size_hw
     arrs = []
     # OpenCV releases the GIL while decoding and resizing, so threads fill the cache in parallel
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool, \
-            progress_bar(f"decode {desc}", len(entries), enabled=progress and len(entries) > 20,
-                         transient=True) as advance:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool,
+        progress_bar(f"decode {desc}", len(entries), enabled=progress and len(entries) > 20, transient=True) as advance,
+    ):
         for arr in pool.map(lambda e: load_resized(e[0], size_hw, cache_dir=cache_dir), entries):
             arrs.append(arr)
             advance()

@@ -91,8 +91,9 @@ class BalancedFeatures:
         return np.bincount(self.labels, minlength=num_classes)
 
 
-def class_gaussians(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
-                    shrinkage: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def class_gaussians(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, *, shrinkage: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means (C x D) and shrunk covariances (C x D x D) of a feature set.
 
     ``cov_c = (1 - shrinkage) * S_c + shrinkage * S_pooled + ridge * I`` with ``S_c`` the class's
@@ -231,11 +232,21 @@ def feature_rebalance(model, train_set: ImageSet, cfg: ClassifierConfig, device:
     feats = extract_features(model, train_set, cfg, device)
     labels = train_set.labels.numpy()
     n_classes = len(train_set.classes)
-    bal = synthesize_balanced(feats, labels, n_classes, target=lt.fr_target, shrinkage=lt.fr_shrinkage,
-                              seed=cfg.train.seed)
-    losses = retrain_head(model.head, bal.features, bal.labels, epochs=lt.fr_epochs, lr=lt.fr_lr,
-                          batch_size=lt.fr_batch_size, label_smoothing=cfg.train.label_smoothing,
-                          weight_decay=cfg.train.weight_decay, seed=cfg.train.seed, device=device)
+    bal = synthesize_balanced(
+        feats, labels, n_classes, target=lt.fr_target, shrinkage=lt.fr_shrinkage, seed=cfg.train.seed
+    )
+    losses = retrain_head(
+        model.head,
+        bal.features,
+        bal.labels,
+        epochs=lt.fr_epochs,
+        lr=lt.fr_lr,
+        batch_size=lt.fr_batch_size,
+        label_smoothing=cfg.train.label_smoothing,
+        weight_decay=cfg.train.weight_decay,
+        seed=cfg.train.seed,
+        device=device,
+    )
     model.eval()
     return {
         "counts_before": np.bincount(labels, minlength=n_classes).tolist(),

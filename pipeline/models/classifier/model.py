@@ -116,8 +116,11 @@ class ResNetClassifier(nn.Module):
         self.pool = GeM(cfg.gem_p, cfg.gem_eps) if cfg.variant == "gem" else AvgPool()
         if cfg.head_hidden > 0:
             self.head = nn.Sequential(
-                nn.Linear(512, cfg.head_hidden), nn.BatchNorm1d(cfg.head_hidden), nn.ReLU(inplace=True),
-                nn.Dropout(cfg.dropout), nn.Linear(cfg.head_hidden, num_classes),
+                nn.Linear(512, cfg.head_hidden),
+                nn.BatchNorm1d(cfg.head_hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(cfg.dropout),
+                nn.Linear(cfg.head_hidden, num_classes),
             )
         else:
             self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(512, num_classes))
@@ -169,8 +172,9 @@ def resolve_init_weights(weights: str, *, allow_download: bool = False) -> tuple
         return path, f"imagenet ({path})"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise PipelineError(f"{weights}: weights file not found (expected 'imagenet', 'none' or a ResNet-18 "
-                            "state-dict file)")
+        raise PipelineError(
+            f"{weights}: weights file not found (expected 'imagenet', 'none' or a ResNet-18 state-dict file)"
+        )
     return path.resolve(), f"file ({path.resolve()})"
 
 
@@ -189,8 +193,9 @@ def build_model(cfg: ModelConfig, num_classes: int, *, init_weights: Path | None
             raise PipelineError(f"{init_weights}: not a readable torch state dict ({exc.__class__.__name__})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        state = {k.removeprefix("module."): v for k, v in state.items()
-                 if not k.removeprefix("module.").startswith("fc.")}
+        state = {
+            k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")
+        }
         missing, unexpected = trunk.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
@@ -210,8 +215,9 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "weights" / "best.pt"
-    ck = load_torch_file(path, what="classifier checkpoint (a run folder or a .pt file written by "
-                                    "'pipeline finetune classifier')")
+    ck = load_torch_file(
+        path, what="classifier checkpoint (a run folder or a .pt file written by 'pipeline finetune classifier')"
+    )
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck or "classes" not in ck:
         raise PipelineError(f"{path}: not a classifier checkpoint (expected keys model, config, classes)")
     return ck

@@ -29,8 +29,9 @@ from pipeline.models.classifier.model import load_checkpoint, model_from_checkpo
 PREDICTIONS = "predictions.json"
 
 
-def predict_probs(model, data: ImageSet, cfg: ClassifierConfig, device: str, *, batch_size: int | None = None,
-                  shard: bool = False):
+def predict_probs(
+    model, data: ImageSet, cfg: ClassifierConfig, device: str, *, batch_size: int | None = None, shard: bool = False
+):
     """Softmax probabilities ``N x C`` (float32 CPU tensor) in eval mode, no augmentation.
 
     ``shard``: under DDP every rank must call this; each scores a strided shard and all get the
@@ -56,8 +57,9 @@ def predict_probs(model, data: ImageSet, cfg: ClassifierConfig, device: str, *, 
     return probs
 
 
-def extract_features(model, data: ImageSet, cfg: ClassifierConfig, device: str, *,
-                     batch_size: int | None = None) -> np.ndarray:
+def extract_features(
+    model, data: ImageSet, cfg: ClassifierConfig, device: str, *, batch_size: int | None = None
+) -> np.ndarray:
     """Pooled features ``N x 512`` (float32 numpy) in eval mode, no augmentation."""
     model = D.unwrap(model)
     model.eval()
@@ -84,9 +86,21 @@ def image_ids(split_path: Path, paths: Sequence[str]) -> list[int]:
     return [ids[p] for p in paths]
 
 
-def write_predictions(model, data: ImageSet, cfg: ClassifierConfig, device: str, out_path: Path, *, model_name: str,
-                      task: str, split_path: Path, subset: str, weights_note: str, run_dir: Path | None = None,
-                      batch_size: int | None = None) -> Path:
+def write_predictions(
+    model,
+    data: ImageSet,
+    cfg: ClassifierConfig,
+    device: str,
+    out_path: Path,
+    *,
+    model_name: str,
+    task: str,
+    split_path: Path,
+    subset: str,
+    weights_note: str,
+    run_dir: Path | None = None,
+    batch_size: int | None = None,
+) -> Path:
     """Write the ``kind: classification`` prediction JSON (format in ``pipeline.evaluation.classification``).
 
     Each prediction: ``image`` (path relative to the category root), ``image_id``, ``label`` (the
@@ -97,12 +111,26 @@ def write_predictions(model, data: ImageSet, cfg: ClassifierConfig, device: str,
     ids = image_ids(split_path, data.paths)
     preds = []
     for path, iid, pr in zip(data.paths, ids, probs):
-        preds.append({"image": path, "image_id": iid, "label": data.classes[int(pr.argmax())],
-                      "scores": {c: round(float(v), 6) for c, v in zip(data.classes, pr)}})
-    doc = {"kind": "classification", "model": model_name, "task": task, "classes": data.classes,
-           "root": str(load_split(split_path).root), "split_manifest": str(Path(split_path).resolve()),
-           "subset": subset, "weights": weights_note, "run_dir": str(Path(run_dir).resolve()) if run_dir else None,
-           "predictions": preds}
+        preds.append(
+            {
+                "image": path,
+                "image_id": iid,
+                "label": data.classes[int(pr.argmax())],
+                "scores": {c: round(float(v), 6) for c, v in zip(data.classes, pr)},
+            }
+        )
+    doc = {
+        "kind": "classification",
+        "model": model_name,
+        "task": task,
+        "classes": data.classes,
+        "root": str(load_split(split_path).root),
+        "split_manifest": str(Path(split_path).resolve()),
+        "subset": subset,
+        "weights": weights_note,
+        "run_dir": str(Path(run_dir).resolve()) if run_dir else None,
+        "predictions": preds,
+    }
     atomic_write_json(Path(out_path), doc)
     return Path(out_path)
 
@@ -114,9 +142,18 @@ def _training_run(checkpoint: Path) -> Path | None:
     return checkpoint.parent.parent if checkpoint.parent.name == "weights" else None
 
 
-def predict_classifier(checkpoint: Path, split_path: Path, out: Path, *, subset: str = "test", device: str = "auto",
-                       batch_size: int | None = None, force: bool = False, root: Path | None = None,
-                       progress: bool = True) -> Path:
+def predict_classifier(
+    checkpoint: Path,
+    split_path: Path,
+    out: Path,
+    *,
+    subset: str = "test",
+    device: str = "auto",
+    batch_size: int | None = None,
+    force: bool = False,
+    root: Path | None = None,
+    progress: bool = True,
+) -> Path:
     """Run a trained classifier (run folder or ``.pt``) over a manifest subset and write a run folder.
 
     Args:
@@ -145,12 +182,33 @@ def predict_classifier(checkpoint: Path, split_path: Path, out: Path, *, subset:
     entries = subset_entries(split, subset, classes)
     task, weights_note = ck.get("task", "multiclass"), ck.get("weights", "unknown")
     with run:
-        run.write_config({"checkpoint": str(checkpoint.resolve()), "split": str(split_path.resolve()),
-                          "subset": subset, "root": str(split.root), "device_resolved": dev,
-                          "batch_size": batch_size or cfg.train.batch_size, "model": cfg.name, "task": task,
-                          "classes": classes, "weights": weights_note})
+        run.write_config(
+            {
+                "checkpoint": str(checkpoint.resolve()),
+                "split": str(split_path.resolve()),
+                "subset": subset,
+                "root": str(split.root),
+                "device_resolved": dev,
+                "batch_size": batch_size or cfg.train.batch_size,
+                "model": cfg.name,
+                "task": task,
+                "classes": classes,
+                "weights": weights_note,
+            }
+        )
         data = load_image_set(entries, classes, split.root, cfg.data.input_size_hw, progress=progress, desc=subset)
-        write_predictions(model.to(dev), data, cfg, dev, run / PREDICTIONS, model_name=cfg.name, task=task,
-                          split_path=split_path, subset=subset, weights_note=weights_note,
-                          run_dir=_training_run(checkpoint), batch_size=batch_size)
+        write_predictions(
+            model.to(dev),
+            data,
+            cfg,
+            dev,
+            run / PREDICTIONS,
+            model_name=cfg.name,
+            task=task,
+            split_path=split_path,
+            subset=subset,
+            weights_note=weights_note,
+            run_dir=_training_run(checkpoint),
+            batch_size=batch_size,
+        )
     return run.path

@@ -36,7 +36,14 @@ from pipeline.data.mvtec import GOOD
 from pipeline.data.split import Split, load_split
 from pipeline.models.classifier.config import ClassifierConfig, config_to_dict, load_config
 from pipeline.models.classifier.data import (
-    ImageSet, augment, batch_to_device, check_classes_present, class_names, load_image_set, normalize, subset_entries,
+    ImageSet,
+    augment,
+    batch_to_device,
+    check_classes_present,
+    class_names,
+    load_image_set,
+    normalize,
+    subset_entries,
 )
 from pipeline.models.classifier.longtail import class_balanced_weights, feature_rebalance, sample_weights
 from pipeline.models.classifier.model import build_model, resolve_init_weights
@@ -72,8 +79,9 @@ def make_loss(cfg: ClassifierConfig, class_counts: Sequence[int] | None = None, 
     if cfg.longtail.balance == "reweight":
         if class_counts is None:
             raise ValueError("reweight needs class counts")
-        weight = torch.tensor(class_balanced_weights(class_counts, cfg.longtail.cb_beta), dtype=torch.float32,
-                              device=device)
+        weight = torch.tensor(
+            class_balanced_weights(class_counts, cfg.longtail.cb_beta), dtype=torch.float32, device=device
+        )
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
 
 
@@ -114,9 +122,20 @@ def _skips_batch(n_global: int, world: int, *, has_bn1d: bool, trains_bn: bool) 
     return (n_global < 2 and has_bn1d) or n_global < world or (world > 1 and trains_bn and n_global // world < 2)
 
 
-def train_one_epoch(model, data: ImageSet, cfg: ClassifierConfig, optimizer, loss_fn, device: str, gen, *,
-                    progress: bool = False, amp: bool = True, channels_last: bool = False,
-                    pinned: dict | None = None) -> dict:
+def train_one_epoch(
+    model,
+    data: ImageSet,
+    cfg: ClassifierConfig,
+    optimizer,
+    loss_fn,
+    device: str,
+    gen,
+    *,
+    progress: bool = False,
+    amp: bool = True,
+    channels_last: bool = False,
+    pinned: dict | None = None,
+) -> dict:
     """One pass over ``data``; returns ``{"train_loss", "train_accuracy", "images_per_s", "data_s", "step_s"}``.
 
     Batches too small to train (see :func:`_skips_batch`) are skipped.
@@ -193,8 +212,12 @@ def evaluate(model, data: ImageSet, cfg: ClassifierConfig, loss_fn, device: str,
     loss = float(torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), data.labels))
     pred = probs.argmax(1).numpy()
     names = data.classes
-    m = classification_metrics([names[i] for i in data.labels.numpy()], [names[i] for i in pred],
-                               probs[:, 0].numpy() if names[0] == GOOD else None, names)
+    m = classification_metrics(
+        [names[i] for i in data.labels.numpy()],
+        [names[i] for i in pred],
+        probs[:, 0].numpy() if names[0] == GOOD else None,
+        names,
+    )
     return {
         "val_loss": loss,
         "val_accuracy": m["accuracy"],
@@ -222,8 +245,10 @@ class RunResult:
         val = self.metrics.get("val") or {}
         if not self.main or not val:
             return None
-        return (f"val accuracy {val.get('accuracy'):.4f}, balanced accuracy {val.get('balanced_accuracy'):.4f} "
-                f"(weights: {self.metrics['weights']})")
+        return (
+            f"val accuracy {val.get('accuracy'):.4f}, balanced accuracy {val.get('balanced_accuracy'):.4f} "
+            f"(weights: {self.metrics['weights']})"
+        )
 
 
 @dataclass(frozen=True)
@@ -275,8 +300,9 @@ class Training:
     best_epoch: int | None = None
 
 
-def check_inputs(cfg: ClassifierConfig, split_path: Path, *, task: str, weights: str, allow_download: bool,
-                 root: Path | None) -> Inputs:
+def check_inputs(
+    cfg: ClassifierConfig, split_path: Path, *, task: str, weights: str, allow_download: bool, root: Path | None
+) -> Inputs:
     """Load the manifest, the class list and the train/val entries; resolve the initial weights.
 
     Raises:
@@ -284,8 +310,14 @@ def check_inputs(cfg: ClassifierConfig, split_path: Path, *, task: str, weights:
     """
     split = load_split(Path(split_path), root=root)
     classes = class_names(split, task)
-    train_entries = subset_entries(split, "train", classes, use_train_good=cfg.data.use_train_good,
-                                   max_train_good=cfg.data.max_train_good, seed=cfg.train.seed)
+    train_entries = subset_entries(
+        split,
+        "train",
+        classes,
+        use_train_good=cfg.data.use_train_good,
+        max_train_good=cfg.data.max_train_good,
+        seed=cfg.train.seed,
+    )
     check_classes_present(split, train_entries, classes, "train")
     val_entries = subset_entries(split, "val", classes)
     init_path, weights_note = resolve_init_weights(weights, allow_download=allow_download)
@@ -316,19 +348,36 @@ def resolve_runtime(cfg: ClassifierConfig, *, amp: bool, channels_last: bool | N
 
 def resolved_config(cfg: ClassifierConfig, inputs: Inputs, rt: Runtime, *, task: str) -> dict:
     """What ``config.yaml`` records: the config plus task, weights note, manifest, classes and runtime."""
-    return {**config_to_dict(cfg), "task": task, "weights": inputs.weights_note,
-            "split": str(inputs.split_path.resolve()), "classes": inputs.classes, "device_resolved": rt.device,
-            "world_size": rt.dist.world_size, "amp_bf16": bool(rt.amp and rt.on_cuda),
-            "channels_last": rt.channels_last, "compile": rt.compile}
+    return {
+        **config_to_dict(cfg),
+        "task": task,
+        "weights": inputs.weights_note,
+        "split": str(inputs.split_path.resolve()),
+        "classes": inputs.classes,
+        "device_resolved": rt.device,
+        "world_size": rt.dist.world_size,
+        "amp_bf16": bool(rt.amp and rt.on_cuda),
+        "channels_last": rt.channels_last,
+        "compile": rt.compile,
+    }
 
 
 def load_data(cfg: ClassifierConfig, inputs: Inputs, *, progress: bool) -> tuple[ImageSet, ImageSet, float]:
     """Decode and resize the train and val images (cached); returns them and the seconds it took."""
     cache_dir = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None
     t0 = time.perf_counter()
-    sets = [load_image_set(entries, inputs.classes, inputs.split.root, cfg.data.input_size_hw, cache_dir=cache_dir,
-                           progress=progress, desc=desc)
-            for entries, desc in ((inputs.train_entries, "train"), (inputs.val_entries, "val"))]
+    sets = [
+        load_image_set(
+            entries,
+            inputs.classes,
+            inputs.split.root,
+            cfg.data.input_size_hw,
+            cache_dir=cache_dir,
+            progress=progress,
+            desc=desc,
+        )
+        for entries, desc in ((inputs.train_entries, "train"), (inputs.val_entries, "val"))
+    ]
     return sets[0], sets[1], time.perf_counter() - t0
 
 
@@ -343,9 +392,14 @@ def build_training(cfg: ClassifierConfig, inputs: Inputs, train_set: ImageSet, r
     # identical init on every rank (same seed); stochastic layers (dropout, DropBlock) then draw per rank
     torch.manual_seed(cfg.train.seed + rt.dist.rank)
     optimizer = make_optimizer(cfg, model)
-    return Training(model=model, optimizer=optimizer, scheduler=make_scheduler(cfg, optimizer),
-                    loss_fn=make_loss(cfg, train_set.counts(), rt.device),
-                    gen=torch.Generator().manual_seed(cfg.train.seed), pinned={} if rt.on_cuda else None)
+    return Training(
+        model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(cfg, optimizer),
+        loss_fn=make_loss(cfg, train_set.counts(), rt.device),
+        gen=torch.Generator().manual_seed(cfg.train.seed),
+        pinned={} if rt.on_cuda else None,
+    )
 
 
 def resume_training(t: Training, path: Path, cfg: ClassifierConfig) -> None:
@@ -391,17 +445,37 @@ def save_checkpoints(run: RunDir, t: Training, meta: dict, epoch: int, improved:
     """Rank 0, after each epoch: ``weights/best.pt`` (when improved), ``weights/last.pt``, ``history.json``."""
     if improved:
         atomic_torch_save(run / BEST, {"model": t.model.state_dict(), "epoch": epoch, **meta})
-    atomic_torch_save(run / LAST, {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-                                   "scheduler": t.scheduler.state_dict(), "generator": t.gen.get_state(),
-                                   "rng": D.rng_states(),
-                                   "epoch": epoch, "history": json.dumps(t.history), "best_value": t.best_value,
-                                   "best_epoch": t.best_epoch, **meta})
+    atomic_torch_save(
+        run / LAST,
+        {
+            "model": t.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "generator": t.gen.get_state(),
+            "rng": D.rng_states(),
+            "epoch": epoch,
+            "history": json.dumps(t.history),
+            "best_value": t.best_value,
+            "best_epoch": t.best_epoch,
+            **meta,
+        },
+    )
     atomic_write_json(run / "history.json", t.history)
     run.save_manifest()  # an interrupted run's files are known as this run's (for --force)
 
 
-def fit(t: Training, run: RunDir, cfg: ClassifierConfig, train_set: ImageSet, val_set: ImageSet, rt: Runtime,
-        meta: dict, *, progress: bool, echo: bool) -> None:
+def fit(
+    t: Training,
+    run: RunDir,
+    cfg: ClassifierConfig,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    rt: Runtime,
+    meta: dict,
+    *,
+    progress: bool,
+    echo: bool,
+) -> None:
     """The epoch loop from ``t.start_epoch`` to ``train.epochs``: train, evaluate, step the schedule,
     checkpoint. A Ctrl-C finishes the epoch, checkpoints it and raises :class:`Interrupted`."""
     with stop_on_interrupt("this epoch") as stop:
@@ -411,11 +485,33 @@ def fit(t: Training, run: RunDir, cfg: ClassifierConfig, train_set: ImageSet, va
                 raise Interrupted(f"{run / LAST} (epoch {epoch} of {cfg.train.epochs})", resumable=True)
 
 
-def _fit_epoch(t: Training, run: RunDir, cfg: ClassifierConfig, train_set: ImageSet, val_set: ImageSet,
-               rt: Runtime, meta: dict, epoch: int, *, progress: bool, echo: bool) -> None:
+def _fit_epoch(
+    t: Training,
+    run: RunDir,
+    cfg: ClassifierConfig,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    rt: Runtime,
+    meta: dict,
+    epoch: int,
+    *,
+    progress: bool,
+    echo: bool,
+) -> None:
     """One epoch of :func:`fit`."""
-    tr = train_one_epoch(t.net, train_set, cfg, t.optimizer, t.loss_fn, rt.device, t.gen, progress=progress,
-                         amp=rt.amp, channels_last=rt.channels_last, pinned=t.pinned)
+    tr = train_one_epoch(
+        t.net,
+        train_set,
+        cfg,
+        t.optimizer,
+        t.loss_fn,
+        rt.device,
+        t.gen,
+        progress=progress,
+        amp=rt.amp,
+        channels_last=rt.channels_last,
+        pinned=t.pinned,
+    )
     ev = evaluate(t.model, val_set, cfg, t.loss_fn, rt.device, shard=True)
     lr = t.optimizer.param_groups[0]["lr"]
     t.scheduler.step()
@@ -431,14 +527,29 @@ def _fit_epoch(t: Training, run: RunDir, cfg: ClassifierConfig, train_set: Image
         if main:
             save_checkpoints(run, t, meta, epoch, improved)
     va, vb = ev.get("val_accuracy"), ev.get("val_balanced_accuracy")
-    _log(run, f"epoch {epoch}/{cfg.train.epochs} lr {lr:.2e} loss {tr['train_loss']:.4f} "
-         f"acc {tr['train_accuracy']:.3f} val acc {va if va is None else round(va, 4)} "
-         f"bal {vb if vb is None else round(vb, 4)} {tr['images_per_s'] or 0:.1f} img/s{' *' if improved else ''}",
-         echo)
+    _log(
+        run,
+        f"epoch {epoch}/{cfg.train.epochs} lr {lr:.2e} loss {tr['train_loss']:.4f} "
+        f"acc {tr['train_accuracy']:.3f} val acc {va if va is None else round(va, 4)} "
+        f"bal {vb if vb is None else round(vb, 4)} {tr['images_per_s'] or 0:.1f} img/s{' *' if improved else ''}",
+        echo,
+    )
 
 
-def finish(t: Training, run: RunDir, cfg: ClassifierConfig, inputs: Inputs, train_set: ImageSet, val_set: ImageSet,
-           rt: Runtime, meta: dict, *, task: str, decode_s: float, echo: bool) -> dict:
+def finish(
+    t: Training,
+    run: RunDir,
+    cfg: ClassifierConfig,
+    inputs: Inputs,
+    train_set: ImageSet,
+    val_set: ImageSet,
+    rt: Runtime,
+    meta: dict,
+    *,
+    task: str,
+    decode_s: float,
+    echo: bool,
+) -> dict:
     """Rank 0, after the last epoch: reload the best weights, evaluate (before and after the optional
     feature rebalancing), write ``val_predictions.json``, ``val_eval/``, curves and ``metrics.json``."""
     from pipeline.evaluation.classification import evaluate_classification, plot_history
@@ -446,26 +557,47 @@ def finish(t: Training, run: RunDir, cfg: ClassifierConfig, inputs: Inputs, trai
     classes, note, model = inputs.classes, inputs.weights_note, t.model
     best = load_torch_file(run / BEST, what="classifier checkpoint")
     model.load_state_dict(best["model"])
-    metrics: dict = {"name": cfg.name, "task": task, "weights": note, "classes": classes, "best_epoch": best["epoch"],
-                     "train_counts": dict(zip(classes, train_set.counts())),
-                     "val_counts": dict(zip(classes, val_set.counts())), "decode_resize_s": decode_s}
+    metrics: dict = {
+        "name": cfg.name,
+        "task": task,
+        "weights": note,
+        "classes": classes,
+        "best_epoch": best["epoch"],
+        "train_counts": dict(zip(classes, train_set.counts())),
+        "val_counts": dict(zip(classes, val_set.counts())),
+        "decode_resize_s": decode_s,
+    }
     if t.history:
         ips = [h["images_per_s"] for h in t.history if h.get("images_per_s")]
         metrics["train_images_per_s"] = float(np.median(ips)) if ips else None
-    metrics["val_before_feature_rebalance"] = (evaluate(model, val_set, cfg, t.loss_fn, rt.device)
-                                               if len(val_set) else None)
+    metrics["val_before_feature_rebalance"] = (
+        evaluate(model, val_set, cfg, t.loss_fn, rt.device) if len(val_set) else None
+    )
     if cfg.longtail.feature_rebalance:
         fr = feature_rebalance(model, train_set, cfg, rt.device)
         metrics["feature_rebalance"] = fr
-        atomic_torch_save(run / BEST, {"model": model.state_dict(), "epoch": best["epoch"], "feature_rebalanced": True,
-                                       **meta})
-        metrics["val_after_feature_rebalance"] = (evaluate(model, val_set, cfg, t.loss_fn, rt.device)
-                                                  if len(val_set) else None)
+        atomic_torch_save(
+            run / BEST, {"model": model.state_dict(), "epoch": best["epoch"], "feature_rebalanced": True, **meta}
+        )
+        metrics["val_after_feature_rebalance"] = (
+            evaluate(model, val_set, cfg, t.loss_fn, rt.device) if len(val_set) else None
+        )
         _log(run, f"feature rebalancing: {fr['counts_before']} -> {fr['counts_after']} features per class", echo)
     if len(val_set):
         pred_path = run / "val_predictions.json"
-        write_predictions(model, val_set, cfg, rt.device, pred_path, model_name=cfg.name, task=task,
-                          split_path=inputs.split_path, subset="val", weights_note=note, run_dir=run.path)
+        write_predictions(
+            model,
+            val_set,
+            cfg,
+            rt.device,
+            pred_path,
+            model_name=cfg.name,
+            task=task,
+            split_path=inputs.split_path,
+            subset="val",
+            weights_note=note,
+            run_dir=run.path,
+        )
         metrics["val"] = evaluate_classification(pred_path, run / "val_eval")
     plot_history(t.history, run / "training_curves.png", title=f"{cfg.name} (weights: {note.split(' ')[0]})")
     metrics["world_size"] = rt.dist.world_size
@@ -548,11 +680,18 @@ def train_classifier(
             run.write_config({**resolved_config(cfg, inputs, rt, task=task), "augmentation": policy.as_dict()})
         D.seed_all(cfg.train.seed)
         train_set, val_set, decode_s = load_data(cfg, inputs, progress=progress)
-        _log(run, f"[{cfg.name}] task={task} classes={inputs.classes} weights={inputs.weights_note} device={rt.device}",
-             echo)
+        _log(
+            run,
+            f"[{cfg.name}] task={task} classes={inputs.classes} weights={inputs.weights_note} device={rt.device}",
+            echo,
+        )
         _log(run, f"augmentation for {inputs.split.category!r} from {policy.source}: {asdict(cfg.data.augment)}", echo)
-        _log(run, f"train images per class {dict(zip(inputs.classes, train_set.counts()))}; "
-             f"val {dict(zip(inputs.classes, val_set.counts()))}; decode+resize {decode_s:.1f}s", echo)
+        _log(
+            run,
+            f"train images per class {dict(zip(inputs.classes, train_set.counts()))}; "
+            f"val {dict(zip(inputs.classes, val_set.counts()))}; decode+resize {decode_s:.1f}s",
+            echo,
+        )
         t = build_training(cfg, inputs, train_set, rt)
         if resume:
             resume_training(t, run / LAST, cfg)
@@ -570,11 +709,22 @@ def train_classifier(
         return RunResult(run.path, metrics)
 
 
-def train_from_config(config: str | Path, split_path: Path, out_dir: Path | None = None, *,
-                      overrides: Mapping[str, Any] | None = None, task: str = "multiclass", weights: str = "none",
-                      allow_download: bool = False, force: bool = False, resume: bool = False,
-                      root: Path | None = None, amp: bool = True, channels_last: bool | None = None,
-                      compile: bool = False) -> RunResult:
+def train_from_config(
+    config: str | Path,
+    split_path: Path,
+    out_dir: Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    task: str = "multiclass",
+    weights: str = "none",
+    allow_download: bool = False,
+    force: bool = False,
+    resume: bool = False,
+    root: Path | None = None,
+    amp: bool = True,
+    channels_last: bool | None = None,
+    compile: bool = False,
+) -> RunResult:
     """``pipeline finetune classifier``: load ``config`` (attempt name or YAML) with dotted ``overrides``
     and train into ``out_dir`` (default ``runs/classifier/<config name>``); see :func:`train_classifier`.
 
@@ -583,6 +733,17 @@ def train_from_config(config: str | Path, split_path: Path, out_dir: Path | None
     """
     cfg = load_config(config, overrides)
     out = Path(out_dir) if out_dir is not None else Path("runs") / "classifier" / cfg.name
-    return train_classifier(cfg, split_path, out, task=task, weights=weights, allow_download=allow_download,
-                            force=force, resume=resume, root=root, amp=amp, channels_last=channels_last,
-                            compile=compile)
+    return train_classifier(
+        cfg,
+        split_path,
+        out,
+        task=task,
+        weights=weights,
+        allow_download=allow_download,
+        force=force,
+        resume=resume,
+        root=root,
+        amp=amp,
+        channels_last=channels_last,
+        compile=compile,
+    )

@@ -73,8 +73,9 @@ class SamTrainConfig:
             raise PipelineError(f"--model-type {self.model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
         bad = sorted(set(self.train) - set(TRAINABLE))
         if bad or not self.train:
-            raise PipelineError(f"train modules {list(self.train)}: "
-                                f"expected a non-empty subset of {', '.join(TRAINABLE)}")
+            raise PipelineError(
+                f"train modules {list(self.train)}: expected a non-empty subset of {', '.join(TRAINABLE)}"
+            )
         if self.loss_resolution not in ("lowres", "native"):
             raise PipelineError(f"--loss-resolution {self.loss_resolution!r}: expected lowres or native")
         if self.mask_loss not in ("focal", "bce"):
@@ -101,11 +102,15 @@ class SamTrainConfig:
         return cls(**{**d, "train": tuple(d["train"])})
 
     @classmethod
-    def from_annotations(cls, annotations: Path, *, train_prompt_encoder: bool = False,
-                         train_image_encoder: bool = False, **options) -> SamTrainConfig:
+    def from_annotations(
+        cls, annotations: Path, *, train_prompt_encoder: bool = False, train_image_encoder: bool = False, **options
+    ) -> SamTrainConfig:
         """The config for a ``convert-masks`` folder: ``sam/train.jsonl`` and ``sam/val.jsonl`` under
         ``annotations``; the mask decoder trains, plus the encoders asked for; ``options`` as the fields."""
-        train = ("mask_decoder",) + (("prompt_encoder",) if train_prompt_encoder else ()) + (
-            ("image_encoder",) if train_image_encoder else ())
+        train = (
+            ("mask_decoder",)
+            + (("prompt_encoder",) if train_prompt_encoder else ())
+            + (("image_encoder",) if train_image_encoder else ())
+        )
         sam = Path(annotations) / "sam"
         return cls(train_records=str(sam / "train.jsonl"), val_records=str(sam / "val.jsonl"), train=train, **options)

@@ -186,8 +186,9 @@ def _check_state(state: dict, expected: dict[str, tuple], *, where: str, what: s
         parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
     if shapes:
         k = shapes[0]
-        parts.append(f"{len(shapes)} shape mismatches "
-                     f"(e.g. {k}: {tuple(state[k].shape)} in file, {expected[k]} expected)")
+        parts.append(
+            f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} in file, {expected[k]} expected)"
+        )
     hint = ", ".join(f"{n} is {t}" for t, n in OFFICIAL_CHECKPOINTS.items())
     raise PipelineError(f"{where}: does not match {what}: {'; '.join(parts)} (pair type and file: {hint})")
 
@@ -212,8 +213,9 @@ def resolve_base_checkpoint(model_type: str, checkpoint: str | None, *, allow_do
     if checkpoint is None:
         if model_type == "tiny":
             return None
-        raise PipelineError(f"--model-type {model_type} needs --checkpoint "
-                            f"(the official file is {OFFICIAL_CHECKPOINTS[model_type]})")
+        raise PipelineError(
+            f"--model-type {model_type} needs --checkpoint (the official file is {OFFICIAL_CHECKPOINTS[model_type]})"
+        )
     return resolve_weights(checkpoint, allow_download=allow_download)
 
 
@@ -223,8 +225,13 @@ def save_finetuned(path: Path, *, sam, config: dict, trained: list[str], extra: 
     Content: ``{"format", "version", "config", "trained", "state": {module: state_dict}, **extra}``;
     loadable with ``torch.load(..., weights_only=True)``.
     """
-    obj = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": config, "trained": list(trained),
-           "state": {m: {k: v.detach().cpu() for k, v in getattr(sam, m).state_dict().items()} for m in trained}}
+    obj = {
+        "format": CKPT_FORMAT,
+        "version": CKPT_VERSION,
+        "config": config,
+        "trained": list(trained),
+        "state": {m: {k: v.detach().cpu() for k, v in getattr(sam, m).state_dict().items()} for m in trained},
+    }
     obj.update(extra or {})
     atomic_torch_save(Path(path), obj)
 
@@ -279,7 +286,8 @@ def logits_to_native(sam, low_res_logits, *, size_hw: tuple[int, int]):
     """
     img_size = sam.image_encoder.img_size
     return sam.postprocess_masks(
-        low_res_logits, input_size=input_shape_hw(size_hw, img_size=img_size),
+        low_res_logits,
+        input_size=input_shape_hw(size_hw, img_size=img_size),
         original_size=tuple(int(s) for s in size_hw),
     )
 

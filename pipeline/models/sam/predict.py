@@ -19,8 +19,15 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_json, read_image, read_json
 from pipeline.data.instances import decode_rle, encode_rle
 from pipeline.models.sam.model import (
-    Embedder, boxes_to_input, build_sam, decode, default_cache_dir, load_state_strict, logits_to_native,
-    read_finetuned, resolve_base_checkpoint,
+    Embedder,
+    boxes_to_input,
+    build_sam,
+    decode,
+    default_cache_dir,
+    load_state_strict,
+    logits_to_native,
+    read_finetuned,
+    resolve_base_checkpoint,
 )
 
 PREDICTABLE_MODULES = ("mask_decoder", "prompt_encoder", "image_encoder")
@@ -71,8 +78,13 @@ def load_sam(
             if name not in PREDICTABLE_MODULES:
                 raise PipelineError(f"{weights}: unknown module {name!r} in checkpoint")
             load_state_strict(getattr(sam, name), state, where=str(weights), what=f"{model_type} {name}")
-    info = {"model_type": model_type, "checkpoint": str(base) if base else None, "tiny_seed": tiny_seed or 0,
-            "weights": str(weights) if weights else None, "fine_tuned": sorted(ckpt["state"]) if ckpt else []}
+    info = {
+        "model_type": model_type,
+        "checkpoint": str(base) if base else None,
+        "tiny_seed": tiny_seed or 0,
+        "weights": str(weights) if weights else None,
+        "fine_tuned": sorted(ckpt["state"]) if ckpt else [],
+    }
     return sam.to(device).eval(), info
 
 
@@ -119,8 +131,10 @@ def _read_gt(gt: Path) -> tuple[dict, dict[int, tuple[Path, tuple[int, int]]]]:
 
 
 def _prompts_from_gt(gt: dict) -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": None}
-            for a in gt["annotations"]]
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": None}
+        for a in gt["annotations"]
+    ]
 
 
 def _prompts_from_results(path: Path, gt: dict, *, min_score: float) -> list[dict]:
@@ -144,8 +158,14 @@ def _prompts_from_results(path: Path, gt: dict, *, min_score: float) -> list[dic
         x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
         if not (x1 > x0 and y1 > y0):
             raise PipelineError(f"{path}: result {i} bbox {r['bbox']} is empty or outside the {w}x{h} image")
-        out.append({"image_id": r["image_id"], "category_id": r["category_id"], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "score": float(r["score"])})
+        out.append(
+            {
+                "image_id": r["image_id"],
+                "category_id": r["category_id"],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(r["score"]),
+            }
+        )
     return out
 
 
@@ -156,8 +176,9 @@ def _prompts_by_image(prompts: list[dict], images: dict, *, source: Path) -> dic
         h, w = images[p["image_id"]][1]
         x, y, bw, bh = p["bbox"]
         if not (bw > 0 and bh > 0 and x >= 0 and y >= 0 and x + bw <= w + 1e-6 and y + bh <= h + 1e-6):
-            raise PipelineError(f"{source}: box {p['bbox']} on image {p['image_id']} "
-                                f"outside the {w}x{h} image or empty")
+            raise PipelineError(
+                f"{source}: box {p['bbox']} on image {p['image_id']} outside the {w}x{h} image or empty"
+            )
         by_image.setdefault(p["image_id"], []).append(p)
     return by_image
 
@@ -173,9 +194,16 @@ def _image_results(sam, embedder, path: Path, size_hw: tuple[int, int], prompts:
     for p, m, iou in zip(prompts, masks, ious):
         q = float(np.clip(iou, 0.0, 1.0))
         score = p["score"] if p["score"] is not None else (1.0 + q) / 2.0
-        results.append({"image_id": img_id, "category_id": p["category_id"],
-                        "bbox": [round(float(v), 3) for v in p["bbox"]], "score": round(score, 6),
-                        "segmentation": encode_rle(m), "iou_pred": round(float(iou), 6)})
+        results.append(
+            {
+                "image_id": img_id,
+                "category_id": p["category_id"],
+                "bbox": [round(float(v), 3) for v in p["bbox"]],
+                "score": round(score, 6),
+                "segmentation": encode_rle(m),
+                "iou_pred": round(float(iou), 6),
+            }
+        )
     return results, list(masks)
 
 
@@ -228,8 +256,9 @@ def predict_sam(
     gt_data, images = _read_gt(gt)
     prompts = _prompts_from_results(Path(boxes), gt_data, min_score=min_score) if boxes else _prompts_from_gt(gt_data)
     by_image = _prompts_by_image(prompts, images, source=Path(boxes or gt))
-    sam, info = load_sam(weights=weights, model_type=model_type, checkpoint=checkpoint, device=device,
-                         allow_download=allow_download)
+    sam, info = load_sam(
+        weights=weights, model_type=model_type, checkpoint=checkpoint, device=device, allow_download=allow_download
+    )
     embedder = Embedder(sam, cache_dir=Path(cache_dir) if cache_dir else default_cache_dir())
     ids = sorted(by_image)
     picks = np.unique(np.linspace(0, len(ids) - 1, num=min(n_overlays, len(ids))).round()) if ids else []
@@ -247,17 +276,37 @@ def predict_sam(
                         pred_masks[img_id] = masks
                     advance()
             atomic_write_json(run / "predictions.json", results, indent=None)
-            run.write_config({"gt": str(gt), "boxes": str(boxes) if boxes else "ground truth",
-                              "prompt": f"detector:{boxes}" if boxes else "gt", "min_score": min_score,
-                              "cache_dir": str(embedder.cache_dir), "device": str(sam.device), **info})
-            atomic_write_json(run / "summary.json", {"images": len(images), "images_with_boxes": len(by_image),
-                                                     "masks": len(results), "encoder_calls": embedder.encoder_calls,
-                                                     "cache_hits": embedder.cache_hits})
+            run.write_config(
+                {
+                    "gt": str(gt),
+                    "boxes": str(boxes) if boxes else "ground truth",
+                    "prompt": f"detector:{boxes}" if boxes else "gt",
+                    "min_score": min_score,
+                    "cache_dir": str(embedder.cache_dir),
+                    "device": str(sam.device),
+                    **info,
+                }
+            )
+            atomic_write_json(
+                run / "summary.json",
+                {
+                    "images": len(images),
+                    "images_with_boxes": len(by_image),
+                    "masks": len(results),
+                    "encoder_calls": embedder.encoder_calls,
+                    "cache_hits": embedder.cache_hits,
+                },
+            )
             for img_id in sorted(pick):
                 path, _ = images[img_id]
                 true = [a for a in gt_data["annotations"] if a["image_id"] == img_id]
-                write_overlay(run / "overlays" / f"{img_id:05d}_{path.stem}.png", path, pred=pred_masks[img_id],
-                              true=true, boxes=[p["bbox"] for p in by_image[img_id]])
+                write_overlay(
+                    run / "overlays" / f"{img_id:05d}_{path.stem}.png",
+                    path,
+                    pred=pred_masks[img_id],
+                    true=true,
+                    boxes=[p["bbox"] for p in by_image[img_id]],
+                )
         except BaseException:
             run.discard()  # no half-written predictions: a failed run leaves only the user's files
             raise

@@ -32,10 +32,18 @@ from pipeline.core.io import atomic_savefig, read_rgb
 from pipeline.data.sam_records import group_by_image, read_records
 from pipeline.models.sam.config import TRAINABLE, SamTrainConfig
 from pipeline.models.sam.model import (
-    Embedder, boxes_to_input, build_sam, decode, default_cache_dir, image_to_input, logits_to_native,
-    lowres_target, read_finetuned, resolve_base_checkpoint, save_finetuned,
+    Embedder,
+    boxes_to_input,
+    build_sam,
+    decode,
+    default_cache_dir,
+    image_to_input,
+    logits_to_native,
+    lowres_target,
+    read_finetuned,
+    resolve_base_checkpoint,
+    save_finetuned,
 )
-
 
 # ----------------------------------------------------------------------------- loss
 
@@ -137,8 +145,10 @@ def _loss(sam, low, iou_pred, group, idx: list[int], cfg: SamTrainConfig) -> tup
     else:
         if "lowres" not in group.extra:  # once per image: targets in the decoder frame
             pairs = [lowres_target(m, img_size=sam.image_encoder.img_size) for m in group.true_masks()]
-            group.extra["lowres"] = (torch.from_numpy(np.stack([t for t, _ in pairs])[:, None]),
-                                     torch.from_numpy(pairs[0][1])[None, None])
+            group.extra["lowres"] = (
+                torch.from_numpy(np.stack([t for t, _ in pairs])[:, None]),
+                torch.from_numpy(pairs[0][1])[None, None],
+            )
         targets, valid = group.extra["lowres"]
         logits, true, weight = low, targets[idx], valid
     parts = mask_losses(logits, true.to(logits.device), iou_pred, mask_loss=cfg.mask_loss, weight=weight)
@@ -175,8 +185,19 @@ def steps_per_epoch(n_images: int, cfg: SamTrainConfig) -> int:
     return math.ceil(n_images / cfg.images_per_step)
 
 
-def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainConfig, gen, *, advance=None,
-                    step_module=None, timing: dict | None = None) -> dict:
+def train_one_epoch(
+    sam,
+    groups,
+    embedder,
+    optimizer,
+    scheduler,
+    cfg: SamTrainConfig,
+    gen,
+    *,
+    advance=None,
+    step_module=None,
+    timing: dict | None = None,
+) -> dict:
     """One pass over the training images: one optimizer step per ``cfg.images_per_step`` images
     (all components of each image against its embedding; step loss = mean of the image losses).
 
@@ -248,8 +269,11 @@ def train_one_epoch(sam, groups, embedder, optimizer, scheduler, cfg: SamTrainCo
     keys = ["loss", "pixel", "dice", "iou_mse", "iou"]
     red = D.all_reduce_sums({**{k: sums.get(k, 0.0) for k in keys}, "n": float(n_img)})
     out = {k: red[k] / max(red["n"], 1) for k in keys}
-    out.update(seconds=D.all_reduce_max(time.perf_counter() - t0), encoder_calls=embedder.encoder_calls - calls0,
-               cache_hits=embedder.cache_hits - hits0)
+    out.update(
+        seconds=D.all_reduce_max(time.perf_counter() - t0),
+        encoder_calls=embedder.encoder_calls - calls0,
+        cache_hits=embedder.cache_hits - hits0,
+    )
     if timing is not None:
         timing["data_s"] = timing.get("data_s", 0.0) + data_s
         timing["compute_s"] = timing.get("compute_s", 0.0) + compute_s
@@ -331,6 +355,7 @@ def _optimizer(cfg: SamTrainConfig, params, n_train_images: int):
 
     steps = cfg.epochs * steps_per_epoch(n_train_images, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
     def factor(s: int) -> float:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
 
@@ -364,29 +389,70 @@ def _fill_cache(embedder, groups, *, enabled: bool) -> None:
     D.barrier()
 
 
-def _save_epoch(run, sam, cfg: SamTrainConfig, *, epoch: int, row: dict, improved: bool, optimizer, scheduler, gen,
-                history: list[dict], best: dict) -> None:
+def _save_epoch(
+    run,
+    sam,
+    cfg: SamTrainConfig,
+    *,
+    epoch: int,
+    row: dict,
+    improved: bool,
+    optimizer,
+    scheduler,
+    gen,
+    history: list[dict],
+    best: dict,
+) -> None:
     """Rank 0: ``best.pt`` when val mIoU improved, and ``last.pt`` with everything ``resume`` needs."""
     import torch
 
     config, trained = cfg.as_dict(), list(cfg.train)
     if improved:
         save_finetuned(run / "best.pt", sam=sam, config=config, trained=trained, extra={"epoch": epoch, "metrics": row})
-    save_finetuned(run / "last.pt", sam=sam, config=config, trained=trained,
-                   extra={"epoch": epoch, "metrics": row, "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                          "torch_rng": torch.get_rng_state(), "history": history, "best": best})
+    save_finetuned(
+        run / "last.pt",
+        sam=sam,
+        config=config,
+        trained=trained,
+        extra={
+            "epoch": epoch,
+            "metrics": row,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "best": best,
+        },
+    )
     run.save_manifest()  # a run killed later still knows which files are its own
 
 
 def _epoch_line(epoch: int, cfg: SamTrainConfig, tr: dict, va: dict) -> str:
-    return (f"epoch {epoch}/{cfg.epochs} train loss {tr['loss']:.4f} iou {tr['iou']:.4f} "
-            f"| val loss {va['loss']:.4f} mIoU {va['mIoU']:.4f} mDice {va['mDice']:.4f} "
-            f"| {tr['seconds']:.1f}s, encoder calls {tr['encoder_calls']}")
+    return (
+        f"epoch {epoch}/{cfg.epochs} train loss {tr['loss']:.4f} iou {tr['iou']:.4f} "
+        f"| val loss {va['loss']:.4f} mIoU {va['mIoU']:.4f} mDice {va['mDice']:.4f} "
+        f"| {tr['seconds']:.1f}s, encoder calls {tr['encoder_calls']}"
+    )
 
 
-def _run_epochs(run, sam, train, val, embedder, optimizer, scheduler, cfg: SamTrainConfig, gen, *, start: int,
-                history: list[dict], best: dict, show: bool, echo: bool) -> dict:
+def _run_epochs(
+    run,
+    sam,
+    train,
+    val,
+    embedder,
+    optimizer,
+    scheduler,
+    cfg: SamTrainConfig,
+    gen,
+    *,
+    start: int,
+    history: list[dict],
+    best: dict,
+    show: bool,
+    echo: bool,
+) -> dict:
     """Epochs ``start..cfg.epochs``: train, validate, and on rank 0 checkpoint and log each one.
 
     Appends one row per epoch to ``history``; returns the best ``{"mIoU", "epoch"}`` so far.
@@ -397,35 +463,60 @@ def _run_epochs(run, sam, train, val, embedder, optimizer, scheduler, cfg: SamTr
     step_module = train_step_module(sam, str(sam.device), train=cfg.train)
     for epoch in range(start, cfg.epochs + 1):
         with progress_bar(f"epoch {epoch}/{cfg.epochs}", len(train), enabled=show) as advance:
-            tr = train_one_epoch(sam, train, embedder, optimizer, scheduler, cfg, gen, advance=advance,
-                                 step_module=step_module)
+            tr = train_one_epoch(
+                sam, train, embedder, optimizer, scheduler, cfg, gen, advance=advance, step_module=step_module
+            )
         va = evaluate_groups(sam, val, embedder, cfg)
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in tr.items()},
-               **{f"val_{k}": v for k, v in va.items()}}
+        row = {
+            "epoch": epoch,
+            "lr": optimizer.param_groups[0]["lr"],
+            **{f"train_{k}": v for k, v in tr.items()},
+            **{f"val_{k}": v for k, v in va.items()},
+        }
         history.append(row)
         improved = va["mIoU"] > best["mIoU"]
         if improved:
             best = {"mIoU": va["mIoU"], "epoch": epoch}
         with D.main_only() as main:  # rank 0 writes; the others wait for the files
             if main:
-                _save_epoch(run, sam, cfg, epoch=epoch, row=row, improved=improved, optimizer=optimizer,
-                            scheduler=scheduler, gen=gen, history=history, best=best)
+                _save_epoch(
+                    run,
+                    sam,
+                    cfg,
+                    epoch=epoch,
+                    row=row,
+                    improved=improved,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    gen=gen,
+                    history=history,
+                    best=best,
+                )
                 run.log(_epoch_line(epoch, cfg, tr, va), echo=echo)
     return best
 
 
 def _summary(history: list[dict], best: dict, embedder, train, val, *, seconds: float) -> dict:
     """The run's ``metrics.json`` content, without the world size."""
-    return {"best_epoch": best["epoch"], "best_val_mIoU": best["mIoU"], "last": history[-1] if history else None,
-            "history": history, "embedding_cache": str(embedder.cache_dir) if embedder.cache_dir else None,
-            "encoder_calls": embedder.encoder_calls, "cache_hits": embedder.cache_hits, "seconds": seconds,
-            "n_train_images": len(train), "n_val_images": len(val),
-            "n_train_components": sum(len(g.records) for g in train),
-            "n_val_components": sum(len(g.records) for g in val)}
+    return {
+        "best_epoch": best["epoch"],
+        "best_val_mIoU": best["mIoU"],
+        "last": history[-1] if history else None,
+        "history": history,
+        "embedding_cache": str(embedder.cache_dir) if embedder.cache_dir else None,
+        "encoder_calls": embedder.encoder_calls,
+        "cache_hits": embedder.cache_hits,
+        "seconds": seconds,
+        "n_train_images": len(train),
+        "n_val_images": len(val),
+        "n_train_components": sum(len(g.records) for g in train),
+        "n_val_components": sum(len(g.records) for g in val),
+    }
 
 
-def finetune_sam(cfg: SamTrainConfig | None, out: Path, *, resume: bool = False, force: bool = False,
-                 progress: bool = True) -> Path:
+def finetune_sam(
+    cfg: SamTrainConfig | None, out: Path, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> Path:
     """Fine-tune SAM and write a run folder.
 
     Run folder ``out`` (:class:`pipeline.core.runs.RunDir`, kind ``sam``): ``config.yaml`` (resolved
@@ -476,8 +567,22 @@ def finetune_sam(cfg: SamTrainConfig | None, out: Path, *, resume: bool = False,
         t_run = time.perf_counter()
         if cache is not None:
             _fill_cache(embedder, train + val, enabled=show)
-        best = _run_epochs(run, sam, train, val, embedder, optimizer, scheduler, cfg, gen, start=start,
-                           history=history, best=best, show=show, echo=progress)
+        best = _run_epochs(
+            run,
+            sam,
+            train,
+            val,
+            embedder,
+            optimizer,
+            scheduler,
+            cfg,
+            gen,
+            start=start,
+            history=history,
+            best=best,
+            show=show,
+            echo=progress,
+        )
         if not main:
             D.barrier()
             return Path(out)

@@ -20,7 +20,11 @@ import torch
 
 from pipeline.core.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from pipeline.models.yolo.offline import (
-    OfflineWorldTrainer, offline_ultralytics, patched, run_log, torch_determinism_restored,
+    OfflineWorldTrainer,
+    offline_ultralytics,
+    patched,
+    run_log,
+    torch_determinism_restored,
 )
 from pipeline.models.yolo.prompts import HASH_SOURCE
 
@@ -78,8 +82,16 @@ def ddp_command(trainer: Any) -> tuple[list[str], str]:
         f"    run_ddp_worker({str(stem.with_suffix('.pt'))!r})\n"
     )
     atomic_write_text(stem.with_suffix(".py"), script)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(trainer.world_size),
-           "--master_port", str(find_free_network_port()), str(stem.with_suffix(".py"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(trainer.world_size),
+        "--master_port",
+        str(find_free_network_port()),
+        str(stem.with_suffix(".py")),
+    ]
     return cmd, str(stem.with_suffix(".py"))
 
 

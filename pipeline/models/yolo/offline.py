@@ -38,7 +38,13 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from pipeline.core.device import cuda_indices, is_cuda, resolve_device
 from pipeline.models.yolo.prompts import (
-    HASH_SOURCE, class_prompt, load_embeddings, prompt_texts, save_embeddings, text_dim, text_table,
+    HASH_SOURCE,
+    class_prompt,
+    load_embeddings,
+    prompt_texts,
+    save_embeddings,
+    text_dim,
+    text_table,
 )
 
 LOG = logging.getLogger("pipeline.models.yolo")  # the family's log lines, copied into the run's log.txt

@@ -102,8 +102,14 @@ def predict_yolo_world(
     with offline_ultralytics():
         yolo = _load_for_prediction(weights)
         results = yolo.predict(
-            source=[str(p) for p in images], imgsz=imgsz, conf=conf, device=device, batch=batch,
-            stream=True, verbose=False, save=False,
+            source=[str(p) for p in images],
+            imgsz=imgsz,
+            conf=conf,
+            device=device,
+            batch=batch,
+            stream=True,
+            verbose=False,
+            save=False,
         )
         return [_detections(r) for r in results]
 
@@ -201,12 +207,23 @@ def predict_split(
     index_to_cat = class_index_to_category(names, gt_data, source=Path(weights))
     _check_inputs(Path(weights), [p for _, p, _ in images], imgsz=imgsz, conf=conf, batch=batch)
     resolved = ultralytics_device(device)
-    dets = predict_yolo_world(weights=weights, images=[p for _, p, _ in images], imgsz=imgsz, conf=conf,
-                              device=resolved, batch=batch)
+    dets = predict_yolo_world(
+        weights=weights, images=[p for _, p, _ in images], imgsz=imgsz, conf=conf, device=resolved, batch=batch
+    )
     results = detections_to_results(dets, images, index_to_cat)
-    config = {"weights": str(Path(weights).resolve()), "gt": str(Path(gt).resolve()), "out": str(run.path),
-              "imgsz": int(imgsz), "conf": float(conf), "device": resolved, "batch": int(batch),
-              "force": bool(force), "names": names, "n_images": len(images), "n_detections": len(results)}
+    config = {
+        "weights": str(Path(weights).resolve()),
+        "gt": str(Path(gt).resolve()),
+        "out": str(run.path),
+        "imgsz": int(imgsz),
+        "conf": float(conf),
+        "device": resolved,
+        "batch": int(batch),
+        "force": bool(force),
+        "names": names,
+        "n_images": len(images),
+        "n_detections": len(results),
+    }
     with run:
         run.write_config(config)
         atomic_write_json(run / "predictions.json", results, indent=None)

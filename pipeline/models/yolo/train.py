@@ -23,7 +23,12 @@ from pipeline.data.augmentation import policy_for, ultralytics_overrides
 from pipeline.data.yolo import check_labels, read_data_yaml, split_image_files
 from pipeline.models.yolo.ddp import ddp_launch
 from pipeline.models.yolo.offline import (
-    LOG, OfflineWorldTrainer, first_line, offline_ultralytics, run_log, torch_determinism_restored,
+    LOG,
+    OfflineWorldTrainer,
+    first_line,
+    offline_ultralytics,
+    run_log,
+    torch_determinism_restored,
     ultralytics_device,
 )
 from pipeline.models.yolo.prompts import CLIP_VARIANT, EMBEDDINGS_FILE, HASH_SOURCE, clip_usable, clip_weights_path
@@ -89,25 +94,42 @@ def train_yolo_world(
     run = RunDir.open(out_dir, kind="yolo", force=force, resume=resume, resume_file=RESUME_FILE)
     _check_numbers(epochs=epochs, imgsz=imgsz, batch=batch, workers=workers)
     if resume and not (out_dir / "data.yaml").is_file():
-        raise PipelineError(f"{out_dir / 'data.yaml'}: not found (resume needs the run folder of an earlier "
-                            "train_yolo_world)")
+        raise PipelineError(
+            f"{out_dir / 'data.yaml'}: not found (resume needs the run folder of an earlier train_yolo_world)"
+        )
     with offline_ultralytics():
         data = _check_dataset(Path(data_yaml))
         model_ref = _resolve_model(model, allow_download=allow_download)
         device = _training_device(device, batch=batch)
         policy = policy_for(data["category"])
         config = {
-            "data_yaml": str(Path(data_yaml).resolve()), "model": str(model), "model_resolved": model_ref,
-            "out_dir": str(out_dir), "epochs": int(epochs), "imgsz": int(imgsz), "batch": int(batch),
-            "device": device, "seed": int(seed), "workers": int(workers), "optimizer": str(optimizer),
-            "lr0": float(lr0), "allow_download": bool(allow_download),
-            "resume": bool(resume), "force": bool(force), "names": list(data["names"].values()),
-            "augmentation": policy.as_dict(), "augmentation_overrides": ultralytics_overrides(policy),
+            "data_yaml": str(Path(data_yaml).resolve()),
+            "model": str(model),
+            "model_resolved": model_ref,
+            "out_dir": str(out_dir),
+            "epochs": int(epochs),
+            "imgsz": int(imgsz),
+            "batch": int(batch),
+            "device": device,
+            "seed": int(seed),
+            "workers": int(workers),
+            "optimizer": str(optimizer),
+            "lr0": float(lr0),
+            "allow_download": bool(allow_download),
+            "resume": bool(resume),
+            "force": bool(force),
+            "names": list(data["names"].values()),
+            "augmentation": policy.as_dict(),
+            "augmentation_overrides": ultralytics_overrides(policy),
         }
         with run, run_log(run / "log.txt"), torch_determinism_restored(), ddp_launch():
             _write_config(run, config, data, resume=resume)
-            LOG.info("augmentation for %r from %s: %s", data["category"], policy.source,
-                     config["augmentation_overrides"] or "ultralytics defaults")
+            LOG.info(
+                "augmentation for %r from %s: %s",
+                data["category"],
+                policy.source,
+                config["augmentation_overrides"] or "ultralytics defaults",
+            )
             trainer = _build_trainer(config, out_dir, resume=resume, allow_download=allow_download)
             _train(trainer, out_dir)
             metrics = _metrics(trainer, run)
@@ -153,8 +175,9 @@ def _training_device(device: str | None, *, batch: int) -> str:
     device = ultralytics_device(device, multi=True)
     n_gpu = len(device.split(","))
     if n_gpu > 1 and int(batch) % n_gpu:
-        raise PipelineError(f"batch={batch}: expected a multiple of the {n_gpu} GPUs in device {device!r} "
-                            "(one share per GPU)")
+        raise PipelineError(
+            f"batch={batch}: expected a multiple of the {n_gpu} GPUs in device {device!r} (one share per GPU)"
+        )
     return device
 
 
@@ -176,16 +199,35 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
     """An :class:`OfflineWorldTrainer` for a new run or for resuming ``weights/last.pt``."""
     if resume:
         last = str(out_dir / RESUME_FILE)
-        overrides = {"model": last, "resume": last, "data": str(out_dir / "data.yaml"), "save_dir": str(out_dir),
-                     "device": config["device"], "workers": config["workers"]}
+        overrides = {
+            "model": last,
+            "resume": last,
+            "data": str(out_dir / "data.yaml"),
+            "save_dir": str(out_dir),
+            "device": config["device"],
+            "workers": config["workers"],
+        }
     else:
         overrides = {
-            "model": config["model_resolved"], "data": str(out_dir / "data.yaml"), "epochs": config["epochs"],
-            "imgsz": config["imgsz"], "batch": config["batch"], "device": config["device"],
-            "workers": config["workers"], "seed": config["seed"], "deterministic": True,
-            "optimizer": config["optimizer"], "lr0": config["lr0"],
-            "project": str(out_dir.parent), "name": out_dir.name, "exist_ok": True,
-            "amp": config["device"] != "cpu", "plots": True, "val": True, "cache": False, "verbose": True,
+            "model": config["model_resolved"],
+            "data": str(out_dir / "data.yaml"),
+            "epochs": config["epochs"],
+            "imgsz": config["imgsz"],
+            "batch": config["batch"],
+            "device": config["device"],
+            "workers": config["workers"],
+            "seed": config["seed"],
+            "deterministic": True,
+            "optimizer": config["optimizer"],
+            "lr0": config["lr0"],
+            "project": str(out_dir.parent),
+            "name": out_dir.name,
+            "exist_ok": True,
+            "amp": config["device"] != "cpu",
+            "plots": True,
+            "val": True,
+            "cache": False,
+            "verbose": True,
             **config["augmentation_overrides"],  # label-safe: e.g. no flips for cable
         }
     try:

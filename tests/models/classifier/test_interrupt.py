@@ -22,14 +22,36 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "COLUMNS":
 
 
 def _args(split, out):
-    return ["finetune", "classifier", "-c", "attempt1_resnet18", "--split", str(split), "--out", str(out),
-            "--epochs", str(EPOCHS), "--imgsz", "32", "--batch", "4", "--device", "cpu", "--weights", "none",
-            "--set", "data.max_train_good=4", "--set", "model.dropout=0.5"]
+    return [
+        "finetune",
+        "classifier",
+        "-c",
+        "attempt1_resnet18",
+        "--split",
+        str(split),
+        "--out",
+        str(out),
+        "--epochs",
+        str(EPOCHS),
+        "--imgsz",
+        "32",
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--weights",
+        "none",
+        "--set",
+        "data.max_train_good=4",
+        "--set",
+        "model.dropout=0.5",
+    ]
 
 
 def _pipeline(args):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=ENV,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, env=ENV, timeout=600
+    )
 
 
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(synth_category, tmp_path):
@@ -38,8 +60,13 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(synth_category, tmp_path
     full = _pipeline(_args(split, tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *_args(split, tmp_path / "cut")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *_args(split, tmp_path / "cut")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     deadline = time.time() + 300
     for line in proc.stdout:
         if line.startswith("epoch 1/"):
@@ -67,14 +94,21 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(synth_category, tmp_path
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for key in ("optimizer", "scheduler"):
-        assert str(a[key]["state"] if key == "optimizer" else a[key]) == str(b[key]["state"] if key == "optimizer" else b[key])
+        assert str(a[key]["state"] if key == "optimizer" else a[key]) == str(
+            b[key]["state"] if key == "optimizer" else b[key]
+        )
 
 
 def test_ctrl_c_before_the_first_epoch_leaves_no_folder(synth_category, tmp_path):
     split = tmp_path / "split.json"
     write_split(make_split(scan_category(synth_category), seed=0), split)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *_args(split, tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *_args(split, tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     for line in proc.stdout:
         if "task=" in line:  # the run folder exists, no epoch has finished
             proc.send_signal(signal.SIGINT)

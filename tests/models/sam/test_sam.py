@@ -17,7 +17,6 @@ import torch
 
 from pipeline.core.errors import PipelineError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -39,8 +38,15 @@ def cache(tmp_path_factory) -> Path:
 def _cfg(ann: Path, cache: Path | None, **kw):
     from pipeline.models.sam.train import SamTrainConfig
 
-    base = dict(train_records=str(ann / "sam" / "train.jsonl"), val_records=str(ann / "sam" / "val.jsonl"),
-                model_type="tiny", epochs=1, lr=1e-3, cache_dir=str(cache) if cache else None, device="cpu")
+    base = dict(
+        train_records=str(ann / "sam" / "train.jsonl"),
+        val_records=str(ann / "sam" / "val.jsonl"),
+        model_type="tiny",
+        epochs=1,
+        lr=1e-3,
+        cache_dir=str(cache) if cache else None,
+        device="cpu",
+    )
     base.update(kw)
     return SamTrainConfig(**base)
 
@@ -66,7 +72,9 @@ def test_box_transform_non_square_700x1000():
 
     # H=700, W=1000 -> longest side 1024: scale x 1.024; h' = round(716.8) = 717, so y scales by 717/700.
     assert input_shape_hw((700, 1000), img_size=1024) == (717, 1024)
-    got = boxes_to_input(np.array([[100, 50, 500, 350], [0, 0, 1000, 700]], np.float32), size_hw=(700, 1000), img_size=1024)
+    got = boxes_to_input(
+        np.array([[100, 50, 500, 350], [0, 0, 1000, 700]], np.float32), size_hw=(700, 1000), img_size=1024
+    )
     want = torch.tensor([[102.4, 50 * 717 / 700, 512.0, 358.5], [0.0, 0.0, 1024.0, 717.0]])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     # Portrait 1000x700 (H > W): the roles of x and y swap.
@@ -150,7 +158,10 @@ def _empty_rle(d):
     "edit, message",
     [
         (lambda d: d.update(image=d["image"] + ".missing.png"), "not found"),  # image file gone
-        (lambda d: d.update(bbox_xyxy=[d["size_hw"][1] - 5, 0, d["size_hw"][1] + 7, 9]), "outside"),  # past the right edge
+        (
+            lambda d: d.update(bbox_xyxy=[d["size_hw"][1] - 5, 0, d["size_hw"][1] + 7, 9]),
+            "outside",
+        ),  # past the right edge
         (lambda d: d.update(bbox_xyxy=[-3, 0, 10, 9]), "outside"),  # negative x
         (lambda d: d.update(bbox_xyxy=[10, 5, 10, 9]), "outside"),  # zero width
         (_empty_rle, "empty mask"),  # no pixels
@@ -160,8 +171,23 @@ def test_bad_records_fail_with_one_line_and_write_nothing(ann, tmp_path, monkeyp
     a = _copy_ann(ann, tmp_path / "ann")
     _edit_first(a / "sam" / "train.jsonl", edit)
     out = tmp_path / "run"
-    code, _, err = _run_cli(["finetune", "sam", str(a), "--model-type", "tiny", "--out", str(out),
-                             "--cache-dir", str(tmp_path / "c"), "--epochs", "1"], monkeypatch, capsys)
+    code, _, err = _run_cli(
+        [
+            "finetune",
+            "sam",
+            str(a),
+            "--model-type",
+            "tiny",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--epochs",
+            "1",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert "train.jsonl:1:" in err
@@ -174,8 +200,11 @@ def test_checkpoint_not_matching_model_type(tmp_path, monkeypatch, capsys, ann):
     ckpt = tmp_path / "tiny_full.pth"
     torch.save(build_sam("tiny").state_dict(), ckpt)
     out = tmp_path / "run"
-    code, _, err = _run_cli(["finetune", "sam", str(ann), "--model-type", "vit_b", "--checkpoint", str(ckpt),
-                             "--out", str(out)], monkeypatch, capsys)
+    code, _, err = _run_cli(
+        ["finetune", "sam", str(ann), "--model-type", "vit_b", "--checkpoint", str(ckpt), "--out", str(out)],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1 and err.count("\n") == 1
     assert "does not match --model-type vit_b" in err and "shape mismatches" in err
     assert not out.exists()
@@ -194,7 +223,10 @@ def test_checkpoint_not_matching_model_type(tmp_path, monkeypatch, capsys, ann):
 @pytest.mark.parametrize(
     "dets, message",
     [
-        ([{"image_id": 99999, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.9}], "not in the ground truth"),  # unknown image
+        (
+            [{"image_id": 99999, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.9}],
+            "not in the ground truth",
+        ),  # unknown image
         ([{"image_id": None, "category_id": 1, "bbox": [1, 1, 5, 5]}], "lacks"),  # no score
         ("FIRST", "outside"),  # box entirely right of the image
     ],
@@ -206,15 +238,32 @@ def test_predict_bad_boxes_fail_with_one_line_and_write_nothing(ann, tmp_path, m
         dets = [{"image_id": im["id"], "category_id": 1, "bbox": [im["width"] + 5, 0, 10, 10], "score": 0.9}]
     (tmp_path / "d.json").write_text(json.dumps(dets))
     out = tmp_path / "pred"
-    code, _, err = _run_cli(["predict", "sam", "--gt", str(gt), "--boxes", str(tmp_path / "d.json"), "--model-type", "tiny",
-                             "--out", str(out), "--cache-dir", str(tmp_path / "c")], monkeypatch, capsys)
+    code, _, err = _run_cli(
+        [
+            "predict",
+            "sam",
+            "--gt",
+            str(gt),
+            "--boxes",
+            str(tmp_path / "d.json"),
+            "--model-type",
+            "tiny",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 1 and err.count("\n") == 1 and message in err and "d.json" in err
     assert not out.exists()
 
 
 def test_vit_without_checkpoint_is_an_error(ann, tmp_path, monkeypatch, capsys):
-    code, _, err = _run_cli(["finetune", "sam", str(ann), "--model-type", "vit_b", "--out", str(tmp_path / "r")],
-                            monkeypatch, capsys)
+    code, _, err = _run_cli(
+        ["finetune", "sam", str(ann), "--model-type", "vit_b", "--out", str(tmp_path / "r")], monkeypatch, capsys
+    )
     assert code == 1 and "needs --checkpoint" in err and "sam_vit_b_01ec64.pth" in err
 
 
@@ -231,13 +280,19 @@ def test_training_step_changes_decoder_and_nothing_frozen(ann, cache, loss_resol
     before = {k: v.clone() for k, v in sam.state_dict().items()}
     opt = torch.optim.AdamW(params, lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    stats = train_one_epoch(sam, train[:1], Embedder(sam, cache_dir=cache), opt, sched, cfg, torch.Generator().manual_seed(0))
+    stats = train_one_epoch(
+        sam, train[:1], Embedder(sam, cache_dir=cache), opt, sched, cfg, torch.Generator().manual_seed(0)
+    )
     assert np.isfinite(stats["loss"])
     after = sam.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert {k for k in changed if not k.startswith("mask_decoder.")} == set()  # encoders bit-identical
-    for k in ("mask_decoder.iou_token.weight", "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight",
-              "mask_decoder.transformer.layers.0.self_attn.q_proj.weight", "mask_decoder.output_upscaling.0.weight"):
+    for k in (
+        "mask_decoder.iou_token.weight",
+        "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight",
+        "mask_decoder.transformer.layers.0.self_attn.q_proj.weight",
+        "mask_decoder.output_upscaling.0.weight",
+    ):
         assert k in changed, k
     # The three multimask heads get no gradient with single-mask output, so they stay untouched.
     assert not any(k.startswith(f"mask_decoder.output_hypernetworks_mlps.{i}.") for i in (1, 2, 3) for k in changed)
@@ -248,7 +303,11 @@ def test_training_step_changes_decoder_and_nothing_frozen(ann, cache, loss_resol
 @pytest.mark.parametrize(
     "train, moves, frozen",
     [
-        (("mask_decoder", "prompt_encoder"), "prompt_encoder.point_embeddings.2.weight", "image_encoder."),  # box corner
+        (
+            ("mask_decoder", "prompt_encoder"),
+            "prompt_encoder.point_embeddings.2.weight",
+            "image_encoder.",
+        ),  # box corner
         (("mask_decoder", "image_encoder"), "image_encoder.patch_embed.proj.weight", "prompt_encoder."),
     ],
 )
@@ -261,8 +320,15 @@ def test_unfrozen_modules_train(ann, tmp_path, train, moves, frozen):
     before = {k: v.clone() for k, v in sam.state_dict().items()}
     opt = torch.optim.AdamW(params, lr=1e-3)
     emb = Embedder(sam, cache_dir=tmp_path / "c")
-    train_one_epoch(sam, groups[:2], emb, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg,
-                    torch.Generator().manual_seed(0))
+    train_one_epoch(
+        sam,
+        groups[:2],
+        emb,
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        cfg,
+        torch.Generator().manual_seed(0),
+    )
     after = sam.state_dict()
     assert not torch.equal(before[moves], after[moves])
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(frozen))
@@ -320,8 +386,8 @@ def test_two_components_in_one_image_give_two_masks(ann, cache):
 
 def test_checkpoint_round_trip_reproduces_predictions_exactly(ann, cache, tmp_path):
     from pipeline.models.sam.model import Embedder, boxes_to_input, decode, read_finetuned
-    from pipeline.models.sam.train import finetune_sam, prepare
     from pipeline.models.sam.predict import load_sam
+    from pipeline.models.sam.train import finetune_sam, prepare
 
     run = finetune_sam(_cfg(ann, cache, epochs=1), tmp_path / "run", progress=False)
     ck = read_finetuned(run / "last.pt")
@@ -384,14 +450,52 @@ def test_resume_continues_exactly(ann, cache, tmp_path, monkeypatch):
 
 def test_cli_finetune_predict_evaluate_on_synthetic(ann, cache, tmp_path, monkeypatch, capsys):
     run, pred = tmp_path / "run", tmp_path / "pred"
-    code, out, err = _run_cli(["finetune", "sam", str(ann), "--model-type", "tiny", "--epochs", "2", "--lr", "1e-3",
-                               "--box-jitter", "2", "--out", str(run), "--cache-dir", str(cache), "--device", "cpu"],
-                              monkeypatch, capsys)
+    code, out, err = _run_cli(
+        [
+            "finetune",
+            "sam",
+            str(ann),
+            "--model-type",
+            "tiny",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--box-jitter",
+            "2",
+            "--out",
+            str(run),
+            "--cache-dir",
+            str(cache),
+            "--device",
+            "cpu",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
-    assert {"config.yaml", "best.pt", "last.pt", "metrics.json", "curves.png", "log.txt"} <= {p.name for p in run.iterdir()}
+    assert {"config.yaml", "best.pt", "last.pt", "metrics.json", "curves.png", "log.txt"} <= {
+        p.name for p in run.iterdir()
+    }
     gt = ann / "coco" / "test.json"
-    code, out, err = _run_cli(["predict", "sam", "--gt", str(gt), "--weights", str(run / "best.pt"), "--out", str(pred),
-                               "--cache-dir", str(cache), "--device", "cpu"], monkeypatch, capsys)
+    code, out, err = _run_cli(
+        [
+            "predict",
+            "sam",
+            "--gt",
+            str(gt),
+            "--weights",
+            str(run / "best.pt"),
+            "--out",
+            str(pred),
+            "--cache-dir",
+            str(cache),
+            "--device",
+            "cpu",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     results = json.loads((pred / "predictions.json").read_text())
     gt_data = json.loads(gt.read_text())
@@ -403,23 +507,66 @@ def test_cli_finetune_predict_evaluate_on_synthetic(ann, cache, tmp_path, monkey
         assert 0.5 <= r["score"] <= 1.0
     assert sorted(p.suffix for p in (pred / "overlays").iterdir()) == [".png"] * len({r["image_id"] for r in results})
     # Refuses to overwrite; the zero-shot baseline is the same command without --weights.
-    code, _, err = _run_cli(["predict", "sam", "--gt", str(gt), "--weights", str(run / "best.pt"), "--out", str(pred)],
-                            monkeypatch, capsys)
+    code, _, err = _run_cli(
+        ["predict", "sam", "--gt", str(gt), "--weights", str(run / "best.pt"), "--out", str(pred)], monkeypatch, capsys
+    )
     assert code == 1 and "already exists" in err
-    code, _, err = _run_cli(["predict", "sam", "--gt", str(gt), "--model-type", "tiny", "--out", str(tmp_path / "zs"),
-                             "--cache-dir", str(cache), "--device", "cpu"], monkeypatch, capsys)
+    code, _, err = _run_cli(
+        [
+            "predict",
+            "sam",
+            "--gt",
+            str(gt),
+            "--model-type",
+            "tiny",
+            "--out",
+            str(tmp_path / "zs"),
+            "--cache-dir",
+            str(cache),
+            "--device",
+            "cpu",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     # Detector boxes: scores kept, boxes clipped to the image.
-    dets = [{"image_id": r["image_id"], "category_id": r["category_id"], "bbox": [r["bbox"][0] - 3, r["bbox"][1], r["bbox"][2] + 3, r["bbox"][3]],
-             "score": 0.7} for r in results]
+    dets = [
+        {
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "bbox": [r["bbox"][0] - 3, r["bbox"][1], r["bbox"][2] + 3, r["bbox"][3]],
+            "score": 0.7,
+        }
+        for r in results
+    ]
     (tmp_path / "dets.json").write_text(json.dumps(dets))
-    code, _, err = _run_cli(["predict", "sam", "--gt", str(gt), "--boxes", str(tmp_path / "dets.json"), "--weights",
-                             str(run / "best.pt"), "--out", str(tmp_path / "pd"), "--cache-dir", str(cache)], monkeypatch, capsys)
+    code, _, err = _run_cli(
+        [
+            "predict",
+            "sam",
+            "--gt",
+            str(gt),
+            "--boxes",
+            str(tmp_path / "dets.json"),
+            "--weights",
+            str(run / "best.pt"),
+            "--out",
+            str(tmp_path / "pd"),
+            "--cache-dir",
+            str(cache),
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     rd = json.loads((tmp_path / "pd" / "predictions.json").read_text())
     assert [r["score"] for r in rd] == [0.7] * len(dets) and all(r["bbox"][0] >= 0 for r in rd)
-    code, out, err = _run_cli(["evaluate", str(pred / "predictions.json"), "--gt", str(gt), "--out", str(tmp_path / "ev")],
-                              monkeypatch, capsys)
+    code, out, err = _run_cli(
+        ["evaluate", str(pred / "predictions.json"), "--gt", str(gt), "--out", str(tmp_path / "ev")],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "segm AP" in out
 
@@ -430,10 +577,10 @@ def test_cli_finetune_predict_evaluate_on_synthetic(ann, cache, tmp_path, monkey
 @pytest.mark.slow
 def test_bottle_finetune_predict_evaluate_tiny(mvtec_root, tmp_path):
     from pipeline.data.convert import convert_category
-    from pipeline.evaluation.coco import evaluate_coco_results
     from pipeline.data.instances import decode_rle
-    from pipeline.models.sam.train import finetune_sam
+    from pipeline.evaluation.coco import evaluate_coco_results
     from pipeline.models.sam.predict import predict_sam
+    from pipeline.models.sam.train import finetune_sam
 
     ann = tmp_path / "ann"
     convert_category(mvtec_root / "bottle", ann)
@@ -446,7 +593,9 @@ def test_bottle_finetune_predict_evaluate_tiny(mvtec_root, tmp_path):
     assert all(h["train_encoder_calls"] == 0 for h in m["history"])
     assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
     gt = ann / "coco" / "test.json"
-    pred = predict_sam(gt=gt, out=tmp_path / "pred", weights=run / "best.pt", cache_dir=cache, device="cpu", progress=False)
+    pred = predict_sam(
+        gt=gt, out=tmp_path / "pred", weights=run / "best.pt", cache_dir=cache, device="cpu", progress=False
+    )
     zs = predict_sam(gt=gt, out=tmp_path / "zs", model_type="tiny", cache_dir=cache, device="cpu", progress=False)
     results = json.loads((pred / "predictions.json").read_text())
     gt_data = json.loads(gt.read_text())

@@ -106,8 +106,17 @@ def trained_run(tmp_path_factory, yolo_data) -> Path:
 def test_train_writes_the_run_folder(trained_run):
     from pipeline.models.yolo.train import train_yolo_world
 
-    for rel in ("weights/best.pt", "weights/last.pt", "weights/class_embeddings.pt", "metrics.json",
-                "config.yaml", "data.yaml", "log.txt", "results.csv", "args.yaml"):
+    for rel in (
+        "weights/best.pt",
+        "weights/last.pt",
+        "weights/class_embeddings.pt",
+        "metrics.json",
+        "config.yaml",
+        "data.yaml",
+        "log.txt",
+        "results.csv",
+        "args.yaml",
+    ):
         assert (trained_run / rel).is_file(), rel
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("mAP50", "mAP50-95", "precision", "recall"):
@@ -115,7 +124,6 @@ def test_train_writes_the_run_folder(trained_run):
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert set(inspect.signature(train_yolo_world).parameters) <= set(config)
     assert config["device"] in {"cpu", "0"} and config["names"] == NAMES
-
 
 
 def test_closed_set_is_said_once(trained_run):
@@ -178,8 +186,10 @@ def _coco_gt(root: Path, path: Path, names: list[str]) -> Path:
     files = sorted((root / "images" / "val").glob("*.png"))
     gt = {
         "info": {"image_root": str(root)},
-        "images": [{"id": i + 1, "file_name": str(f.relative_to(root)), "height": SIZE, "width": SIZE}
-                   for i, f in enumerate(files)],
+        "images": [
+            {"id": i + 1, "file_name": str(f.relative_to(root)), "height": SIZE, "width": SIZE}
+            for i, f in enumerate(files)
+        ],
         "annotations": [],
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
     }
@@ -347,8 +357,9 @@ def test_no_flip_reaches_a_cable_image(tmp_path, category, flip_p):
     with pytest.MonkeyPatch.context() as mp:
         _cut_network(mp)
         mp.setattr(aug.RandomFlip, "__call__", spy)
-        out = train_yolo_world(data_yaml=data_yaml, model="yolov8n-worldv2.yaml", out_dir=tmp_path / "run",
-                               epochs=1, imgsz=SIZE, batch=8)
+        out = train_yolo_world(
+            data_yaml=data_yaml, model="yolov8n-worldv2.yaml", out_dir=tmp_path / "run", epochs=1, imgsz=SIZE, batch=8
+        )
     assert seen, "no RandomFlip ran during training"
     assert {p for d, p in seen if d == "horizontal"} == {flip_p}
     assert {p for d, p in seen if d == "vertical"} <= {0.0}

@@ -23,10 +23,9 @@ def test_yolo_ddp_launch_runs_our_offline_trainer(tmp_path):
     No GPUs here: the command is generated for a 2-GPU world, and the generated script is then run
     as a plain process (no torchrun, device cpu), which trains one epoch through run_ddp_worker.
     """
-    from test_yolo import SIZE, make_yolo_dataset  # noqa: PLC0415 - pytest puts tests/ on sys.path
-
     import importlib
 
+    from test_yolo import SIZE, make_yolo_dataset  # noqa: PLC0415 - pytest puts tests/ on sys.path
     from ultralytics.models.yolo.world.train import WorldTrainer
 
     from pipeline.core.runs import RunDir
@@ -46,9 +45,18 @@ def test_yolo_ddp_launch_runs_our_offline_trainer(tmp_path):
 
         assert engine_trainer.generate_ddp_command is ddp.ddp_command  # what BaseTrainer.train calls for DDP
         data = read_data_yaml(data_yaml)
-        config = {"model_resolved": train._resolve_model("yolov8n-worldv2.yaml", allow_download=False), "epochs": 1,
-                  "imgsz": SIZE, "batch": 8, "device": "cpu", "workers": 0, "seed": 0, "optimizer": "auto", "lr0": 0.01,
-                  "augmentation_overrides": {}}
+        config = {
+            "model_resolved": train._resolve_model("yolov8n-worldv2.yaml", allow_download=False),
+            "epochs": 1,
+            "imgsz": SIZE,
+            "batch": 8,
+            "device": "cpu",
+            "workers": 0,
+            "seed": 0,
+            "optimizer": "auto",
+            "lr0": 0.01,
+            "augmentation_overrides": {},
+        }
         with RunDir.open(out, kind="yolo") as run:
             train._write_config(run, config, data, resume=False)
         with offline.torch_determinism_restored():
@@ -64,8 +72,14 @@ def test_yolo_ddp_launch_runs_our_offline_trainer(tmp_path):
     assert state["use_clip"] is False and state["embeddings_path"] == str(out / "weights" / EMBEDDINGS_FILE)
     assert (out / "data.yaml").is_file()  # upstream's command deletes the save folder first; ours keeps it
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, script], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, script],
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["embedding_source"] == HASH_SOURCE and metrics["epochs"] == 1
