@@ -129,3 +129,16 @@ def test_labelstudio_tasks_match_config_and_files(run):
             v = r["value"]
             assert 0 <= v["x"] <= 100 and 0 <= v["y"] <= 100 and v["x"] + v["width"] <= 100 + 1e-6
             assert (r["original_width"], r["original_height"]) == (900, 900)
+
+
+def test_every_json_written_is_strict_json(run):
+    """NaN and infinities are not JSON (RFC 8259): every JSON file the main job wrote parses with a
+    parser that refuses them."""
+
+    def refuse(name):
+        raise ValueError(f"bare {name}")
+
+    files = [p for p in run["tmp"].rglob("*.json") if p.is_file()]
+    assert len(files) >= 10
+    for p in files:
+        json.loads(p.read_text(), parse_constant=refuse)
