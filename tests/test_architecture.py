@@ -2,7 +2,7 @@
 
 - no import cycle between modules of ``pipeline``;
 - stages point one way: ``core`` imports no other stage; ``data`` only ``core``; ``evaluation`` and
-  ``review`` never ``models``; ``cli`` and ``inspect`` sit on top, nothing imports them;
+  ``review`` never ``models``; ``cli`` and ``inspection`` sit on top, nothing imports them;
 - a model family (``models/<family>/``) never imports another family;
 - each heavy library stays in the folders that own it, and ``cli/``, ``core/``, ``data/`` import
   none of them at module level (``pipeline --help`` stays instant);
@@ -32,8 +32,8 @@ ALLOWED = {
     "models": {"core", "data", "evaluation"},
     "evaluation": {"core", "data"},
     "review": {"core", "data"},
-    "inspect": {"core", "data", "models", "evaluation", "review"},
-    "cli": {"core", "data", "models", "evaluation", "review", "inspect"},
+    "inspection": {"core", "data", "models", "evaluation", "review"},
+    "cli": {"core", "data", "models", "evaluation", "review", "inspection"},
 }
 
 
