@@ -39,6 +39,7 @@ app = typer.Typer(
 )
 app.command("synth-mvtec")(data.synth_mvtec)
 app.command("convert-masks")(data.convert_masks)
+app.add_typer(data.dataset_app, name="dataset")
 app.add_typer(train.finetune_app, name="finetune")
 app.add_typer(predict.predict_app, name="predict")
 app.command("evaluate")(evaluate.evaluate)

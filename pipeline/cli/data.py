@@ -1,4 +1,4 @@
-"""Data commands: ``synth-mvtec``, ``convert-masks``."""
+"""Data commands: ``synth-mvtec``, ``convert-masks``, ``dataset add-reviewed``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import typer
 
 from pipeline.core.console import echo
 from pipeline.core.errors import PipelineError
+
+dataset_app = typer.Typer(no_args_is_help=True, help="Dataset versions: reviewed labels into a new version.")
 
 
 def synth_mvtec(
@@ -91,3 +93,27 @@ def convert_masks(
     for w in summary.warnings:
         echo(f"[yellow]warning:[/yellow] {w}")
     echo(f"wrote {summary.out}/{{split.json, coco/, yolo/data.yaml, sam/}}")
+
+
+@dataset_app.command("add-reviewed")
+def add_reviewed(
+    parent: Path = typer.Option(..., "--from", help="The parent dataset folder, e.g. annotations/bottle."),
+    reviewed: Path = typer.Option(..., help="Reviewed COCO ground truth (pipeline import labelstudio)."),
+    out: Path = typer.Option(..., help="The new version's folder, e.g. annotations/bottle-v2 (never --from)."),
+    to: str = typer.Option("train", help="Split the reviewed images join: train or val."),
+    replace_labels: bool = typer.Option(
+        False, "--replace-labels", help="An image already in the parent gets the reviewed labels, in its split."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a version an earlier add-reviewed wrote in --out."),
+) -> None:
+    """A new dataset version: the parent's split plus the reviewed images, COCO/YOLO/SAM regenerated."""
+    from pipeline.data.dataset import add_reviewed as add
+
+    s = add(parent, reviewed, out, to=to, replace_labels=replace_labels, force=force)
+    per_class = ", ".join(f"{n} {k}" for n, k in s.added["instances_per_class"].items())
+    echo(
+        f"added {s.added['images']} image(s) to {s.to} ({s.added['negatives']} reviewed good; instances: {per_class})"
+        + (f"; replaced the labels of {len(s.replaced)}" if s.replaced else ""),
+        markup=False,
+    )
+    echo(f"wrote {s.out}/{{split.json, coco/, yolo/data.yaml, sam/, images/reviewed/, dataset.yaml}}", markup=False)

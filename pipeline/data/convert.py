@@ -118,8 +118,8 @@ OUTPUTS = ("split.json", "summary.json", "coco/train.json", "coco/val.json", "co
 
 
 @dataclass
-class _SplitFiles:
-    """One split's outputs, built in memory before anything is written."""
+class SplitFiles:
+    """One split's outputs, built in memory before anything is written (see :func:`add_image`)."""
 
     coco: dict
     sam_lines: list[str] = field(default_factory=list)
@@ -188,7 +188,8 @@ def convert_category(
             name = names[a["category_id"] - 1]
             summary.instances_per_class[name] = summary.instances_per_class.get(name, 0) + 1
     with run:
-        _write_outputs(run.path, built, manifest, names, summary)
+        write_outputs(run.path, built, manifest, names)
+        atomic_write_json(run.path / "summary.json", summary.as_dict())
     summary.kept = run.kept
     return summary
 
@@ -216,20 +217,12 @@ def _split_warnings(category, manifest: dict, ratios, *, explicit: bool) -> list
 
 def _build_splits(
     category, manifest: dict, names: list[str], type_to_name: dict[str, str], *, connectivity: int, min_area: int
-) -> dict[str, _SplitFiles]:
+) -> dict[str, SplitFiles]:
     """COCO, YOLO and SAM content of every split, self-checked, nothing written yet."""
     ids = image_ids(manifest)
     cat_id = {n: i + 1 for i, n in enumerate(names)}
-    categories = [
-        {
-            "id": cat_id[n],
-            "name": n,
-            "supercategory": "defect",
-            "defect_types": sorted(t for t, m in type_to_name.items() if m == n),
-        }
-        for n in names
-    ]
-    built: dict[str, _SplitFiles] = {}
+    categories = coco_categories(names, type_to_name)
+    built: dict[str, SplitFiles] = {}
     ann_id = 0
     for split in SPLITS:
         info = {
@@ -239,7 +232,7 @@ def _build_splits(
             "connectivity": connectivity,
             "min_area": min_area,
         }
-        files = _SplitFiles(coco={"info": info, "images": [], "annotations": [], "categories": categories})
+        files = SplitFiles(coco={"info": info, "images": [], "annotations": [], "categories": categories})
         for e in manifest["splits"][split]:
             sample = Sample(category.root / e["image"], category.root / e["mask"] if e["mask"] else None, e["label"])
             ann_id = _add_sample(
@@ -259,7 +252,7 @@ def _build_splits(
 
 
 def _add_sample(
-    files: _SplitFiles,
+    files: SplitFiles,
     sample: Sample,
     category,
     img_id: int,
@@ -273,57 +266,119 @@ def _add_sample(
 ) -> int:
     """One image's COCO image/annotations, YOLO label lines and SAM records; returns the last annotation id."""
     h, w = category.sizes_hw.get(sample.image) or image_size_hw(sample.image)
-    files.coco["images"].append(
-        {"id": img_id, "file_name": entry["image"], "width": w, "height": h, "defect_type": entry["label"]}
-    )
-    stem = yolo_name(sample)
-    files.links[f"{stem}{sample.image.suffix}"] = sample.image
-    lines = files.labels.setdefault(stem, [])
-    if sample.mask is None:
-        return ann_id
-    files.n_masks += 1
-    mask = category.masks[sample.mask] if sample.mask in category.masks else read_mask(sample.mask)
-    name = type_to_name[sample.label]
-    for inst in mask_to_instances(mask, connectivity=connectivity, min_area=min_area):
-        ann_id += 1
-        rle = encode_rle(inst.mask)
-        _self_check(rle, inst, sample.mask)
-        x, y, bw, bh = inst.bbox_xywh
-        files.coco["annotations"].append(
-            {
-                "id": ann_id,
-                "image_id": img_id,
-                "category_id": cat_id[name],
-                "bbox": [x, y, bw, bh],
-                "area": inst.area,
-                "segmentation": rle,
-                "iscrowd": 0,
-            }
-        )
-        box_norm = ((x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h)
-        _check_yolo(box_norm, inst.bbox_xywh, (h, w), sample.mask)
-        lines.append(f"{cat_id[name] - 1} " + " ".join(f"{v:.6f}" for v in box_norm))
-        files.sam_lines.append(
-            json.dumps(
+    annotations = []
+    if sample.mask is not None:
+        files.n_masks += 1
+        mask = category.masks[sample.mask] if sample.mask in category.masks else read_mask(sample.mask)
+        name = type_to_name[sample.label]
+        for inst in mask_to_instances(mask, connectivity=connectivity, min_area=min_area):
+            ann_id += 1
+            rle = encode_rle(inst.mask)
+            _self_check(rle, inst, sample.mask)
+            x, y, bw, bh = inst.bbox_xywh
+            annotations.append(
                 {
-                    "image": str(sample.image),
+                    "id": ann_id,
                     "image_id": img_id,
-                    "annotation_id": ann_id,
-                    "size_hw": [h, w],
                     "category_id": cat_id[name],
-                    "category": name,
-                    "bbox_xyxy": list(inst.bbox_xyxy),
+                    "bbox": [x, y, bw, bh],
+                    "area": inst.area,
                     "segmentation": rle,
+                    "iscrowd": 0,
                 }
             )
-        )
+    add_image(
+        files,
+        image=sample.image,
+        file_name=entry["image"],
+        img_id=img_id,
+        size_hw=(h, w),
+        defect_type=entry["label"],
+        yolo_stem=yolo_name(sample),
+        annotations=annotations,
+        names=list(cat_id),
+        source=sample.mask,
+    )
     return ann_id
 
 
-def _write_outputs(
-    out: Path, built: dict[str, _SplitFiles], manifest: dict, names: list[str], summary: ConvertSummary
+def coco_categories(names: list[str], type_to_name: dict[str, str]) -> list[dict]:
+    """COCO categories: ids from 1 in ``names`` order, each with the defect types it holds."""
+    return [
+        {
+            "id": i + 1,
+            "name": n,
+            "supercategory": "defect",
+            "defect_types": sorted(t for t, m in type_to_name.items() if m == n),
+        }
+        for i, n in enumerate(names)
+    ]
+
+
+def add_image(
+    files: SplitFiles,
+    *,
+    image: Path,
+    file_name: str,
+    img_id: int,
+    size_hw: tuple[int, int],
+    defect_type: str,
+    yolo_stem: str,
+    annotations: list[dict],
+    names: list[str],
+    source,
 ) -> None:
-    """Write every split's files, ``yolo/data.yaml``, ``split.json`` and ``summary.json`` (each atomically)."""
+    """Add one image of a split: its COCO image and annotations, YOLO link and label lines, SAM records.
+
+    Args:
+        files: the split being built.
+        image: the image file (YOLO links to it; SAM records name it as ``str(image)``).
+        file_name: the COCO ``file_name`` (relative to the COCO ``info.image_root``).
+        img_id: its image id (the manifest's image-id rule).
+        size_hw: ``(H, W)`` in pixels.
+        defect_type: its label (``good`` or a defect type), the COCO image's ``defect_type``.
+        yolo_stem: its unique file stem in the YOLO folder.
+        annotations: its COCO annotations, ids set: ``bbox`` ``[x, y, w, h]`` pixels, ``category_id``
+            from 1 (YOLO class = id - 1), ``segmentation`` compressed RLE of size ``size_hw``; appended as given.
+        names: class names in category-id order (the SAM records' ``category``).
+        source: named in a self-check error (the mask file, the reviewed file).
+
+    Raises:
+        PipelineError: a box whose YOLO numbers fall outside [0, 1] or do not map back to it.
+    """
+    h, w = size_hw
+    files.coco["images"].append(
+        {"id": img_id, "file_name": file_name, "width": w, "height": h, "defect_type": defect_type}
+    )
+    files.links[f"{yolo_stem}{image.suffix}"] = image
+    lines = files.labels.setdefault(yolo_stem, [])
+    for a in annotations:
+        files.coco["annotations"].append(a)
+        x, y, bw, bh = a["bbox"]
+        box_norm = ((x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h)
+        _check_yolo(box_norm, a["bbox"], (h, w), source)
+        lines.append(f"{a['category_id'] - 1} " + " ".join(f"{v:.6f}" for v in box_norm))
+        files.sam_lines.append(
+            json.dumps(
+                {
+                    "image": str(image),
+                    "image_id": img_id,
+                    "annotation_id": a["id"],
+                    "size_hw": [h, w],
+                    "category_id": a["category_id"],
+                    "category": names[a["category_id"] - 1],
+                    "bbox_xyxy": [x, y, x + bw, y + bh],
+                    "segmentation": a["segmentation"],
+                }
+            )
+        )
+
+
+def write_outputs(out: Path, built: dict[str, SplitFiles], manifest: dict, names: list[str]) -> None:
+    """Write every split's COCO, YOLO and SAM files, ``yolo/data.yaml`` and ``split.json`` (each atomically).
+
+    YOLO images are symlinks to the originals (hard links, then copies, where symlinks fail).
+    """
     import yaml
 
     for split, files in built.items():
@@ -344,7 +399,6 @@ def _write_outputs(
     }  # picks the label-safe augmentation policy
     atomic_write_text(out / "yolo" / "data.yaml", yaml.safe_dump(data_yaml, sort_keys=False))
     atomic_write_json(out / "split.json", manifest)
-    atomic_write_json(out / "summary.json", summary.as_dict())
 
 
 def _self_check(rle: dict, inst, mask_path: Path) -> None:
