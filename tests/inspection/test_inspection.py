@@ -264,3 +264,56 @@ def test_cli_inspect_exit_codes(bundle, new_images, tmp_path, capsys):
     assert "images/s" in out and not (tmp_path / "o" / "overlays").exists()
     assert app(args + ["--force", "--strict"], standalone_mode=False) == 1
     assert app(["inspect", str(bad), "--bundle", str(bundle), "--out", str(tmp_path / "z")], standalone_mode=False) == 1
+
+
+def test_detector_and_sam_bundle_inspect(synth_category, new_images, tmp_path):
+    """YOLO-World (1 epoch, 64 px, random init) + tiny SAM: boxes above the bundle threshold, SAM masks."""
+    import warnings
+
+    from pipeline.data.convert import convert_category
+    from pipeline.inspection.bundle import make_bundle
+    from pipeline.inspection.inspect import inspect_images
+    from pipeline.models.sam.model import build_sam, save_finetuned
+    from pipeline.models.yolo.train import train_yolo_world
+
+    ann = tmp_path / "ann"
+    convert_category(synth_category, ann)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_yolo_world(
+            data_yaml=ann / "yolo" / "data.yaml",
+            model="yolov8n-worldv2.yaml",
+            out_dir=tmp_path / "yolo",
+            epochs=1,
+            imgsz=64,
+            batch=8,
+        )
+    sam = build_sam("tiny", tiny_seed=0)
+    (tmp_path / "sam").mkdir()
+    save_finetuned(
+        tmp_path / "sam" / "best.pt",
+        sam=sam,
+        config={"model_type": "tiny", "tiny_seed": 0, "checkpoint": None},
+        trained=["mask_decoder"],
+    )
+    make_bundle(
+        split_path=ann / "split.json",
+        out=tmp_path / "b",
+        detector=tmp_path / "yolo",
+        sam=tmp_path / "sam",
+        device="cpu",
+        progress=False,
+    )
+    doc = yaml.safe_load((tmp_path / "b" / "bundle.yaml").read_text())
+    assert doc["models"]["detector"]["imgsz"] == 64 and doc["decision"]["sources"] == ["detector"]
+    assert {f["role"] for f in doc["models"]["detector"]["files"]} >= {"weights"}
+    thr = doc["decision"]["thresholds"]["detector"]
+    inspect_images([new_images / "a"], bundle=tmp_path / "b", out=tmp_path / "o", device="cpu", progress=False)
+    recs = [r for r in _records(tmp_path / "o" / "verdicts.jsonl") if r["verdict"] != "error"]
+    assert recs and all(set(r["scores"]) == {"detector"} for r in recs)
+    for r in recs:
+        for reg in r["regions"]:
+            assert reg["source"] == "detector" and reg["score"] >= thr and reg["mask"]["size"] == r["size_hw"]
+        assert (r["verdict"] == "defect") == (r["scores"]["detector"] >= thr)
+    preds = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert len(preds) == sum(len(r["regions"]) for r in recs) and all("segmentation" in p for p in preds)
