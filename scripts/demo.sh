@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data, from a fresh machine:
-# synthetic MVTec-layout category -> convert-masks -> finetune yolo -> predict -> evaluate -> export labelstudio.
+# synthetic MVTec-layout category -> convert-masks -> finetune yolo -> predict -> evaluate -> export labelstudio
+# -> bundle -> inspect new synthetic images.
 # Usage: bash scripts/demo.sh [CATEGORY_DIR]   (default: a synthetic category made in runs/demo/data)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,4 +27,14 @@ pipeline predict yolo --weights "$OUT/yolo/weights/best.pt" --gt "$OUT/annotatio
 pipeline evaluate "$OUT/predictions/yolo_test/predictions.json" --gt "$OUT/annotations/$NAME/coco/test.json" --out "$OUT/evaluation"
 pipeline export labelstudio "$OUT/predictions/yolo_test/predictions.json" --gt "$OUT/annotations/$NAME/coco/test.json" \
   --out "$OUT/labelstudio" --min-score 0.05 --force
+# Inspect new images with the trained detector: a bundle (thresholds chosen on val), then new images.
+pipeline bundle --detector "$OUT/yolo" --split "$OUT/annotations/$NAME/split.json" --out "$OUT/bundle" --force
+if [ $# -ge 1 ]; then
+  NEW="$CATEGORY/test"
+else
+  NEW="$OUT/data/new"
+  pipeline synth-mvtec "$NEW" --seed 7 --height 120 --width 160 --n-per-defect 2 --n-test-good 2 --force
+  NEW="$NEW/test"
+fi
+pipeline inspect "$NEW" --bundle "$OUT/bundle" --out "$OUT/inspect" --force
 echo "demo done: everything is under $OUT"

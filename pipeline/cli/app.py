@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from pipeline.cli import data, evaluate, predict, review, train
+from pipeline.cli import data, evaluate, inspect, predict, review, train
 from pipeline.core.console import Interrupted, command_line
 from pipeline.core.errors import PipelineError
 
@@ -46,6 +46,8 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("report")(evaluate.report)
 app.add_typer(review.export_app, name="export")
 app.add_typer(review.import_app, name="import")
+app.command("bundle")(inspect.bundle)
+app.command("inspect")(inspect.inspect)
 
 
 @app.callback()

