@@ -109,8 +109,11 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def yolo_name(sample: Sample) -> str:
-    """Unique file stem for the YOLO folder: ``<label>_<stem>`` (stems repeat across defect types)."""
-    return f"{sample.label}_{sample.image.stem}"
+    """Unique file stem for the YOLO folder: ``<folder>_<stem>`` (stems repeat across defect types).
+
+    The image's own folder, not its label: a defect image kept as good (``--allow-empty-masks``)
+    must not take the name of the ``test/good`` image with the same stem."""
+    return f"{sample.image.parent.name}_{sample.image.stem}"
 
 
 # what convert-masks writes under ``out``; on --force these go, anything else (a reviewed.json) stays

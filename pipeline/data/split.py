@@ -7,7 +7,9 @@ MVTec's ``train/`` holds only good images, so supervised training needs a re-spl
 Image ids (:func:`image_ids`): every image a manifest lists gets one COCO image id, the same in
 every file any stage writes for it (COCO ground truth, YOLO, SAM records, classifier, PatchCore,
 fusion, review, report): the images of the train, val and test splits sorted by their relative
-path, numbered from 1, then the ``train_good`` images, sorted, numbered on from there. Ids are a
+path, numbered from 1, then the ``train_good`` images, sorted, numbered on from there; images
+listed under ``added`` (those later dataset versions added, see :mod:`pipeline.data.dataset`) are
+numbered last, in that order, so a version's ids extend its parent's. Ids are a
 property of the manifest alone, so a file made from ``split.json`` without ``coco/`` beside it
 still names the right images.
 """
@@ -36,10 +38,13 @@ def image_ids(manifest: dict) -> dict[str, int]:
     Returns:
         ``{relative POSIX path: id}`` for every image of the splits, then of ``train_good``.
     """
-    split_rels = sorted({e["image"] for entries in manifest["splits"].values() for e in entries})
+    added = list(manifest.get("added", []))  # images later dataset versions added, in the order added
+    split_rels = sorted({e["image"] for entries in manifest["splits"].values() for e in entries} - set(added))
     ids = {r: i + 1 for i, r in enumerate(split_rels)}
-    for r in sorted(set(manifest.get("train_good", [])) - set(ids)):
+    for r in sorted(set(manifest.get("train_good", [])) - set(ids) - set(added)):
         ids[r] = len(ids) + 1
+    for r in added:
+        ids.setdefault(r, len(ids) + 1)
     return ids
 
 

@@ -232,3 +232,17 @@ def test_each_file_is_decoded_once(synth_category, tmp_path, monkeypatch):
     convert_category(synth_category, tmp_path / "ann")
     n_files = 10 + 6 + 3 * 6 + 3 * 6  # train/good, test/good, defect images, masks
     assert len(seen) == len(set(seen)) == n_files
+
+
+def test_an_empty_mask_kept_as_good_does_not_take_a_good_images_yolo_name(synth_category, tmp_path):
+    import shutil
+
+    import cv2
+
+    cat = tmp_path / "c"
+    shutil.copytree(synth_category, cat)
+    cv2.imwrite(str(cat / "ground_truth/ring/000_mask.png"), np.zeros((96, 128), np.uint8))
+    out = tmp_path / "ann"
+    convert_category(cat, out, allow_empty_masks=True)
+    labels = sorted(p.name for p in (out / "yolo" / "labels").rglob("*.txt"))
+    assert "ring_000.txt" in labels and "good_000.txt" in labels and len(labels) == len(set(labels)) == 6 + 3 * 6

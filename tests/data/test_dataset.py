@@ -24,19 +24,6 @@ REVIEWED_CATEGORIES = [{"id": 1, "name": "spot"}, {"id": 2, "name": "ring"}, {"i
 REVIEWED_ID = {c["name"]: c["id"] for c in REVIEWED_CATEGORIES}
 
 
-def _rule_numbers_added_last() -> bool:
-    """Whether pipeline.data.split.image_ids numbers a manifest's ``added`` images after all others."""
-    m = {"splits": {"train": [{"image": "a"}, {"image": "../v2/b"}], "val": [], "test": []}, "train_good": ["g"]}
-    return image_ids({**m, "added": ["../v2/b"]}) == {"a": 1, "g": 2, "../v2/b": 3}
-
-
-needs_added_rule = pytest.mark.xfail(
-    not _rule_numbers_added_last(),
-    strict=True,
-    reason="the image-id rule in pipeline/data/split.py does not yet number the manifest's 'added' images last",
-)
-
-
 def _tree_hashes(folder: Path) -> dict[str, str]:
     """Every file (content hash) and symlink (target) under ``folder``."""
     out = {}
@@ -146,7 +133,6 @@ def test_parent_split_kept_and_reviewed_images_appended_to_train(world):
     assert (mask == world["ring"].mask).all()
 
 
-@needs_added_rule
 def test_parent_ids_unchanged_and_new_ids_after_them(world):
     parent_ids = image_ids(json.loads((world["parent"] / "split.json").read_text()))
     new_ids = image_ids(json.loads((world["out"] / "split.json").read_text()))
