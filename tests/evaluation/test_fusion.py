@@ -247,3 +247,68 @@ def test_fuse_rejects_mismatched_sources(tmp_path):
         fuse_files([d], [a], val_gt=val_gt, test_gt=test_gt)
     with pytest.raises(PipelineError, match="same prediction sources"):
         fuse_files([d, d], [a], val_gt=val_gt, test_gt=test_gt)
+
+
+def test_every_choice_on_val_test_only_reported(tmp_path):
+    """Source a is perfect on val and wrong on test, b the reverse: a is chosen (val), and giving other
+    test files (a's and b's test scores swapped) changes no choice, only the reported test metrics."""
+    val_gt, test_gt = _gt(tmp_path / "val.json", VAL), _gt(tmp_path / "test.json", TEST)
+
+    def det(path, scores):
+        return _write(
+            path, [{"image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "score": s} for i, s in scores.items()]
+        )
+
+    av = det(tmp_path / "a_val.json", {1: 0.1, 2: 0.1, 3: 0.9, 4: 0.9, 5: 0.9, 6: 0.1})  # val: perfect
+    bv = det(tmp_path / "b_val.json", {1: 0.9, 2: 0.1, 3: 0.9, 4: 0.1, 5: 0.9, 6: 0.1})  # val: 2 of 6 wrong
+    a_bad = {11: 0.9, 12: 0.1, 13: 0.1, 14: 0.9}  # test: every image wrong
+    b_good = {11: 0.1, 12: 0.9, 13: 0.9, 14: 0.1}  # test: perfect
+    at, bt = det(tmp_path / "a_test.json", a_bad), det(tmp_path / "b_test.json", b_good)
+    r = fuse_files([av, bv], [at, bt], val_gt=val_gt, test_gt=test_gt)
+    a, b = r["sources"]
+    assert (a["val"]["balanced_accuracy"], a["test"]["f1"]) == (1.0, 0.0)
+    assert b["test"]["f1"] == 1.0 and b["val"]["balanced_accuracy"] < 1.0
+    # logistic ties with a on val (perfect), a wins by name; OR inherits b's val false alarm
+    assert r["fusion"]["logistic"]["val"]["balanced_accuracy"] == 1.0
+    assert r["fusion"]["or"]["val"]["balanced_accuracy"] < 1.0
+    assert r["best"] == "boxes:a_test" and r["better_fusion"] == "logistic"
+    assert r["chosen_on"] == "val" and a["threshold_chosen_on"] == "val"
+    assert r["choices"] == {
+        "best": "boxes:a_test",
+        "better_fusion": "logistic",
+        "gallery": "fusion:logistic",
+        "chosen_on": "val",
+        "thresholds": "val",
+        "rule": "highest val balanced accuracy, then highest val F1, then name (alphabetical)",
+    }
+    # other test files (scores swapped): the same choices and thresholds, other test metrics
+    det(at, b_good)
+    det(bt, a_bad)
+    r2 = fuse_files([av, bv], [at, bt], val_gt=val_gt, test_gt=test_gt)
+    assert r2["choices"] == r["choices"] and r2["thresholds"] == r["thresholds"]
+    assert r2["sources"][0]["test"]["f1"] == 1.0 and r2["sources"][1]["test"]["f1"] == 0.0
+
+
+def test_choose_ranks_by_val_balanced_accuracy_then_f1_then_name():
+    from pipeline.evaluation.fusion import choose
+
+    def m(bacc, f1):
+        return {"balanced_accuracy": bacc, "f1": f1}
+
+    sources = [
+        {"name": "z", "val": m(0.9, 0.5), "test": m(0.1, 0.1)},
+        {"name": "y", "val": m(0.9, 0.8), "test": m(0.2, 0.2)},
+        {"name": "x", "val": m(0.9, 0.8), "test": m(1.0, 1.0)},  # ties y on val: x by name
+        {"name": "w", "val": m(0.5, 1.0), "test": m(1.0, 1.0)},  # best F1 but lower balanced accuracy
+    ]
+    c = choose(sources, {})
+    assert (c["best"], c["better_fusion"], c["gallery"]) == ("x", None, "x")
+    fusion = {"or": {"val": m(0.95, 0.1), "test": m(0.0, 0.0)}, "logistic": {"val": m(0.9, 0.9), "test": m(1.0, 1.0)}}
+    c = choose(sources, fusion)
+    assert (c["best"], c["better_fusion"], c["gallery"]) == ("fusion:or", "or", "fusion:or")
+
+
+def test_auroc_null_with_a_reason_when_one_class():
+    m = decision_metrics([0.1, 0.2], [True, True], 0.15)
+    assert m["auroc"] is None and m["auroc_reason"] == "only one class in the split"
+    assert "auroc_reason" not in decision_metrics([0.1, 0.2], [False, True], 0.15)
