@@ -312,3 +312,23 @@ def test_auroc_null_with_a_reason_when_one_class():
     m = decision_metrics([0.1, 0.2], [True, True], 0.15)
     assert m["auroc"] is None and m["auroc_reason"] == "only one class in the split"
     assert "auroc_reason" not in decision_metrics([0.1, 0.2], [False, True], 0.15)
+
+
+def test_classifier_and_anomaly_metrics_null_with_a_reason(tmp_path):
+    """One class in the split: the classifier's and the anomaly file's AUROC are null with a reason, never NaN."""
+    from pipeline.evaluation.anomaly import evaluate_anomaly
+    from pipeline.evaluation.classification import classification_metrics
+
+    m = classification_metrics(["good", "good"], ["good", "defect"], [0.9, 0.2], ["good", "defect"])
+    assert m["auroc_good_vs_defect"] is None and m["auroc_reason"] == "only one class in the split"
+    m = classification_metrics(["ok", "bad"], ["ok", "bad"], None, ["ok", "bad"])
+    assert m["auroc_good_vs_defect"] is None and m["auroc_reason"].startswith("no p(good)")
+    gt = _gt(tmp_path / "good_only.json", [(1, "good"), (2, "good"), (3, "good")], root=str(tmp_path))
+    preds = [{"image": f"test/good/{i:03d}.png", "image_id": i, "score": float(i), "label": "good"} for i in (1, 2, 3)]
+    pred = _write(tmp_path / "an.json", {"kind": "anomaly", "predictions": preds})
+    res = evaluate_anomaly(pred, gt, tmp_path / "ev", pixel=False)
+    o = res["overall"]
+    assert o["image_auroc"] is None and o["image_auroc_reason"] == "only one class among these images"
+    assert res["threshold"] is None and res["threshold_reason"] == "the prediction file has no threshold"
+    text = (tmp_path / "ev" / "anomaly_metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["overall"]["image_auroc_reason"] == o["image_auroc_reason"]
