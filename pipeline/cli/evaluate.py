@@ -28,10 +28,20 @@ def evaluate(
         None, "--val-gt", help="COCO ground truth of the val split (annotations/<cat>/coco/val.json)."
     ),
     l2: float = typer.Option(1.0, "--l2", help="L2 penalty of the logistic-regression fusion."),
-    class_agnostic: bool = typer.Option(
-        False,
+    class_agnostic: Optional[List[Path]] = typer.Option(
+        None,
         "--class-agnostic",
-        help="Match COCO results whatever their class (for class-less sources such as PatchCore's regions).",
+        metavar="FILE",
+        help="Match this COCO results file whatever its classes (repeat per file). Default per file: "
+        "class-agnostic when every result carries class_agnostic: true (PatchCore's regions), else by class.",
+    ),
+    class_aware: Optional[List[Path]] = typer.Option(
+        None, "--class-aware", metavar="FILE", help="Match this COCO results file by class (repeat per file)."
+    ),
+    mask_score_threshold: float = typer.Option(
+        0.5,
+        "--mask-score-threshold",
+        help="Predicted masks scoring at least this count in mask IoU/Dice (COCO mAP uses every score).",
     ),
 ) -> None:
     """Score predictions: COCO mAP (bbox, segm), mask IoU/Dice, classifier and anomaly metrics.
@@ -46,7 +56,9 @@ def evaluate(
         predictions,
         gt=gt,
         out_dir=out,
-        class_agnostic=class_agnostic,
+        class_agnostic=class_agnostic or (),
+        class_aware=class_aware or (),
+        mask_score_threshold=mask_score_threshold,
         val_predictions=val_predictions,
         val_gt=val_gt,
         l2=l2,
@@ -71,7 +83,8 @@ def report(
     gallery_method: Optional[List[str]] = typer.Option(
         None,
         "--gallery-method",
-        help="Source or fusion (fusion:or, fusion:logistic) to show a gallery for (repeat; default: the best on test).",
+        help="Source or fusion (fusion:or, fusion:logistic) to show a gallery for "
+        "(repeat; default: the method chosen on val).",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ) -> None:

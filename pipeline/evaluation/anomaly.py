@@ -373,7 +373,8 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
         ``{"kind": "anomaly", "model", "threshold", "definitions", "overall": {...},
         "per_type": {type: {...}}}``; each group has ``n_images``, ``image_auroc``, ``image_f1_max``,
         ``image_f1_threshold``, ``at_threshold`` and, with maps, ``pixel_auroc``, ``pro``,
-        ``pixel_f1_max``, ``pixel_threshold``, ``regions``.
+        ``pixel_f1_max``, ``pixel_threshold``, ``regions``. A number that cannot be computed (AUROC of a
+        group with one class, the threshold of a file without one) is ``None`` beside ``<key>_reason``.
 
     Raises:
         PipelineError: not an anomaly file, images missing from the ground truth, unreadable maps.
@@ -422,10 +423,41 @@ def evaluate_anomaly(pred_path, split_or_gt=None, out_dir=None, *, max_fpr: floa
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "anomaly_metrics.json", out)
         atomic_write_json(out_dir / "anomaly_table.json", table_rows(out))
         _plot_curves(out_dir / "anomaly_curves.png", scores, np.array(labels) != GOOD, total, max_fpr, out)
-    out["_summary"] = _summary(pred_path, out)
+    summary = _summary(pred_path, out)
+    out = null_reasons(out)
+    if out_dir is not None:
+        atomic_write_json(out_dir / "anomaly_metrics.json", out)
+    out["_summary"] = summary
+    return out
+
+
+NULL_REASONS = {  # why a number of evaluate_anomaly cannot be computed
+    "threshold": "the prediction file has no threshold",
+    "image_auroc": "only one class among these images",
+    "image_f1_max": "no defect images",
+    "image_f1_threshold": "no defect images",
+    "pixel_auroc": "no defect pixels or no good pixels",
+    "pro": "no defect pixels or no good pixels",
+    "pixel_f1_max": "no defect pixels or no good pixels",
+    "pixel_threshold": "no defect pixels or no good pixels",
+    "accuracy": "no images",
+}
+
+
+def null_reasons(doc: dict) -> dict:
+    """A copy of ``doc`` (nested dicts) where each NaN number is ``None`` beside ``<key>_reason``
+    (:data:`NULL_REASONS`), so the metrics JSON never holds NaN."""
+    out: dict = {}
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            out[k] = null_reasons(v)
+        elif isinstance(v, float) and np.isnan(v):
+            out[k] = None
+            out[f"{k}_reason"] = NULL_REASONS.get(k, "not computable")
+        else:
+            out[k] = v
     return out
 
 

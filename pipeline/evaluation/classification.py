@@ -167,7 +167,8 @@ def classification_metrics(
     true: Sequence[str], pred: Sequence[str], p_good: Sequence[float] | None, classes: Sequence[str]
 ) -> dict:
     """All metrics for label lists (strings); ``p_good`` (probability of ``good``) gives the AUROC
-    (defect score ``1 - p_good``, see :func:`pipeline.evaluation.curves.binary_auroc`)."""
+    (defect score ``1 - p_good``, see :func:`pipeline.evaluation.curves.binary_auroc`); when it cannot
+    be computed ``auroc_good_vs_defect`` is ``None`` beside ``auroc_reason``."""
     index = {c: i for i, c in enumerate(classes)}
     cm = confusion_matrix([index[t] for t in true], [index[p] for p in pred], len(classes))
     out = summarize_confusion(cm, classes)
@@ -175,8 +176,11 @@ def classification_metrics(
     if p_good is not None:
         defect = [t != GOOD for t in true]
         out["auroc_good_vs_defect"] = auroc([1.0 - float(g) for g in p_good], defect)
+        if out["auroc_good_vs_defect"] is None:
+            out["auroc_reason"] = "only one class in the split"
     else:
         out["auroc_good_vs_defect"] = None
+        out["auroc_reason"] = f"no p({GOOD}): the classes have no {GOOD!r}"
     return out
 
 

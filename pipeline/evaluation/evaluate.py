@@ -26,11 +26,15 @@ def _needs_gt(pred_path: Path) -> PipelineError:
     return PipelineError(f"{pred_path}: COCO results need --gt (the split's COCO ground truth)")
 
 
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def _coco_summary(tag: str, m: dict) -> str:
     b = m["bbox"]
     line = f"{tag}: bbox AP {b['AP']:.4f} AP50 {b['AP50']:.4f} AP75 {b['AP75']:.4f} AR100 {b['AR100']:.4f}"
     if "segm" in m:
-        line += f" | segm AP {m['segm']['AP']:.4f} mIoU {m['masks']['mIoU']:.4f} mDice {m['masks']['mDice']:.4f}"
+        line += f" | segm AP {m['segm']['AP']:.4f} mIoU {_f(m['masks']['mIoU'])} mDice {_f(m['masks']['mDice'])}"
     return line
 
 
@@ -50,7 +54,14 @@ def _tagged_outputs(out_dir: Path, tag: str) -> Iterator[Path]:
             os.replace(f, out_dir / f"{stem}_{tag}{f.suffix}")
 
 
-def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agnostic: bool = False) -> dict:
+def evaluate_file(
+    pred_path: Path,
+    *,
+    gt: Path | None,
+    out_dir: Path,
+    class_agnostic: bool | None = None,
+    mask_score_threshold: float = 0.5,
+) -> dict:
     """Evaluate one prediction file by its kind; the result holds a printable ``_summary`` line.
 
     Args:
@@ -58,7 +69,9 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
         gt: the split's COCO ground truth (required for COCO results; for anomaly files it selects
             the images' masks, default the category recorded in the file).
         out_dir: folder for the metrics JSON and plots (created), names tagged by :func:`result_tag`.
-        class_agnostic: see :func:`pipeline.evaluation.coco.coco_eval`.
+        class_agnostic: COCO results only: ``True`` / ``False`` force class-agnostic / class-aware
+            matching, ``None`` decides from the file (:func:`pipeline.evaluation.coco.matching`).
+        mask_score_threshold: COCO results only: masks scoring at least this enter mask IoU/Dice.
 
     Raises:
         PipelineError: unreadable or unknown file, COCO results without ``gt``, and the errors of
@@ -70,7 +83,9 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
     if kind == "coco":
         if gt is None:
             raise _needs_gt(pred_path)
-        m = evaluate_coco_results(gt, pred_path, out_dir, class_agnostic=class_agnostic)
+        m = evaluate_coco_results(
+            gt, pred_path, out_dir, class_agnostic=class_agnostic, mask_score_threshold=mask_score_threshold
+        )
         m["_summary"] = _coco_summary(tag, m)
         return m
     with _tagged_outputs(out_dir, tag) as tmp:
@@ -86,16 +101,53 @@ def evaluate_file(pred_path: Path, *, gt: Path | None, out_dir: Path, class_agno
     return m
 
 
+def matching_options(
+    predictions: Sequence[Path], kinds: Sequence[str], *, agnostic: Sequence[Path] = (), aware: Sequence[Path] = ()
+) -> list[bool | None]:
+    """Per prediction file the forced matching (``True`` class-agnostic, ``False`` class-aware) or ``None``
+    (decided from the file), from ``--class-agnostic FILE`` / ``--class-aware FILE``.
+
+    Files are compared by resolved path.
+
+    Raises:
+        PipelineError: an option naming a file that is not among ``predictions``, is not COCO results,
+            or is named by both options.
+    """
+    index = {Path(p).resolve(): k for k, p in enumerate(predictions)}
+    out: list[bool | None] = [None] * len(predictions)
+    for flag, files, value in (("--class-agnostic", agnostic, True), ("--class-aware", aware, False)):
+        for f in files:
+            k = index.get(Path(f).resolve())
+            if k is None:
+                raise PipelineError(f"{flag} {f}: not one of the prediction files given")
+            if kinds[k] != "coco":
+                raise PipelineError(f"{flag} {f}: a {kinds[k]} file (only COCO results are matched by class)")
+            if out[k] is not None and out[k] != value:
+                raise PipelineError(f"{f}: given to both --class-agnostic and --class-aware")
+            out[k] = value
+    return out
+
+
 def check_inputs(
-    predictions: Sequence[Path], *, gt: Path | None, val_predictions: Sequence[Path] = (), val_gt: Path | None = None
-) -> None:
+    predictions: Sequence[Path],
+    *,
+    gt: Path | None,
+    val_predictions: Sequence[Path] = (),
+    val_gt: Path | None = None,
+    class_agnostic: Sequence[Path] = (),
+    class_aware: Sequence[Path] = (),
+) -> list[bool | None]:
     """Refuse bad inputs of :func:`evaluate_files` before anything is written.
 
     Checks that every prediction file (test and val) is readable and of a known kind, that COCO
     results come with ``gt``, that the ground truths are readable JSON (a category folder is
     accepted as ``gt`` for anomaly files), and with val predictions that ``val_gt`` and ``gt``
     are given, hold ``defect_type`` per image, and that val and test name the same sources in the
-    same order. Deeper checks (image ids, mask sizes) stay with each evaluator.
+    same order, and that ``class_agnostic`` / ``class_aware`` name COCO files among ``predictions``
+    (:func:`matching_options`). Deeper checks (image ids, mask sizes) stay with each evaluator.
+
+    Returns:
+        the forced matching per prediction file (:func:`matching_options`).
 
     Raises:
         PipelineError: the first bad input, as one line naming it.
@@ -107,6 +159,7 @@ def check_inputs(
     kinds = [load_predictions(p).kind for p in predictions]
     if gt is None and "coco" in kinds:
         raise _needs_gt(predictions[kinds.index("coco")])
+    forced = matching_options(predictions, kinds, agnostic=class_agnostic, aware=class_aware)
     if val_predictions:
         from pipeline.evaluation.fusion import check_pairs, load_split_labels
 
@@ -116,6 +169,7 @@ def check_inputs(
         load_split_labels(gt)
     elif gt is not None and not Path(gt).is_dir():
         read_json(gt)
+    return forced
 
 
 def _write_fusion(
@@ -127,9 +181,11 @@ def _write_fusion(
     result = fuse_files(val_predictions, predictions, val_gt=val_gt, test_gt=gt, l2=l2)
     result["metrics_files"] = sorted(str(p.resolve()) for p in out_dir.glob("metrics_*.json"))
     atomic_write_json(out_dir / "fusion.json", result)
-    lines = ["image-level good/defect (thresholds from val):", format_table(result)]
+    lines = ["image-level good/defect on test (thresholds and choices from val):", format_table(result)]
+    chosen = f"best overall: {result['best']}"
     if result["better_fusion"]:
-        lines.append(f"better fusion: {result['better_fusion']}; best overall: {result['best']}")
+        chosen = f"better fusion: {result['better_fusion']}; {chosen}"
+    lines.append(f"chosen on val: {chosen} (test metrics are only reported)")
     return lines
 
 
@@ -138,7 +194,9 @@ def evaluate_files(
     *,
     gt: Path | None,
     out_dir: Path,
-    class_agnostic: bool = False,
+    class_agnostic: Sequence[Path] = (),
+    class_aware: Sequence[Path] = (),
+    mask_score_threshold: float = 0.5,
     val_predictions: Sequence[Path] | None = None,
     val_gt: Path | None = None,
     l2: float = 1.0,
@@ -151,7 +209,10 @@ def evaluate_files(
         predictions: prediction files of the evaluated split (COCO results, classifier, anomaly).
         gt: COCO ground truth of that split (needed for COCO results and for the fusion).
         out_dir: folder for ``metrics_<tag>.json``, plots and ``fusion.json``.
-        class_agnostic: match COCO results whatever their class.
+        class_agnostic, class_aware: COCO results files (among ``predictions``) matched whatever their
+            class / by class; every other COCO file is decided from its records
+            (:func:`pipeline.evaluation.coco.matching`: class-less when each carries ``class_agnostic: true``).
+        mask_score_threshold: predicted masks scoring at least this enter mask IoU/Dice.
         val_predictions: the same sources predicted on val, in the same order; turns on the
             image-level decision (thresholds from val, see :mod:`pipeline.evaluation.fusion`).
         val_gt: COCO ground truth of the val split.
@@ -164,10 +225,20 @@ def evaluate_files(
         PipelineError: a bad input (before anything is written) or an evaluator's error.
     """
     val_predictions = list(val_predictions or [])
-    check_inputs(predictions, gt=gt, val_predictions=val_predictions, val_gt=val_gt)
+    forced = check_inputs(
+        predictions,
+        gt=gt,
+        val_predictions=val_predictions,
+        val_gt=val_gt,
+        class_agnostic=class_agnostic,
+        class_aware=class_aware,
+    )
     out_dir = Path(out_dir)
     lines = [
-        evaluate_file(p, gt=gt, out_dir=out_dir, class_agnostic=class_agnostic).pop("_summary", "") for p in predictions
+        evaluate_file(p, gt=gt, out_dir=out_dir, class_agnostic=f, mask_score_threshold=mask_score_threshold).pop(
+            "_summary", ""
+        )
+        for p, f in zip(predictions, forced)
     ]
     if val_predictions:
         lines += _write_fusion(out_dir, val_predictions, predictions, val_gt=val_gt, gt=gt, l2=l2)

@@ -30,8 +30,15 @@ Fusion of two or more sources:
   choosing the threshold on the same (small) val split is optimistic on val: read the test rows.
 
 Metrics for each source and fusion, on val and test (:func:`decision_metrics`): accuracy, balanced
-accuracy, precision / recall / F1 of the defect class, AUROC (Mann-Whitney, ties count one half)
-and the confusion matrix ``[[TN, FP], [FN, TP]]`` (rows = truth good/defect, columns = decision).
+accuracy, precision / recall / F1 of the defect class, AUROC (Mann-Whitney, ties count one half;
+``None`` with an ``auroc_reason`` when the split holds one class only) and the confusion matrix
+``[[TN, FP], [FN, TP]]`` (rows = truth good/defect, columns = decision).
+
+Every choice is made on val, never on test (:func:`choose`): each source's threshold, the better
+fusion rule, the best source or fusion, and the method of the report's gallery (the better fusion
+rule with two or more sources, else the one source). Ties go to the higher val balanced accuracy,
+then the higher val F1, then the name (alphabetical). Test metrics are only reported, so a
+different test file changes no choice.
 """
 
 from __future__ import annotations
@@ -59,8 +66,11 @@ DEFINITIONS = {
     "logistic": "L2 (l2 * |w|^2 / 2) logistic regression on val-standardised source scores, class-balanced, "
     "Newton/IRLS; threshold on val by the F1 rule",
     "confusion_matrix": "[[TN, FP], [FN, TP]]: rows truth good/defect, columns decision good/defect",
-    "auroc": "Mann-Whitney U / (n_defect * n_good), ties count one half",
+    "auroc": "Mann-Whitney U / (n_defect * n_good), ties count one half; null (auroc_reason) with one class",
+    "choices": "every choice on val: highest val balanced accuracy, then val F1, then name; test only reported",
 }
+CHOSEN_ON = "val"
+CHOICE_RULE = "highest val balanced accuracy, then highest val F1, then name (alphabetical)"
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -218,7 +228,7 @@ def decision_metrics(scores: Sequence[float], y: Sequence[bool], threshold: floa
         ``{"n", "n_defect", "threshold", "accuracy", "balanced_accuracy", "precision", "recall", "f1",
         "auroc", "confusion_matrix": [[TN, FP], [FN, TP]]}``; precision is 0.0 when nothing is called
         defect, balanced accuracy averages the recalls of the classes present, AUROC is ``None``
-        when one class is absent.
+        when one class is absent, with ``"auroc_reason"`` saying so.
     """
     s = np.asarray(scores, np.float64)
     y = np.asarray(y, bool)
@@ -228,7 +238,7 @@ def decision_metrics(scores: Sequence[float], y: Sequence[bool], threshold: floa
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
     recalls = [r for r, m in ((rec, tp + fn), (tn / (tn + fp) if tn + fp else 0.0, tn + fp)) if m]
-    return {
+    out = {
         "n": int(len(s)),
         "n_defect": int(y.sum()),
         "threshold": float(threshold),
@@ -240,6 +250,9 @@ def decision_metrics(scores: Sequence[float], y: Sequence[bool], threshold: floa
         "auroc": auroc(s, y),
         "confusion_matrix": [[tn, fp], [fn, tp]],
     }
+    if out["auroc"] is None:
+        out["auroc_reason"] = "only one class in the split" if len(s) else "no images"
+    return out
 
 
 def f1_threshold(scores: Sequence[float], y: Sequence[bool]) -> float:
@@ -346,11 +359,9 @@ def _or_scores(x: np.ndarray, thresholds: np.ndarray, sd: np.ndarray) -> np.ndar
     return ((x - thresholds) / sd).max(1)
 
 
-def _better(a: dict, b: dict) -> bool:
-    """Is metrics ``a`` better than ``b``: higher F1, then balanced accuracy, then AUROC."""
-    ka = (a["f1"], a["balanced_accuracy"], a["auroc"] or 0.0)
-    kb = (b["f1"], b["balanced_accuracy"], b["auroc"] or 0.0)
-    return ka > kb
+def _val_key(name: str, val: dict) -> tuple:
+    """Sort key of a method by its VAL metrics (smaller = better): balanced accuracy, F1, then name."""
+    return (-val["balanced_accuracy"], -val["f1"], name)
 
 
 def check_pairs(val: Sequence[tuple[str, str]], test: Sequence[tuple[str, str]]) -> None:
@@ -381,7 +392,7 @@ def fuse(
     *,
     l2: float = 1.0,
 ) -> dict:
-    """Thresholds on val, metrics on test, for each source and (with two or more sources) each fusion rule.
+    """Thresholds and every choice on val, metrics on val and test, per source and (two or more) fusion rule.
 
     Args:
         val_sources, test_sources: the same sources in the same order, scored on val and test.
@@ -391,7 +402,8 @@ def fuse(
     Returns:
         JSON-ready ``{"definitions", "val_gt", "test_gt", "image_root", "sources": [{"name", "kind",
         "val_path", "test_path", "threshold", "val": metrics, "test": metrics}], "fusion": {"or": {...},
-        "logistic": {..., "model"}}, "better_fusion", "best", "images": {"val": [...], "test": [...]}}``;
+        "logistic": {..., "model"}}, "better_fusion", "best", "chosen_on": "val", "choices" (:func:`choose`),
+        "images": {"val": [...], "test": [...]}}``;
         each image record holds ``image_id``, ``file_name``, ``defect_type``, ``defect`` (truth) and
         ``scores`` / ``decisions`` by source and fusion name.
 
@@ -416,6 +428,7 @@ def fuse(
                 "val_path": str(Path(v.path).resolve()),
                 "test_path": str(Path(t.path).resolve()),
                 "threshold": float(thresholds[j]),
+                "threshold_chosen_on": CHOSEN_ON,
                 "val": decision_metrics(xv[:, j], yv, thresholds[j]),
                 "test": decision_metrics(xt[:, j], yt, thresholds[j]),
             }
@@ -426,7 +439,7 @@ def fuse(
         scores_v.update(fused_v)
         scores_t.update(fused_t)
         thr.update({f"fusion:{k}": v["threshold"] for k, v in fusion.items()})
-    best, better_fusion = _best(out_sources, fusion)
+    choices = choose(out_sources, fusion)
     return {
         "definitions": DEFINITIONS,
         "val_gt": str(Path(val.gt_path).resolve()),
@@ -435,8 +448,10 @@ def fuse(
         "sources": out_sources,
         "fusion": fusion,
         "thresholds": thr,
-        "better_fusion": better_fusion,
-        "best": best,
+        "better_fusion": choices["better_fusion"],
+        "best": choices["best"],
+        "chosen_on": CHOSEN_ON,
+        "choices": {**choices, "thresholds": CHOSEN_ON},
         "images": {"val": _image_records(val, scores_v, thr), "test": _image_records(test, scores_t, thr)},
     }
 
@@ -471,18 +486,28 @@ def _fusion_rules(
     return fusion, {"fusion:or": ov, "fusion:logistic": pv}, {"fusion:or": ot, "fusion:logistic": pt}
 
 
-def _best(sources: list[dict], fusion: dict) -> tuple[str, str | None]:
-    """The best source or fusion on test (:func:`_better`) and the better fusion rule (``None`` without)."""
-    rows = {s["name"]: s["test"] for s in sources}
-    rows.update({f"fusion:{k}": v["test"] for k, v in fusion.items()})
-    best = None
-    for name, m in rows.items():
-        if best is None or _better(m, rows[best]):
-            best = name
-    better_fusion = None
-    if fusion:
-        better_fusion = "logistic" if _better(fusion["logistic"]["test"], fusion["or"]["test"]) else "or"
-    return best, better_fusion
+def choose(sources: list[dict], fusion: dict) -> dict:
+    """Every choice of the fusion from VAL metrics only (:data:`CHOICE_RULE`); test metrics are not read.
+
+    Args:
+        sources: ``[{"name", "val": metrics, ...}]``. fusion: ``{rule: {"val": metrics, ...}}`` (may be empty).
+
+    Returns:
+        ``{"best": name, "better_fusion": rule | None, "gallery": method, "chosen_on": "val", "rule"}``:
+        the best source or fusion, the better fusion rule (``None`` with one source), and the report
+        gallery's method (``fusion:<better rule>``, or the best source without fusion).
+    """
+    rows = {s["name"]: s["val"] for s in sources}
+    rows.update({f"fusion:{k}": v["val"] for k, v in fusion.items()})
+    best = min(rows, key=lambda n: _val_key(n, rows[n]))
+    better = min(fusion, key=lambda k: _val_key(k, fusion[k]["val"])) if fusion else None
+    return {
+        "best": best,
+        "better_fusion": better,
+        "gallery": f"fusion:{better}" if better else best,
+        "chosen_on": CHOSEN_ON,
+        "rule": CHOICE_RULE,
+    }
 
 
 def _image_records(labels: SplitLabels, scores: dict[str, np.ndarray], thr: dict[str, float]) -> list[dict]:
@@ -520,16 +545,21 @@ def summary_rows(result: dict) -> list[tuple[str, dict]]:
 
 
 def format_table(result: dict) -> str:
-    """Plain-text table of the test metrics (thresholds from val), one line per source / fusion."""
+    """Plain-text table of the test metrics (thresholds from val), one line per source / fusion; the
+    val balanced accuracy the choices rest on is the last column, ``*`` marks the best on val."""
     head = (
         f"{'source':32s} {'thr':>9s} {'acc':>6s} {'bacc':>6s} {'prec':>6s} {'rec':>6s} {'F1':>6s} {'AUROC':>6s}"
-        "  [[TN FP] [FN TP]]"
+        f"  {'[[TN FP] [FN TP]]':20s} {'val bacc':>8s}"
     )
     lines = [head]
+    val = {s["name"]: s["val"] for s in result["sources"]}
+    val.update({f"fusion:{k}": v["val"] for k, v in result["fusion"].items()})
     for name, m in summary_rows(result):
         au = f"{m['auroc']:.3f}" if m["auroc"] is not None else "  n/a"
+        mark = " *" if name == result["best"] else ""
         lines.append(
             f"{name[:32]:32s} {m['threshold']:9.4g} {m['accuracy']:6.3f} {m['balanced_accuracy']:6.3f} "
-            f"{m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {au:>6s}  {m['confusion_matrix']}"
+            f"{m['precision']:6.3f} {m['recall']:6.3f} {m['f1']:6.3f} {au:>6s}  {str(m['confusion_matrix']):20s} "
+            f"{val[name]['balanced_accuracy']:8.3f}{mark}"
         )
     return "\n".join(lines)

@@ -7,15 +7,11 @@ opens from disk in any browser with no server and can be moved or zipped as a wh
 
 Per run: dataset counts per split and class (images per ``defect_type``, instances per category,
 from the COCO ground truths next to the run's val/test files, ``train.json`` included when it sits
-beside them), the image-level table (each source and fusion; thresholds from val, metrics on test),
-confusion matrices, ROC and PR curves (test), the per-file metrics of ``pipeline evaluate``
-(COCO AP, mask IoU, classifier, anomaly), and a gallery: the most confident errors and the least
-confident correct decisions of the best method, with predictions drawn over the image (ground-truth
-boxes green; per source: boxes at or above its threshold, RLE masks filled, anomaly maps as a
-heat-map; the top box below threshold thin).
-
-Confidence of a decision is ``|s - t| / sd``: the distance of the image's score ``s`` from the
-method's threshold ``t`` in val standard deviations ``sd`` of that method's score.
+beside them, and ``train/good``: the split manifest's extra good images, when ``split.json`` sits one
+folder above), the image-level table (each source and fusion; thresholds and the best method chosen
+on val, metrics on test), confusion matrices, ROC and PR curves (test), the per-file metrics of
+``pipeline evaluate`` (COCO AP, mask IoU, classifier, anomaly), each plot of the run once under its
+own title, and a gallery (:mod:`pipeline.evaluation.gallery`) of the method chosen on val.
 """
 
 from __future__ import annotations
@@ -32,17 +28,13 @@ from pipeline.core.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    read_image,
     read_json,
     staged_dir,
 )
 from pipeline.data.mvtec import GOOD
-from pipeline.data.predictions import load_predictions
-from pipeline.evaluation.anomaly import load_map, resize_map
 from pipeline.evaluation.curves import pr_curve, roc_curve
+from pipeline.evaluation.gallery import draw_overlay, galleries, pick_gallery  # noqa: F401  (the report's API)
 
-PALETTE_BGR = [(0, 140, 255), (255, 0, 255), (255, 255, 0), (0, 0, 255), (255, 128, 0), (128, 0, 255)]
-GT_BGR = (0, 200, 0)
 PER_FILE_METRICS = ("metrics.json", "anomaly_metrics.json")  # classifier / anomaly files of pipeline evaluate
 METRIC_COLS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc")
 
@@ -114,6 +106,19 @@ def _gt_paths(fusion: dict) -> dict[str, Path]:
     return paths
 
 
+def train_good_count(fusion: dict) -> dict | None:
+    """``{"n_images", "split"}`` of the split manifest's ``train_good`` list (MVTec's ``train/good``,
+    extra good images outside train/val/test), read from ``split.json`` one folder above the test ground
+    truth (``annotations/<cat>/coco/test.json`` -> ``annotations/<cat>/split.json``); ``None`` without it."""
+    path = Path(fusion["test_gt"]).parent.parent / "split.json"
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("train_good"), list):
+        return None
+    return {"n_images": len(manifest["train_good"]), "split": str(path)}
+
+
 def method_rows(fusion: dict) -> list[dict]:
     """One row per source and fusion rule: ``{"name", "kind", "threshold", "val": metrics, "test": metrics}``."""
     rows = [
@@ -127,149 +132,17 @@ def method_rows(fusion: dict) -> list[dict]:
     return rows
 
 
-def flat_metrics(m: dict, *, limit: int = 20) -> dict[str, float]:
+def flat_metrics(m: dict, *, limit: int = 20) -> dict[str, float | int]:
     """Scalar numbers of a per-file metrics dict, nested one level (``bbox.AP``), at most ``limit``;
-    COCO's per-size buckets (``AP_small`` ...) are left out."""
-    out: dict[str, float] = {}
+    COCO's per-size buckets (``AP_small`` ...) are left out. Integers (counts) stay integers."""
+    out: dict[str, float | int] = {}
     for k, v in m.items():
         items = [(k, v)] if not isinstance(v, dict) else [(f"{k}.{k2}", v2) for k2, v2 in v.items()]
         for name, val in items:
             number = isinstance(val, (int, float)) and not isinstance(val, bool)
             if number and not name.endswith(("_small", "_medium", "_large")):
-                out[name] = float(val)
+                out[name] = val if isinstance(val, int) else float(val)
     return dict(list(out.items())[:limit])
-
-
-# --------------------------------------------------------------------------------- gallery
-def pick_gallery(records: Sequence[dict], method: str, threshold: float, sd: float, *, n: int) -> dict[str, list[dict]]:
-    """Most confident errors and least confident correct decisions of ``method``.
-
-    Args:
-        records: the per-image records of ``fusion.json`` (``images.test``).
-        method: a key of each record's ``scores``. threshold: its threshold. sd: its val score spread (> 0).
-        n: images per group.
-
-    Returns:
-        ``{"errors": [...], "uncertain_correct": [...]}``: records with ``confidence`` = ``|s - t| / sd``
-        added, errors by decreasing confidence, correct ones by increasing confidence.
-    """
-    errors, correct = [], []
-    for r in records:
-        s = r["scores"][method]
-        rec = {
-            **r,
-            "method": method,
-            "score": s,
-            "threshold": threshold,
-            "confidence": abs(s - threshold) / sd,
-            "decision": bool(s >= threshold),
-        }
-        (errors if rec["decision"] != r["defect"] else correct).append(rec)
-    errors.sort(key=lambda r: (-r["confidence"], r["image_id"]))
-    correct.sort(key=lambda r: (r["confidence"], r["image_id"]))
-    return {"errors": errors[:n], "uncertain_correct": correct[:n]}
-
-
-def _source_overlays(fusion: dict) -> list[dict]:
-    """Per source what can be drawn: COCO results by image, or anomaly map paths by image."""
-    out = []
-    for k, s in enumerate(fusion["sources"]):
-        path = Path(s["test_path"])
-        info = {
-            "name": s["name"],
-            "kind": s["kind"],
-            "threshold": s["threshold"],
-            "color": PALETTE_BGR[k % len(PALETTE_BGR)],
-        }
-        try:
-            pred = load_predictions(path)
-        except PipelineError:  # moved or rewritten since evaluate: the gallery shows the scores only
-            pred = None
-        if pred is not None and pred.kind == "coco":
-            by_img: dict[int, list] = {}
-            for r in pred.records:
-                by_img.setdefault(int(r["image_id"]), []).append(r)
-            info["results"] = by_img
-        elif pred is not None and pred.kind == "anomaly":
-            maps = {}
-            for p in pred.records:
-                if p.get("map") and p.get("image_id") is not None:
-                    mp = Path(p["map"])
-                    mp = mp if mp.is_absolute() else path.parent / mp
-                    if mp.is_file():
-                        maps[int(p["image_id"])] = mp
-            info["maps"] = maps
-            if maps:  # one colour scale for all maps of the source, so a good image does not look hot
-                vals = [load_map(mp) for mp in maps.values()]
-                info["map_range"] = (float(min(v.min() for v in vals)), float(max(v.max() for v in vals)))
-        out.append(info)
-    return out
-
-
-def draw_overlay(
-    image_bgr: np.ndarray,
-    *,
-    image_id: int,
-    gt_anns: Sequence[dict],
-    sources: Sequence[dict],
-    max_side: int = 320,
-    max_boxes: int = 5,
-) -> np.ndarray:
-    """Predictions over one image, resized so its longer side is ``max_side`` pixels.
-
-    Args:
-        image_bgr: ``HxWx3`` uint8 BGR (or ``HxW`` grey) at native size.
-        image_id: the image's global id (keys of the sources' results / maps).
-        gt_anns: COCO ground-truth annotations of the image (``bbox`` [x, y, w, h] px) drawn green.
-        sources: from :func:`_source_overlays`: ``results`` (COCO boxes, optional RLE ``segmentation``)
-            or ``maps`` (anomaly map files, coloured over ``map_range`` = (lo, hi), else the map's own
-            range), each with ``threshold`` and ``color`` (BGR).
-        max_side: longer side of the result in pixels.
-        max_boxes: per source, the highest-scoring results at or above its threshold that are drawn.
-
-    Returns:
-        ``hxwx3`` uint8 BGR.
-    """
-    import cv2
-
-    from pipeline.data.instances import decode_rle
-
-    img = image_bgr if image_bgr.ndim == 3 else cv2.cvtColor(image_bgr, cv2.COLOR_GRAY2BGR)
-    img = img[..., :3].copy()
-    h, w = img.shape[:2]
-    for src in sources:  # heat-maps first, under everything else
-        mp = src.get("maps", {}).get(image_id)
-        if mp is not None and Path(mp).is_file():
-            m = resize_map(load_map(Path(mp)), (h, w))
-            lo, hi = src.get("map_range") or (float(m.min()), float(m.max()))
-            norm = (
-                (np.clip((m - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8) if hi > lo else np.zeros((h, w), np.uint8)
-            )
-            img = cv2.addWeighted(img, 0.55, cv2.applyColorMap(norm, cv2.COLORMAP_JET), 0.45, 0)
-    scale = max_side / max(h, w)
-    boxes = []  # (bbox_xywh, color, thickness, text)
-    for src in sources:
-        res = sorted(src.get("results", {}).get(image_id, []), key=lambda r: -r["score"])
-        above = [r for r in res if r["score"] >= src["threshold"]][:max_boxes]
-        for r in above:
-            if "segmentation" in r:
-                m = decode_rle(r["segmentation"])
-                if m.shape == (h, w):
-                    color = np.array(src["color"], np.float32)
-                    img[m] = (0.5 * img[m] + 0.5 * color).astype(np.uint8)
-            if "bbox" in r:
-                boxes.append((r["bbox"], src["color"], 2, f"{r['score']:.2f}"))
-        if not above and res and "bbox" in res[0]:
-            boxes.append((res[0]["bbox"], src["color"], 1, f"{res[0]['score']:.2f}"))
-    img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    for a in gt_anns:
-        x, y, bw, bh = (v * scale for v in a["bbox"])
-        cv2.rectangle(img, (int(x), int(y)), (int(round(x + bw)), int(round(y + bh))), GT_BGR, 1)
-    for (x, y, bw, bh), color, thick, text in boxes:
-        x, y, bw, bh = x * scale, y * scale, bw * scale, bh * scale
-        cv2.rectangle(img, (int(x), int(y)), (int(round(x + bw)), int(round(y + bh))), color, thick)
-        cv2.putText(img, text, (int(x), max(10, int(y) - 2)), cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
-    return img
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -318,9 +191,9 @@ CSS = (
     ".gal{display:flex;flex-wrap:wrap;gap:10px}.tile{width:330px;font-size:12px}"
     ".tile img{max-width:320px;border:1px solid #999}\n"
     ".scroll{overflow-x:auto;max-width:100%}.err{color:#b00}.ok{color:#070}"
-    ".plots img{max-width:560px;margin-right:10px;vertical-align:top}small{color:#666}"
+    ".plots img{max-width:560px;vertical-align:top}small{color:#666}"
+    "figure{display:inline-block;margin:0 10px 10px 0}figcaption{font-size:12px;color:#444}"
 )
-GALLERY_GROUPS = (("errors", "Most confident errors"), ("uncertain_correct", "Least confident correct"))
 
 
 def _e(x) -> str:
@@ -331,7 +204,7 @@ def _num(v) -> str:
     return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _counts_html(counts: dict) -> str:
+def _counts_html(counts: dict, train_good: dict | None = None) -> str:
     types = sorted({t for c in counts.values() for t in c["images"]})
     cats = sorted({t for c in counts.values() for t in c["instances"]})
     head = (
@@ -340,6 +213,11 @@ def _counts_html(counts: dict) -> str:
         + "".join(f"<th>{_e(c)} inst.</th>" for c in cats)
     )
     body = ""
+    if train_good is not None:  # MVTec's train/good: good images only, no instances
+        body += "<tr><td class=l>train/good</td>" + "".join(
+            f"<td>{train_good['n_images'] if t == GOOD else 0}</td>" for t in types
+        )
+        body += f"<td>{train_good['n_images']}</td>" + "".join("<td>0</td>" for _ in cats) + "</tr>"
     for split, c in counts.items():
         body += f"<tr><td class=l>{_e(split)}</td>" + "".join(f"<td>{c['images'].get(t, 0)}</td>" for t in types)
         body += f"<td>{c['n_images']}</td>" + "".join(f"<td>{c['instances'].get(k, 0)}</td>" for k in cats) + "</tr>"
@@ -350,7 +228,7 @@ def _methods_html(rows: list[dict], best: str | None) -> str:
     head = (
         "<tr><th class=l>source / fusion</th><th>threshold (val)</th>"
         + "".join(f"<th>{c}</th>" for c in METRIC_COLS)
-        + "<th>val F1</th><th>val AUROC</th></tr>"
+        + "<th>val balanced_accuracy</th><th>val F1</th><th>val AUROC</th></tr>"
     )
     body = ""
     for r in rows:
@@ -359,7 +237,8 @@ def _methods_html(rows: list[dict], best: str | None) -> str:
             f"<tr class='{'best' if r['name'] == best else ''}'><td class=l>{_e(r['name'])}</td>"
             f"<td>{r['threshold']:.4g}</td>"
             + "".join(f"<td>{_num(t[c])}</td>" for c in METRIC_COLS)
-            + f"<td>{_num(r['val']['f1'])}</td><td>{_num(r['val']['auroc'])}</td></tr>"
+            + f"<td>{_num(r['val']['balanced_accuracy'])}</td><td>{_num(r['val']['f1'])}</td>"
+            f"<td>{_num(r['val']['auroc'])}</td></tr>"
         )
     return f"<table>{head}{body}</table>"
 
@@ -384,7 +263,7 @@ def _per_file_html(metrics: dict) -> str:
             + "".join(f"<th>{_e(k)}</th>" for k in flat)
             + "</tr><tr>"
         )
-        out += "".join(f"<td>{v:.4f}</td>" for v in flat.values()) + "</tr></table></div>"
+        out += "".join(f"<td>{_num(v)}</td>" for v in flat.values()) + "</tr></table></div>"
     return out
 
 
@@ -396,6 +275,7 @@ class _Images:
     def __init__(self, folder: Path):
         self.folder = folder
         self.paths: list[str] = []
+        self.seen: set[bytes] = set()  # contents of the run plots already in the report
 
     def add(self, name: str) -> str:
         """Record a file already written to ``folder / name``; returns its relative path."""
@@ -424,8 +304,11 @@ def _tables(fusion: dict, rows: list[dict]) -> tuple[dict, list[str]]:
     """Dataset counts, the image-level table, its notes and the confusion matrices of a fused run:
     ``(report.json fields, HTML parts)``."""
     counts = dataset_counts(_gt_paths(fusion))
+    train_good = train_good_count(fusion)
     entry = {
         "counts": counts,
+        "train_good": train_good,
+        "chosen_on": fusion.get("chosen_on"),
         "best": fusion["best"],
         "better_fusion": fusion.get("better_fusion"),
         "image_level": [
@@ -434,13 +317,15 @@ def _tables(fusion: dict, rows: list[dict]) -> tuple[dict, list[str]]:
         ],
         "definitions": fusion.get("definitions", {}),
     }
-    note = f"Best on test: <b>{_e(fusion['best'])}</b>."
+    on = fusion.get("chosen_on") or "test (a fusion.json from before choices were made on val)"
+    note = f"Best, chosen on {_e(on)}: <b>{_e(fusion['best'])}</b>."
     if fusion.get("better_fusion"):
-        note += f" Better fusion rule: <b>{_e(fusion['better_fusion'])}</b>."
+        note += f" Better fusion rule, chosen on {_e(on)}: <b>{_e(fusion['better_fusion'])}</b>."
+    note += " Test metrics are only reported."
     definitions = "<br>".join(f"<small>{_e(k)}: {_e(v)}</small>" for k, v in fusion.get("definitions", {}).items())
     parts = [
-        "<h3>Dataset</h3>" + _counts_html(counts),
-        "<h3>Image-level good/defect decision (thresholds chosen on val, metrics on test)</h3>",
+        "<h3>Dataset</h3>" + _counts_html(counts, train_good),
+        "<h3>Image-level good/defect decision (thresholds and choices on val, metrics on test)</h3>",
         _methods_html(rows, fusion["best"]),
         f"<p>{note} Defect is the positive class.<br>" + definitions + "</p>",
         "<h3>Confusion matrices (test)</h3>"
@@ -461,90 +346,6 @@ def _curves(fusion: dict, rows: list[dict], tag: str, images: _Images) -> str:
     )
 
 
-def _tile(
-    r: dict, fname: str, *, root: Path, anns: dict[int, list], overlays: list[dict], max_side: int, images: _Images
-) -> tuple[dict, str]:
-    """One gallery image (a record of :func:`pick_gallery`) drawn and saved as JPEG:
-    ``(report.json record, HTML)``."""
-    import cv2
-
-    try:
-        img = read_image(root / r["file_name"], flags=cv2.IMREAD_COLOR)  # BGR, as OpenCV draws
-    except PipelineError:  # image moved: a grey tile, the numbers still show
-        img = np.full((max_side, max_side, 3), 200, np.uint8)
-    tile = draw_overlay(
-        img, image_id=r["image_id"], gt_anns=anns.get(r["image_id"], []), sources=overlays, max_side=max_side
-    )
-    _, buf = cv2.imencode(".jpg", tile, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    rel = images.write(fname, buf.tobytes())
-    truth = "defect" if r["defect"] else GOOD
-    dec = "defect" if r["decision"] else GOOD
-    cls = "err" if r["decision"] != r["defect"] else "ok"
-    per = "<br>".join(f"{_e(n)}: {v:.3g}{' &#10003;' if r['decisions'][n] else ''}" for n, v in r["scores"].items())
-    html_tile = (
-        f"<div class=tile><img src='{rel}' alt='{_e(r['file_name'])}'><br><b>{_e(r['file_name'])}</b>"
-        f" (id {r['image_id']})<br>truth {_e(r['defect_type'])} ({truth}), "
-        f"<span class={cls}>decision {dec}</span>, "
-        f"confidence {r['confidence']:.2f}<br><small>{per}</small></div>"
-    )
-    keys = ("image_id", "file_name", "defect_type", "score", "threshold", "decision", "confidence")
-    return {k: r[k] for k in keys} | {"image": rel}, html_tile
-
-
-def _galleries(
-    fusion: dict, run_dir: str, tag: str, images: _Images, *, methods: Sequence[str], n: int, max_side: int
-) -> tuple[dict, list[str]]:
-    """Per method the most confident errors and least confident correct decisions on test, drawn:
-    ``({method: {group: [record]}}, HTML parts)``.
-
-    Raises:
-        PipelineError: a method that is neither a source nor a fusion rule of the run.
-    """
-    overlays = _source_overlays(fusion)
-    anns: dict[int, list] = {}
-    for a in read_json(fusion["test_gt"]).get("annotations", []):
-        anns.setdefault(int(a["image_id"]), []).append(a)
-    root = Path(fusion.get("image_root") or ".")
-    legend = ", ".join(
-        f"<span style='color:rgb{tuple(reversed(s['color']))}'>&#9632; {_e(s['name'])}</span>" for s in overlays
-    )
-    entry: dict = {}
-    parts: list[str] = []
-    for gi, method in enumerate(methods):
-        if method not in fusion["thresholds"]:
-            raise PipelineError(
-                f"{run_dir}: no method {method!r} for the gallery (expected one of {', '.join(fusion['thresholds'])})"
-            )
-        vals = np.array([r["scores"][method] for r in fusion["images"]["val"]], np.float64)
-        sd = float(vals.std()) if vals.size and vals.std() > 0 else 1.0
-        picks = pick_gallery(fusion["images"]["test"], method, fusion["thresholds"][method], sd, n=n)
-        parts.append(
-            f"<h3>Gallery: {_e(method)} on test</h3><p><small>green = ground-truth boxes; {legend}; "
-            "thick = at or above the source's threshold (top 5), thin = its top box below it; "
-            "heat-map = anomaly map (one colour scale per source); &#10003; = called defect.</small></p>"
-        )
-        entry[method] = {}
-        for group, group_title in GALLERY_GROUPS:
-            parts.append(f"<h4>{group_title}</h4><div class=gal>")
-            entry[method][group] = []
-            if not picks[group]:
-                parts.append("<p>none</p>")
-            for r in picks[group]:
-                rec, html_tile = _tile(
-                    r,
-                    f"{tag}_g{gi}_{group}_{r['image_id']}.jpg",
-                    root=root,
-                    anns=anns,
-                    overlays=overlays,
-                    max_side=max_side,
-                    images=images,
-                )
-                entry[method][group].append(rec)
-                parts.append(html_tile)
-            parts.append("</div>")
-    return entry, parts
-
-
 def _run_section(
     run: dict, k: int, images: _Images, *, gallery: int, max_side: int, gallery_methods: Sequence[str] | None
 ) -> tuple[dict, list[str]]:
@@ -563,18 +364,50 @@ def _run_section(
         entry.update(fields)
         parts += html_parts
         parts.append(_curves(fusion, rows, tag, images))
-        entry["gallery"], html_parts = _galleries(
-            fusion, run["dir"], tag, images, n=gallery, max_side=max_side, methods=gallery_methods or [fusion["best"]]
+        entry["gallery"], html_parts = galleries(
+            fusion, run["dir"], tag, images, n=gallery, max_side=max_side, methods=gallery_methods or None
         )
         parts += html_parts
     if run["metrics"]:
         parts.append("<h3>Per-file metrics (pipeline evaluate)</h3>" + _per_file_html(run["metrics"]))
-    plot_tags = [
-        f"<img src='{images.write(f'{tag}_{p.name}', p.read_bytes())}' alt='{_e(p.name)}'>" for p in run["plots"]
-    ]
-    if plot_tags:
-        parts.append("<h3>Plots of the run</h3><div class=plots>" + "".join(plot_tags) + "</div>")
+    entry["plots"], html_plots = _run_plots(run["plots"], tag, images)
+    if html_plots:
+        parts.append("<h3>Plots of the run</h3><div class=plots>" + html_plots + "</div>")
     return entry, parts
+
+
+PLOT_TITLES = (  # file-name prefix of a plot of pipeline evaluate -> what it shows
+    ("pr_bbox_", "bbox precision-recall at IoU 0.5"),
+    ("pr_segm_", "mask precision-recall at IoU 0.5"),
+    ("anomaly_curves_", "anomaly image ROC, pixel ROC and PRO"),
+    ("confusion_matrix_", "classifier confusion matrix"),
+    ("training_curves_", "classifier training curves"),
+)
+
+
+def plot_title(path: Path) -> str:
+    """Caption of a run's plot from its file name: ``pr_bbox_<tag>.png`` -> ``bbox precision-recall at
+    IoU 0.5: <tag>`` (the file stem for unknown names)."""
+    for prefix, what in PLOT_TITLES:
+        if path.stem.startswith(prefix):
+            return f"{what}: {path.stem[len(prefix) :]}"
+    return path.stem
+
+
+def _run_plots(plots: Sequence[Path], tag: str, images: _Images) -> tuple[list[dict], str]:
+    """Each plot of the run once (byte-identical files, also from an earlier run, are shown once),
+    each under its own caption: ``([{"title", "image"}], HTML)``."""
+    out, html_parts = [], ""
+    for p in plots:
+        data = p.read_bytes()
+        if data in images.seen:
+            continue
+        rel = images.write(f"{tag}_{p.name}", data)
+        images.seen.add(data)
+        title = plot_title(p)
+        out.append({"title": title, "image": rel})
+        html_parts += f"<figure><img src='{rel}' alt='{_e(title)}'><figcaption>{_e(title)}</figcaption></figure>"
+    return out, html_parts
 
 
 def _write_report(folder: Path, title: str, body: list[str], doc: dict) -> None:
@@ -605,7 +438,7 @@ def build_report(
         gallery: images per gallery group (most confident errors, least confident correct).
         max_side: longer side of gallery tiles in pixels.
         gallery_methods: sources / fusion rules (``fusion:or``, ``fusion:logistic``) to show galleries
-            for; default the run's best method on test.
+            for; default the method chosen on val (:func:`pipeline.evaluation.gallery.default_method`).
 
     Returns:
         The JSON document written to ``report.json`` (``{"title", "runs": [...]}``) with ``html`` and

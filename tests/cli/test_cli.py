@@ -153,3 +153,49 @@ def test_no_help_shows_a_value_for_a_flag():
         assert "<bool>" not in r.output, (args, r.output)
         seen += 1
     assert seen >= 15
+
+
+def test_evaluate_per_file_matching_and_mask_threshold_options(synth_category, tmp_path):
+    """`--class-agnostic FILE` / `--class-aware FILE` name files; `--mask-score-threshold` reaches the metrics."""
+    import json
+
+    from pipeline.data.convert import convert_category
+
+    ann = convert_category(synth_category, tmp_path / "ann").out
+    gt = json.loads((ann / "coco" / "test.json").read_text())
+    res = [
+        {
+            "image_id": a["image_id"],
+            "category_id": 1,
+            "bbox": a["bbox"],
+            "score": 0.9,
+            "segmentation": a["segmentation"],
+        }
+        for a in gt["annotations"]
+    ]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(res))
+    b.write_text(json.dumps(res))
+    out = tmp_path / "ev"
+    r = run(
+        "evaluate",
+        a,
+        b,
+        "--gt",
+        ann / "coco/test.json",
+        "--class-agnostic",
+        a,
+        "--mask-score-threshold",
+        0.95,
+        "--out",
+        out,
+    )
+    assert r.returncode == 0, r.stderr
+    ma = json.loads((out / f"metrics_{tmp_path.name}-a.json").read_text())
+    mb = json.loads((out / f"metrics_{tmp_path.name}-b.json").read_text())
+    assert (ma["class_agnostic"], ma["class_agnostic_reason"]) == (True, "option")
+    assert (mb["class_agnostic"], mb["class_agnostic_reason"]) == (False, "auto: class-aware source")
+    assert ma["mask_score_threshold"] == 0.95 and ma["masks"]["mIoU"] == 0.0
+    r = run("evaluate", a, "--gt", ann / "coco/test.json", "--class-aware", b, "--out", tmp_path / "ev2")
+    _one_line_error(r, "--class-aware", "not one of the prediction files")
+    assert not (tmp_path / "ev2").exists()

@@ -137,6 +137,9 @@ def test_class_agnostic_matches_whatever_the_class(gt_path):
         ("val_without_val_gt", "--val-gt"),  # fusion asked for without the val ground truth
         ("val_count", "same prediction sources"),  # one val file for two test files
         ("val_kind", "same order and kinds"),  # val files in another order than the test files
+        ("agnostic_not_given", "not one of the prediction files"),  # --class-agnostic FILE not evaluated
+        ("agnostic_not_coco", "only COCO results"),  # --class-agnostic on a classifier file
+        ("both_matchings", "both --class-agnostic and --class-aware"),  # one file forced both ways
     ],
 )
 def test_evaluate_files_checks_every_input_before_writing(gt_path, tmp_path, case, needle):
@@ -159,9 +162,90 @@ def test_evaluate_files_checks_every_input_before_writing(gt_path, tmp_path, cas
             "val_without_val_gt": {"val_predictions": [det, cls]},
             "val_count": {"val_predictions": [det], "val_gt": gt_path},
             "val_kind": {"val_predictions": [cls, det], "val_gt": gt_path},
+            "agnostic_not_given": {"class_agnostic": [tmp_path / "other_det.json"]},
+            "agnostic_not_coco": {"class_agnostic": [cls]},
+            "both_matchings": {"class_agnostic": [det], "class_aware": [tmp_path / "." / "det.json"]},
         }[case]
     )
     out = tmp_path / "ev"
     with pytest.raises(PipelineError, match=needle):
         evaluate_files(kw.pop("predictions"), out_dir=out, **kw)
     assert not out.exists()
+
+
+def test_class_agnostic_decided_per_file(gt_path, tmp_path):
+    """PatchCore-like regions (every record marked class_agnostic, all category 1) are matched whatever
+    the class beside a class-aware detector, in one call; either can be forced per file."""
+    from pipeline.evaluation.evaluate import evaluate_files
+
+    gt = json.loads(gt_path.read_text())
+    (tmp_path / "pc").mkdir()
+    (tmp_path / "det").mkdir()
+    regions = tmp_path / "pc" / "coco_results.json"
+    regions.write_text(json.dumps([dict(r, category_id=1, class_agnostic=True) for r in _gt_as_results(gt)]))
+    det = tmp_path / "det" / "predictions.json"
+    det.write_text(json.dumps(_gt_as_results(gt)))
+    unmarked = tmp_path / "det" / "one_class.json"  # class-less in fact, but nothing says so
+    unmarked.write_text(json.dumps([dict(r, category_id=1) for r in _gt_as_results(gt)]))
+
+    def metrics(out, name):
+        return json.loads((out / f"metrics_{name}.json").read_text())
+
+    out = tmp_path / "ev"
+    evaluate_files([regions, det, unmarked], gt=gt_path, out_dir=out)
+    m = metrics(out, "pc-coco_results")
+    assert (m["class_agnostic"], m["class_agnostic_reason"]) == (True, "auto: class-less source")
+    assert m["bbox"]["AP"] == pytest.approx(1.0) and list(m["bbox"]["per_class_AP"]) == ["all"]
+    m = metrics(out, "det-predictions")
+    assert (m["class_agnostic"], m["class_agnostic_reason"]) == (False, "auto: class-aware source")
+    assert m["bbox"]["AP"] == pytest.approx(1.0) and len(m["bbox"]["per_class_AP"]) == 3
+    m = metrics(out, "det-one_class")
+    assert (m["class_agnostic"], m["class_agnostic_reason"]) == (False, "auto: class-aware source")
+    assert m["bbox"]["AP"] < 0.9
+    # forced per file, by the path given on the command line
+    out2 = tmp_path / "ev2"
+    evaluate_files([regions, unmarked], gt=gt_path, out_dir=out2, class_aware=[regions], class_agnostic=[unmarked])
+    m = metrics(out2, "pc-coco_results")
+    assert (m["class_agnostic"], m["class_agnostic_reason"]) == (False, "option") and m["bbox"]["AP"] < 0.9
+    m = metrics(out2, "det-one_class")
+    assert (m["class_agnostic"], m["class_agnostic_reason"]) == (True, "option")
+    assert m["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_mask_score_threshold_is_an_option_recorded_in_the_metrics(gt_path, tmp_path):
+    from pipeline.evaluation.evaluate import evaluate_files
+
+    gt = json.loads(gt_path.read_text())
+    pred = tmp_path / "sam" / "predictions.json"
+    pred.parent.mkdir()
+    pred.write_text(json.dumps(_gt_as_results(gt, masks=True, score=0.9)))
+    evaluate_files([pred], gt=gt_path, out_dir=tmp_path / "a")
+    m = json.loads((tmp_path / "a" / "metrics_sam-predictions.json").read_text())
+    assert m["mask_score_threshold"] == 0.5 and m["masks"]["mIoU"] == 1.0
+    evaluate_files([pred], gt=gt_path, out_dir=tmp_path / "b", mask_score_threshold=0.95)
+    m = json.loads((tmp_path / "b" / "metrics_sam-predictions.json").read_text())
+    assert m["mask_score_threshold"] == 0.95 and m["masks"]["score_threshold"] == 0.95
+    assert m["masks"]["mIoU"] == 0.0 and m["segm"]["AP"] == pytest.approx(1.0)  # COCOeval ranks every score
+
+
+def test_uncomputable_numbers_are_null_with_a_reason(gt_path):
+    """A class with no ground truth in the split: per-class AP and mask IoU are null with a reason."""
+    coco = load_coco_gt(gt_path)
+    cats = coco.loadCats(coco.getCatIds())
+    first = cats[0]["id"]
+    keep = [a for a in coco.dataset["annotations"] if a["category_id"] == first]
+    from pycocotools.coco import COCO
+
+    one = COCO()
+    one.dataset = dict(coco.dataset, annotations=keep)
+    one.createIndex()
+    results = _gt_as_results(one.dataset, masks=True)
+    absent = {c["name"] for c in cats[1:]}
+    for m in (coco_eval(one, results), coco_eval(one, [])):
+        assert {n for n, v in m["per_class_AP"].items() if v is None} == absent
+        assert m["per_class_AP_reason"] == {n: "no ground truth of this class in the split" for n in sorted(absent)}
+    assert coco_eval(one, results)["per_class_AP"][cats[0]["name"]] == pytest.approx(1.0)
+    mk = mask_iou_dice(one, results)
+    for n in absent:
+        assert mk["per_class"][n]["IoU"] is None and mk["per_class"][n]["reason"].startswith("no ground truth")
+    assert mk["mIoU"] == 1.0 and "mIoU_reason" not in mk

@@ -247,3 +247,88 @@ def test_fuse_rejects_mismatched_sources(tmp_path):
         fuse_files([d], [a], val_gt=val_gt, test_gt=test_gt)
     with pytest.raises(PipelineError, match="same prediction sources"):
         fuse_files([d, d], [a], val_gt=val_gt, test_gt=test_gt)
+
+
+def test_every_choice_on_val_test_only_reported(tmp_path):
+    """Source a is perfect on val and wrong on test, b the reverse: a is chosen (val), and giving other
+    test files (a's and b's test scores swapped) changes no choice, only the reported test metrics."""
+    val_gt, test_gt = _gt(tmp_path / "val.json", VAL), _gt(tmp_path / "test.json", TEST)
+
+    def det(path, scores):
+        return _write(
+            path, [{"image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "score": s} for i, s in scores.items()]
+        )
+
+    av = det(tmp_path / "a_val.json", {1: 0.1, 2: 0.1, 3: 0.9, 4: 0.9, 5: 0.9, 6: 0.1})  # val: perfect
+    bv = det(tmp_path / "b_val.json", {1: 0.9, 2: 0.1, 3: 0.9, 4: 0.1, 5: 0.9, 6: 0.1})  # val: 2 of 6 wrong
+    a_bad = {11: 0.9, 12: 0.1, 13: 0.1, 14: 0.9}  # test: every image wrong
+    b_good = {11: 0.1, 12: 0.9, 13: 0.9, 14: 0.1}  # test: perfect
+    at, bt = det(tmp_path / "a_test.json", a_bad), det(tmp_path / "b_test.json", b_good)
+    r = fuse_files([av, bv], [at, bt], val_gt=val_gt, test_gt=test_gt)
+    a, b = r["sources"]
+    assert (a["val"]["balanced_accuracy"], a["test"]["f1"]) == (1.0, 0.0)
+    assert b["test"]["f1"] == 1.0 and b["val"]["balanced_accuracy"] < 1.0
+    # logistic ties with a on val (perfect), a wins by name; OR inherits b's val false alarm
+    assert r["fusion"]["logistic"]["val"]["balanced_accuracy"] == 1.0
+    assert r["fusion"]["or"]["val"]["balanced_accuracy"] < 1.0
+    assert r["best"] == "boxes:a_test" and r["better_fusion"] == "logistic"
+    assert r["chosen_on"] == "val" and a["threshold_chosen_on"] == "val"
+    assert r["choices"] == {
+        "best": "boxes:a_test",
+        "better_fusion": "logistic",
+        "gallery": "fusion:logistic",
+        "chosen_on": "val",
+        "thresholds": "val",
+        "rule": "highest val balanced accuracy, then highest val F1, then name (alphabetical)",
+    }
+    # other test files (scores swapped): the same choices and thresholds, other test metrics
+    det(at, b_good)
+    det(bt, a_bad)
+    r2 = fuse_files([av, bv], [at, bt], val_gt=val_gt, test_gt=test_gt)
+    assert r2["choices"] == r["choices"] and r2["thresholds"] == r["thresholds"]
+    assert r2["sources"][0]["test"]["f1"] == 1.0 and r2["sources"][1]["test"]["f1"] == 0.0
+
+
+def test_choose_ranks_by_val_balanced_accuracy_then_f1_then_name():
+    from pipeline.evaluation.fusion import choose
+
+    def m(bacc, f1):
+        return {"balanced_accuracy": bacc, "f1": f1}
+
+    sources = [
+        {"name": "z", "val": m(0.9, 0.5), "test": m(0.1, 0.1)},
+        {"name": "y", "val": m(0.9, 0.8), "test": m(0.2, 0.2)},
+        {"name": "x", "val": m(0.9, 0.8), "test": m(1.0, 1.0)},  # ties y on val: x by name
+        {"name": "w", "val": m(0.5, 1.0), "test": m(1.0, 1.0)},  # best F1 but lower balanced accuracy
+    ]
+    c = choose(sources, {})
+    assert (c["best"], c["better_fusion"], c["gallery"]) == ("x", None, "x")
+    fusion = {"or": {"val": m(0.95, 0.1), "test": m(0.0, 0.0)}, "logistic": {"val": m(0.9, 0.9), "test": m(1.0, 1.0)}}
+    c = choose(sources, fusion)
+    assert (c["best"], c["better_fusion"], c["gallery"]) == ("fusion:or", "or", "fusion:or")
+
+
+def test_auroc_null_with_a_reason_when_one_class():
+    m = decision_metrics([0.1, 0.2], [True, True], 0.15)
+    assert m["auroc"] is None and m["auroc_reason"] == "only one class in the split"
+    assert "auroc_reason" not in decision_metrics([0.1, 0.2], [False, True], 0.15)
+
+
+def test_classifier_and_anomaly_metrics_null_with_a_reason(tmp_path):
+    """One class in the split: the classifier's and the anomaly file's AUROC are null with a reason, never NaN."""
+    from pipeline.evaluation.anomaly import evaluate_anomaly
+    from pipeline.evaluation.classification import classification_metrics
+
+    m = classification_metrics(["good", "good"], ["good", "defect"], [0.9, 0.2], ["good", "defect"])
+    assert m["auroc_good_vs_defect"] is None and m["auroc_reason"] == "only one class in the split"
+    m = classification_metrics(["ok", "bad"], ["ok", "bad"], None, ["ok", "bad"])
+    assert m["auroc_good_vs_defect"] is None and m["auroc_reason"].startswith("no p(good)")
+    gt = _gt(tmp_path / "good_only.json", [(1, "good"), (2, "good"), (3, "good")], root=str(tmp_path))
+    preds = [{"image": f"test/good/{i:03d}.png", "image_id": i, "score": float(i), "label": "good"} for i in (1, 2, 3)]
+    pred = _write(tmp_path / "an.json", {"kind": "anomaly", "predictions": preds})
+    res = evaluate_anomaly(pred, gt, tmp_path / "ev", pixel=False)
+    o = res["overall"]
+    assert o["image_auroc"] is None and o["image_auroc_reason"] == "only one class among these images"
+    assert res["threshold"] is None and res["threshold_reason"] == "the prediction file has no threshold"
+    text = (tmp_path / "ev" / "anomaly_metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["overall"]["image_auroc_reason"] == o["image_auroc_reason"]

@@ -146,8 +146,10 @@ def test_report_html_json_and_images(fused_run, tmp_path):
     for needle in ("Dataset", "Confusion matrices", "ROC and PR curves", "Gallery", "fusion:logistic", "bbox.AP"):
         assert needle in text
     # gallery groups: errors sorted by decreasing confidence, correct by increasing
-    assert list(r0["gallery"]) == [result["best"]]
-    g = r0["gallery"][result["best"]]
+    # the gallery shows the fused decision chosen on val (the better fusion rule), not the best on test
+    chosen = result["choices"]["gallery"]
+    assert chosen == f"fusion:{result['better_fusion']}" and list(r0["gallery"]) == [chosen]
+    g = r0["gallery"][chosen]
     conf = [x["confidence"] for x in g["errors"]]
     assert conf == sorted(conf, reverse=True)
     conf = [x["confidence"] for x in g["uncertain_correct"]]
@@ -350,3 +352,103 @@ def test_report_on_real_bottle(mvtec_root, tmp_path):
         sum(c["n_images"] for c in counts.values()) == 83
         and sum(c["images"].get("good", 0) for c in counts.values()) == 20
     )
+
+
+def _small_fusion(tmp_path):
+    """Source a is perfect on val and wrong on every test image, b the reverse (4 test images, no image
+    files on disk: the gallery draws grey tiles)."""
+    from pipeline.evaluation.fusion import fuse_files
+
+    def gt(path, ids_types):
+        images = [
+            {"id": i, "file_name": f"test/{t}/{i:03d}.png", "width": 20, "height": 10, "defect_type": t}
+            for i, t in ids_types
+        ]
+        anns = [
+            {"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 4, 4], "area": 16, "iscrowd": 0}
+            for i, t in ids_types
+            if t != "good"
+        ]
+        doc = {"info": {"image_root": str(tmp_path)}, "images": images, "annotations": anns}
+        path.write_text(json.dumps(doc | {"categories": [{"id": 1, "name": "ring"}]}))
+        return path
+
+    def det(name, scores):
+        path = tmp_path / f"{name}.json"
+        path.write_text(
+            json.dumps([{"image_id": i, "category_id": 1, "bbox": [0, 0, 2, 2], "score": s} for i, s in scores.items()])
+        )
+        return path
+
+    val_gt = gt(tmp_path / "val.json", [(1, "good"), (2, "good"), (3, "ring"), (4, "ring"), (5, "ring"), (6, "good")])
+    test_gt = gt(tmp_path / "test.json", [(11, "good"), (12, "ring"), (13, "ring"), (14, "good")])
+    val = [
+        det("a_val", {1: 0.1, 2: 0.1, 3: 0.9, 4: 0.9, 5: 0.9, 6: 0.1}),
+        det("b_val", {1: 0.9, 2: 0.1, 3: 0.9, 4: 0.1, 5: 0.9, 6: 0.1}),
+    ]
+    test = [det("a_test", {11: 0.9, 12: 0.1, 13: 0.1, 14: 0.9}), det("b_test", {11: 0.1, 12: 0.9, 13: 0.9, 14: 0.1})]
+    return fuse_files(val, test, val_gt=val_gt, test_gt=test_gt)
+
+
+def test_gallery_shows_the_val_chosen_decision_and_its_errors(tmp_path):
+    from pipeline.core.io import atomic_write_json
+    from pipeline.evaluation.report import build_report
+
+    result = _small_fusion(tmp_path)
+    run = tmp_path / "eval"
+    atomic_write_json(run / "fusion.json", result)
+    errors_on_test = {
+        m: sum(r["decisions"][m] != r["defect"] for r in result["images"]["test"]) for m in result["thresholds"]
+    }
+    assert errors_on_test["boxes:b_test"] == 0  # perfect on test: the old default, "none" errors
+    chosen = result["choices"]["gallery"]
+    assert chosen == "fusion:logistic" and errors_on_test[chosen] > 0
+    doc = build_report([run], tmp_path / "rep", gallery=6)
+    g = doc["runs"][0]["gallery"]
+    assert list(g) == [chosen] and g[chosen]["chosen_on"] == "val"
+    assert g[chosen]["n_errors"] == errors_on_test[chosen] == len(g[chosen]["errors"])
+    assert {x["image_id"] for x in g[chosen]["errors"]} == {
+        r["image_id"] for r in result["images"]["test"] if r["decisions"][chosen] != r["defect"]
+    }
+    text = (tmp_path / "rep" / "report.html").read_text()
+    assert "no errors" not in text and f"Gallery: {chosen} on test (chosen on val)" in text
+    assert f"{errors_on_test[chosen]} shown of {errors_on_test[chosen]} errors on 4 test images" in text
+    # "no errors" only for a method that makes none on the split shown
+    doc = build_report([run], tmp_path / "rep2", gallery=2, gallery_methods=["boxes:b_test"])
+    g = doc["runs"][0]["gallery"]["boxes:b_test"]
+    assert g["n_errors"] == 0 and g["errors"] == [] and g["chosen_on"] == "option"
+    assert "no errors: all 4 test images decided correctly" in (tmp_path / "rep2" / "report.html").read_text()
+
+
+def test_report_integers_plots_once_with_titles_and_train_good(fused_run, tmp_path):
+    import shutil as sh
+
+    from pipeline.evaluation.report import build_report
+
+    run, ann, _ = fused_run
+    folder = tmp_path / "eval"
+    sh.copytree(run, folder)
+    import cv2
+
+    a = np.zeros((20, 30, 3), np.uint8)
+    b = np.full((20, 30, 3), 255, np.uint8)
+    cv2.imwrite(str(folder / "pr_bbox_det-x.png"), a)
+    cv2.imwrite(str(folder / "pr_bbox_det-y.png"), a)  # the same bytes: shown once
+    cv2.imwrite(str(folder / "pr_segm_det-x.png"), b)
+    doc = build_report([folder], tmp_path / "rep", gallery=1)
+    r0 = doc["runs"][0]
+    assert r0["plots"] == [
+        {"title": "bbox precision-recall at IoU 0.5: det-x", "image": "images/run0_pr_bbox_det-x.png"},
+        {"title": "mask precision-recall at IoU 0.5: det-x", "image": "images/run0_pr_segm_det-x.png"},
+    ]
+    text = (tmp_path / "rep" / "report.html").read_text()
+    assert (
+        text.count("<figcaption>") == 2 and "<figcaption>bbox precision-recall at IoU 0.5: det-x</figcaption>" in text
+    )
+    # counts stay integers: "n" 3 prints as 3, not 3.0000
+    assert r0["per_file"]["det_test"]["n"] == 3 and isinstance(r0["per_file"]["det_test"]["n"], int)
+    assert "<td>3</td>" in text and "3.0000" not in text
+    # train/good of the split manifest beside train/val/test
+    n_good = len(json.loads((ann / "split.json").read_text())["train_good"])
+    assert n_good > 0 and r0["train_good"]["n_images"] == n_good
+    assert f"<tr><td class=l>train/good</td><td>{n_good}</td>" in text

@@ -4,7 +4,7 @@ A prediction run folder holds ``predictions.json`` (``{"kind": "anomaly", ...}``
 prediction-file contract, :mod:`pipeline.data.predictions`), ``maps/<image_id>.npy`` (raw float32
 maps at the model's input size), ``overlays/*.png`` (heat maps over a sample of native images) and
 ``coco_results.json`` (each connected component of a thresholded map as a class-agnostic COCO box and
-RLE mask). Image ids follow :func:`pipeline.data.split.image_ids`.
+RLE mask, marked ``"class_agnostic": true``). Image ids follow :func:`pipeline.data.split.image_ids`.
 """
 
 from __future__ import annotations
@@ -251,14 +251,14 @@ def map_to_coco(
     Args:
         amap: ``hxw`` float map (model resolution); resized bilinearly to ``size_hw`` (H, W) first.
         threshold: pixels ``>= threshold`` are anomalous (raw map units).
-        category_id: class-agnostic detections get this COCO category id (default 1; evaluate them
-            with ``useCats = 0`` or map them to the one class).
+        category_id: class-agnostic detections get this COCO category id (default 1); each record also
+            carries ``"class_agnostic": true``, so ``pipeline evaluate`` matches them whatever the class.
         norm: ``(map_min, map_max)``: when given, ``score`` is the component's maximum mapped to
             ``[0, 1]`` with the threshold at 0.5 (``clip((v - threshold) / (max - min) + 0.5)``).
 
     Returns:
-        ``[{"image_id", "category_id", "bbox": [x, y, w, h] px, "score", "score_raw": max map value
-        in the component, "segmentation": compressed RLE, "area"}]``.
+        ``[{"image_id", "category_id", "class_agnostic": True, "bbox": [x, y, w, h] px, "score", "score_raw":
+        max map value in the component, "segmentation": compressed RLE, "area"}]``.
     """
     from pipeline.data.instances import encode_rle, mask_to_instances
     from pipeline.evaluation.anomaly import resize_map
@@ -272,6 +272,7 @@ def map_to_coco(
             {
                 "image_id": int(image_id),
                 "category_id": int(category_id),
+                "class_agnostic": True,
                 "bbox": [float(v) for v in inst.bbox_xywh],
                 "score": score,
                 "score_raw": raw,
