@@ -39,7 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bottle_table"))
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--imgsz", type=int, default=128)
-    ap.add_argument("--weights", default="none")
+    ap.add_argument(
+        "--weights",
+        default="none",
+        help="initial weights; none (the README table: from scratch, explicitly, since finetune classifier "
+        "defaults to imagenet), imagenet or a ResNet-18 state-dict path",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default="", help="comma-separated row numbers (1-based) to run")
     args = ap.parse_args(argv)

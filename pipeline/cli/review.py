@@ -73,6 +73,8 @@ def export_labelstudio(
         f"order: {order}) to {info['tasks']}"
     )
     echo(f"labeling config: {info['config']}")
+    for w in info["warnings"]:
+        echo(f"[yellow]warning:[/yellow] {w}")
     pushed = info["pushed"]
     if pushed:
         echo(

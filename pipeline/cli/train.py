@@ -146,9 +146,10 @@ def finetune_classifier(
         "multiclass", "--task", help="multiclass (good + each defect type) or binary (good vs defect)."
     ),
     weights: str = typer.Option(
-        "none",
+        "imagenet",
         "--weights",
-        help="imagenet (torchvision resnet18-f37072fd.pth from the caches), none (from scratch) or a state-dict path.",
+        help="imagenet (torchvision resnet18-f37072fd.pth from the weights caches; what the published attempts "
+        "use), none (from scratch: frozen stages stay random) or a ResNet-18 state-dict path.",
     ),
     allow_download: bool = typer.Option(
         False, "--allow-download", help="Download the ImageNet file when it is nowhere on disk."

@@ -39,7 +39,9 @@ KNOWN: dict[str, KnownWeights] = {
         "sam_vit_h_4b8939.pth", "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
     ),
     "resnet18-f37072fd.pth": KnownWeights(
-        "resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+        "resnet18-f37072fd.pth",
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        "torchvision ResNet-18, ImageNet-1k",
     ),
     "wide_resnet50_2-95faca4d.pth": KnownWeights(
         "wide_resnet50_2-95faca4d.pth", "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth"
@@ -69,18 +71,21 @@ def _ultralytics_weights_dir() -> Path:
         return Path("weights").resolve()
 
 
-def resolve_weights(name_or_path: str | os.PathLike, *, allow_download: bool = False) -> Path:
+def resolve_weights(name_or_path: str | os.PathLike, *, allow_download: bool = False, alternative: str = "") -> Path:
     """Find a weights file.
 
     Args:
         name_or_path: a path to an existing file, or a file name such as ``sam_vit_b_01ec64.pth``.
         allow_download: fetch a known file into the first cache folder when it is nowhere on disk.
+        alternative: what else the command can do without the file (e.g. ``"--weights none to train
+            from scratch"``), appended to the error message.
 
     Returns:
         Absolute path of the file.
 
     Raises:
-        PipelineError: one line naming the file, the folders searched and where to get it.
+        PipelineError: one line naming the file (and what it is), every path looked at, the address to
+            download it from and the flags: ``--allow-download``, then ``alternative``.
     """
     p = Path(name_or_path).expanduser()
     if p.is_file():
@@ -90,7 +95,6 @@ def resolve_weights(name_or_path: str | os.PathLike, *, allow_download: bool = F
         if (d / name).is_file():
             return (d / name).resolve()
     known = KNOWN.get(name)
-    where = ", ".join(str(d) for d in search_dirs())
     if allow_download and known is not None:
         import torch.hub
 
@@ -98,8 +102,12 @@ def resolve_weights(name_or_path: str | os.PathLike, *, allow_download: bool = F
         dest.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(known.url, str(dest), progress=True)
         return dest.resolve()
+    places = ", ".join(dict.fromkeys(str(q) for q in [p.absolute(), *(d / name for d in search_dirs())]))
+    what = f" ({known.note})" if known and known.note else ""
     source = f"download it from {known.url}" if known else "give the path of the file"
+    fetch = ", or pass --allow-download" + (" to fetch it" if known else "")
+    other = f", or {alternative}" if alternative else ""
     raise PipelineError(
-        f"weights {name!r} not found (looked at {p} and in {where}); {source} and put it in one of those "
-        f"folders or $PIPELINE_WEIGHTS, or pass --allow-download"
+        f"weights {name!r}{what} not found (looked at {places}); {source} and put it in one of those folders "
+        f"or $PIPELINE_WEIGHTS{fetch}{other}"
     )

@@ -2,7 +2,8 @@
 
 Formats: Label Studio tasks and predictions (https://labelstud.io/guide/task_format,
 https://labelstud.io/guide/predictions), and COCO ground truth as ``convert-masks`` writes it. Prediction
-files are read through :func:`pipeline.data.predictions.load_predictions`. Conventions of the results:
+files are read through :func:`pipeline.data.predictions.load_predictions`. The result dicts are built
+in :mod:`pipeline.review.results`; their conventions:
 
 - ``rectanglelabels``: ``x``, ``y`` (top-left), ``width``, ``height`` in percent (0-100) of the
   original image size.
@@ -20,7 +21,6 @@ uses these ids to put a region's box and mask back into one COCO annotation.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,13 +33,18 @@ from pipeline.core.errors import PipelineError
 from pipeline.data.mvtec import GOOD
 from pipeline.review.client import TOKEN_ENV
 from pipeline.review.labeling_config import (
-    BRUSH_TAG,
     IMAGE_TAG,
-    POLY_TAG,
     REASON_FIELD,
-    RECT_TAG,
     labeling_config,
     validate_tasks,
+)
+from pipeline.review.results import (  # noqa: F401  (the result builders, also importable from here)
+    _result_id,
+    brush_result,
+    polygon_results,
+    polygon_warning,
+    rectangle_result,
+    region_results,
 )
 
 ORDERS = ("image", "uncertainty")
@@ -70,104 +75,6 @@ def image_url(
     except ValueError:
         raise PipelineError(f"{p}: not under the document root {root} (pass --document-root or --url-prefix)") from None
     return "/data/local-files/?d=" + quote(r.as_posix())
-
-
-def _result_id(*parts) -> str:
-    return hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:10]
-
-
-def _base_result(*, rid: str, kind: str, from_name: str, size_hw: tuple[int, int], score: float | None) -> dict:
-    h, w = size_hw
-    r = {
-        "id": rid,
-        "type": kind,
-        "from_name": from_name,
-        "to_name": IMAGE_TAG,
-        "original_width": int(w),
-        "original_height": int(h),
-        "image_rotation": 0,
-    }
-    if score is not None:
-        r["score"] = float(score)
-    return r
-
-
-def rectangle_result(*, bbox_xywh, label: str, size_hw: tuple[int, int], score: float | None, rid: str) -> dict:
-    """One ``rectanglelabels`` result; ``bbox_xywh`` in pixels -> ``x, y, width, height`` in percent."""
-    h, w = size_hw
-    x, y, bw, bh = (float(v) for v in bbox_xywh)
-    x0, y0 = max(0.0, x), max(0.0, y)
-    x1, y1 = min(float(w), x + bw), min(float(h), y + bh)
-    r = _base_result(rid=rid, kind="rectanglelabels", from_name=RECT_TAG, size_hw=size_hw, score=None)
-    r["value"] = {
-        "x": 100 * x0 / w,
-        "y": 100 * y0 / h,
-        "width": 100 * (x1 - x0) / w,
-        "height": 100 * (y1 - y0) / h,
-        "rotation": 0,
-        "rectanglelabels": [label],
-    }
-    if score is not None:
-        r["score"] = float(score)
-    return r
-
-
-def brush_result(*, mask: np.ndarray, label: str, score: float | None, rid: str) -> dict:
-    """One ``brushlabels`` result from an ``HxW`` mask (pixels ``> 0`` are the region) at the original size.
-
-    The mask is encoded as uint8 0/255 with ``label_studio_sdk``'s brush converter (a 0/1 mask would
-    import as nearly transparent strokes).
-    """
-    from pipeline.review.brush import brush_encode
-
-    r = _base_result(rid=rid, kind="brushlabels", from_name=BRUSH_TAG, size_hw=mask.shape, score=score)
-    r["value"] = {"format": "rle", "rle": brush_encode(mask), "brushlabels": [label]}
-    return r
-
-
-def polygon_results(*, mask: np.ndarray, label: str, score: float | None, rid: str) -> list[dict]:
-    """``polygonlabels`` results, one per outer contour of an ``HxW`` mask; points in percent.
-
-    Lossy (holes dropped; see :func:`pipeline.data.instances.mask_to_polygons`). Result ids ``rid_poly<k>``.
-    """
-    from pipeline.data.instances import mask_to_polygons
-
-    h, w = mask.shape
-    out = []
-    for k, poly in enumerate(mask_to_polygons(mask)):
-        pts = np.asarray(poly, float).reshape(-1, 2)
-        r = _base_result(rid=f"{rid}_poly{k}", kind="polygonlabels", from_name=POLY_TAG, size_hw=(h, w), score=score)
-        r["value"] = {"points": [[100 * x / w, 100 * y / h] for x, y in pts], "closed": True, "polygonlabels": [label]}
-        out.append(r)
-    return out
-
-
-def region_results(
-    *,
-    bbox_xywh,
-    mask: np.ndarray | None,
-    label: str,
-    size_hw: tuple[int, int],
-    score: float | None,
-    rid: str,
-    polygons: bool = False,
-) -> list[dict]:
-    """A predicted object as results: its rectangle (id ``rid``), its brush mask (``rid_brush``) when it
-    has a mask, and its polygons (``rid_poly<k>``) when ``polygons``.
-
-    Raises:
-        PipelineError: ``mask`` is not ``size_hw``.
-    """
-    out = [rectangle_result(bbox_xywh=bbox_xywh, label=label, size_hw=size_hw, score=score, rid=rid)]
-    if mask is not None:
-        if mask.shape != tuple(size_hw):
-            raise PipelineError(
-                f"prediction mask {mask.shape[1]}x{mask.shape[0]} is not at the image size {size_hw[1]}x{size_hw[0]}"
-            )
-        out.append(brush_result(mask=mask, label=label, score=score, rid=f"{rid}_brush"))
-        if polygons:
-            out += polygon_results(mask=mask, label=label, score=score, rid=rid)
-    return out
 
 
 # ----------------------------------------------------------------------------- prediction sources
@@ -398,7 +305,13 @@ def _segmentation_mask(seg, *, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def _image_predictions(
-    img: dict, sources: list[Source], *, min_score: float, names: dict[int, str], polygons: bool
+    img: dict,
+    sources: list[Source],
+    *,
+    min_score: float,
+    names: dict[int, str],
+    polygons: bool,
+    polygon_ious: list[float] | None = None,
 ) -> list[dict]:
     """One Label Studio prediction per detection source: its results on ``img`` scoring ``>= min_score``."""
     size_hw = (int(img["height"]), int(img["width"]))
@@ -420,6 +333,7 @@ def _image_predictions(
                 score=r["score"],
                 rid=_result_id(img["id"], k, src.name),
                 polygons=polygons,
+                polygon_ious=polygon_ious,
             )
         preds.append(
             {"model_version": src.name, "score": max((r["score"] for r in kept), default=0.0), "result": result}
@@ -436,6 +350,7 @@ def build_tasks(
     url_prefix: str | None = None,
     polygons: bool = False,
     order: str = "image",
+    polygon_ious: list[float] | None = None,
 ) -> list[dict]:
     """Label Studio tasks, one per ground-truth image, with each detection source as one prediction.
 
@@ -448,10 +363,12 @@ def build_tasks(
             the category root.
         order: ``"image"`` (ground-truth order) or ``"uncertainty"`` (most uncertain first, see
             :func:`image_uncertainty`; ties by image id).
+        polygon_ious: with ``polygons``, receives the IoU of each mask with its polygons (:func:`polygon_iou`).
 
     Returns:
         Tasks ``{"data": {"image", "image_id", "file_name", "width", "height", "image_root",
-        "defect_type", "uncertainty", "review_reason", "review_rank"}, "predictions": [...]}``. Every image
+        "defect_type", "class_defect_types", "uncertainty", "review_reason", "review_rank"}, "predictions": [...]}``
+        (``class_defect_types``: class name -> its defect types, the categories' ``defect_types`` lists). Every image
         appears, also with no predictions, so the whole split can be reviewed. ``review_reason`` reads
         ``"<file_name> (path in the category): uncertainty <u>: <reason>"``.
 
@@ -464,6 +381,8 @@ def build_tasks(
     if document_root is None and url_prefix is None:
         document_root = image_root.parent
     names = {c["id"]: c["name"] for c in coco_gt["categories"]}
+    # class name -> convert-masks' defect types, so that import labelstudio writes defect_type as convert does
+    class_types = {c["name"]: list(c["defect_types"]) for c in coco_gt["categories"] if c.get("defect_types")}
     tasks = []
     for img in coco_gt["images"]:
         u, reason = image_uncertainty(img["id"], sources, threshold=min_score, names=names)
@@ -482,10 +401,13 @@ def build_tasks(
                     "height": int(img["height"]),
                     "image_root": str(image_root),
                     "defect_type": img.get("defect_type", ""),
+                    "class_defect_types": class_types,
                     "uncertainty": round(u, 4),
                     REASON_FIELD: f"{img['file_name']}: uncertainty {u:.2f}: {reason}",
                 },
-                "predictions": _image_predictions(img, sources, min_score=min_score, names=names, polygons=polygons),
+                "predictions": _image_predictions(
+                    img, sources, min_score=min_score, names=names, polygons=polygons, polygon_ious=polygon_ious
+                ),
             }
         )
     if order == "uncertainty":
@@ -529,8 +451,10 @@ def export_tasks(
 
     Returns:
         ``{"tasks", "config", "n_tasks", "n_results", "n_masks", "document_root", "storage_path", "title",
-        "pushed", "start_command"}``: ``pushed`` is push_tasks' answer (None without ``push``),
-        ``start_command`` the shell line starting Label Studio on the document root (None with ``url_prefix``).
+        "pushed", "start_command", "polygon_ious", "warnings"}``: ``pushed`` is push_tasks' answer (None
+        without ``push``), ``start_command`` the shell line starting Label Studio on the document root (None
+        with ``url_prefix``), ``polygon_ious`` the IoU of each mask with its polygons (empty without
+        ``polygons``), ``warnings`` at most one line: :func:`polygon_warning`.
 
     Raises:
         PipelineError: ``push`` without ``url``, unreadable inputs, predictions on unknown images/classes,
@@ -553,6 +477,7 @@ def export_tasks(
     image_root = Path(gt.get("info", {}).get("image_root", "."))
     if document_root is None and url_prefix is None:
         document_root = image_root.parent
+    polygon_ious: list[float] = []
     tasks = build_tasks(
         gt,
         sources,
@@ -561,6 +486,7 @@ def export_tasks(
         url_prefix=url_prefix,
         polygons=polygons,
         order=order,
+        polygon_ious=polygon_ious,
     )
     config = labeling_config(
         [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])], brush=True, polygons=polygons, reason=True
@@ -595,4 +521,6 @@ def export_tasks(
         "title": title,
         "pushed": pushed,
         "start_command": local_files_start_command(root) if root else None,
+        "polygon_ious": polygon_ious,
+        "warnings": [w for w in [polygon_warning(polygon_ious)] if w],
     }

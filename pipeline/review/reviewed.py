@@ -195,8 +195,10 @@ def tasks_to_coco(
     Each task's review is its latest submitted (not cancelled) annotation; tasks without one are left
     out. Categories are the config's labels in order (ids from 1); images keep ``data.image_id`` when
     every task has a distinct one (else ids 1..N in export order), ``file_name`` from ``data.file_name``
-    (relative to ``image_root``), and ``defect_type`` ``"good"`` for images without regions, else the
-    class of the largest region. Annotations: see :func:`task_regions`; ids from 1, ``iscrowd`` 0.
+    (relative to ``image_root``), and ``defect_type`` spelled as ``convert-masks`` spells it: ``"good"`` for
+    images without regions, else a defect type (folder name, e.g. ``broken_large``) of the largest region's
+    class (:func:`image_defect_type`). Categories carry ``defect_types`` like convert's
+    (:func:`class_defect_types`). Annotations: see :func:`task_regions`; ids from 1, ``iscrowd`` 0.
 
     Args:
         tasks: the export (a JSON list of tasks with ``data`` and ``annotations``).
@@ -219,6 +221,7 @@ def tasks_to_coco(
     if not names:
         raise PipelineError(f"{source}: the labeling config has no labels")
     cat_id = {n: i + 1 for i, n in enumerate(names)}
+    types_of = class_defect_types(tasks, names)
     image_root = Path(image_root) if image_root is not None else _tasks_image_root(tasks, source)
     reviewed = [(i, t, a) for i, t in enumerate(tasks) if (a := _pick_annotation(t)) is not None]
     ids = [t["data"].get("image_id") for _, t, _ in reviewed]
@@ -230,7 +233,7 @@ def tasks_to_coco(
         size_hw = _task_size_hw(task["data"], results, image_root / file_name)
         img_id = int(task["data"]["image_id"]) if keep_ids else k + 1
         regions = task_regions(results, size_hw=size_hw, source=f"{source}: task {i}")
-        defect_type = GOOD if not regions else max(regions, key=lambda r: r["area"])["label"]
+        defect_type = image_defect_type(regions, types_of, original=task["data"].get("defect_type"))
         images.append(
             {
                 "id": img_id,
@@ -251,9 +254,34 @@ def tasks_to_coco(
         },
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in names],
+        "categories": [
+            {"id": cat_id[n], "name": n, "supercategory": "defect", "defect_types": types_of[n]} for n in names
+        ],
     }
     return coco, len(tasks) - len(reviewed)
+
+
+def class_defect_types(tasks: list[dict], names: list[str]) -> dict[str, list[str]]:
+    """Class name -> its defect types (MVTec folder names), as ``convert-masks`` wrote them in the COCO
+    categories' ``defect_types``: read from the tasks' ``data.class_defect_types`` (written by
+    ``export labelstudio``). A class without an entry (tasks made elsewhere, a label added in Label Studio)
+    gets convert's default naming inverted: ``broken large`` -> ``[broken_large]``."""
+    known: dict[str, list[str]] = {}
+    for t in tasks:
+        for name, types in (t["data"].get("class_defect_types") or {}).items():
+            if isinstance(types, list) and types:
+                known.setdefault(str(name), [str(x) for x in types])
+    return {n: known.get(n) or [n.replace(" ", "_")] for n in names}
+
+
+def image_defect_type(regions: list[dict], types_of: dict[str, list[str]], *, original: str | None = None) -> str:
+    """An image's ``defect_type`` in convert's spelling: ``good`` without regions; else a defect type of the
+    largest region's class: the image's ``original`` one when the class has it (classes merged by
+    ``convert-masks --rename`` hold several types), else the class's first (sorted) type."""
+    if not regions:
+        return GOOD
+    types = types_of[max(regions, key=lambda r: r["area"])["label"]]
+    return original if original in types else types[0]
 
 
 def _tasks_image_root(tasks: list[dict], source: str) -> Path:

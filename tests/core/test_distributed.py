@@ -79,7 +79,7 @@ WORKER = textwrap.dedent('''
 
         C.train_one_epoch = recording
         cfg = load_config("attempt2_selfattention", json.loads(os.environ["CLS_OVERRIDES"]))
-        C.train_classifier(cfg, inp, out, progress=False, echo=False)
+        C.train_classifier(cfg, inp, out, weights="none", progress=False, echo=False)
     elif kind == "anomaly":
         import numpy as np
 

@@ -538,3 +538,141 @@ def test_no_import_cycle_inside_review():
 
     assert not [m for m in deps if m in reach(m, set())], deps
     assert "export" not in reach("client", set()) and "client" not in reach("brush", set())
+
+
+# ----------------------------------------------------------------------------- polygon fidelity, defect types
+
+
+def test_polygon_iou_of_solid_and_holed_masks():
+    from pipeline.review.results import polygon_iou, polygon_results, polygon_warning
+
+    solid = np.zeros((40, 50), bool)
+    solid[5:25, 10:30] = True  # 20 x 20, no hole: the polygon fills it back exactly
+    ring = solid.copy()
+    ring[8:22, 13:27] = False  # 14 x 14 hole, dropped by the polygon: IoU (400 - 196) / 400
+    assert polygon_iou(solid, polygon_results(mask=solid, label="x", score=None, rid="0123456789")) == 1.0
+    assert polygon_iou(ring, polygon_results(mask=ring, label="x", score=None, rid="0123456789")) == 204 / 400
+    speck = np.zeros((40, 50), bool)
+    speck[3, 3] = True  # too small for a polygon: nothing comes back
+    assert polygon_iou(speck, polygon_results(mask=speck, label="x", score=None, rid="0123456789")) == 0.0
+    assert polygon_warning([1.0, 0.85]) is None and polygon_warning([]) is None
+    assert polygon_warning([1.0, 0.51, 0.79, 0.8]) == (
+        "2 of 4 masks exported as polygons have IoU < 0.8 with their mask (worst 0.51): review them as brush "
+        "masks (every mask is also exported as a brush region; leave out --polygons to export brush masks only)"
+    )
+
+
+def test_export_warns_once_about_polygons_far_from_their_masks(monkeypatch, capsys, synth_category, tmp_path):
+    from pipeline.data.convert import convert_category
+
+    convert_category(synth_category, tmp_path / "ann")
+    gt_path = tmp_path / "ann" / "coco" / "test.json"
+    gt = json.loads(gt_path.read_text())
+    preds = []
+    for k, img in enumerate(gt["images"][:3]):
+        m = np.zeros((img["height"], img["width"]), bool)
+        m[10:30, 10:30] = True
+        if k < 2:  # two holed masks, one solid
+            m[13:27, 13:27] = False
+        preds.append(
+            {
+                "image_id": img["id"],
+                "category_id": 1,
+                "bbox": [10, 10, 20, 20],
+                "score": 0.9,
+                "segmentation": encode_rle(m),
+            }
+        )
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    info = export_tasks([tmp_path / "p.json"], gt_path=gt_path, out_dir=tmp_path / "ls", polygons=True)
+    assert sorted(info["polygon_ious"]) == [204 / 400, 204 / 400, 1.0]
+    line = (
+        "2 of 3 masks exported as polygons have IoU < 0.8 with their mask (worst 0.51): review them as brush "
+        "masks (every mask is also exported as a brush region; leave out --polygons to export brush masks only)"
+    )
+    assert info["warnings"] == [line]
+    plain = export_tasks([tmp_path / "p.json"], gt_path=gt_path, out_dir=tmp_path / "ls2")
+    assert plain["polygon_ious"] == [] and plain["warnings"] == []
+    from pipeline.cli import app as cli
+
+    args = ["pipeline", "export", "labelstudio", str(tmp_path / "p.json"), "--gt", str(gt_path), "--polygons"]
+    monkeypatch.setattr(sys, "argv", [*args, "--out", str(tmp_path / "ls3")])
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None) and out.count(f"warning: {line}") == 1
+
+
+def _category_with_types(synth_category, tmp_path, names: dict[str, str]):
+    """A copy of the synthetic category with its defect folders renamed (``ring`` -> ``big_ring``)."""
+    import shutil
+
+    cat = tmp_path / "cat"
+    shutil.copytree(synth_category, cat)
+    for old, new in names.items():
+        (cat / "test" / old).rename(cat / "test" / new)
+        (cat / "ground_truth" / old).rename(cat / "ground_truth" / new)
+    return cat
+
+
+def _reviewed_unchanged(cat, tmp_path, *, rename=None, drop_mapping=False, edit=lambda t, r: r):
+    from pipeline.data.convert import convert_category
+
+    ann = tmp_path / "ann"
+    convert_category(cat, ann, rename=rename)
+    gt = json.loads((ann / "coco" / "test.json").read_text())
+    preds = [
+        {k: a[k] for k in ("image_id", "category_id", "bbox", "segmentation")} | {"score": 0.9}
+        for a in gt["annotations"]
+    ]
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    info = export_tasks([tmp_path / "p.json"], gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
+    tasks = json.loads(info["tasks"].read_text())
+    if drop_mapping:  # tasks made before export wrote the mapping
+        for t in tasks:
+            del t["data"]["class_defect_types"]
+    (tmp_path / "export.json").write_text(json.dumps(_review(tasks, edit)))
+    import_export(tmp_path / "export.json", config_path=info["config"], out_path=tmp_path / "reviewed.json")
+    return gt, json.loads((tmp_path / "reviewed.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "rename, drop_mapping",
+    [
+        (None, False),  # class "big ring" <- folder big_ring: import writes big_ring, as convert-masks
+        (None, True),  # no mapping in the tasks: convert's default naming, inverted
+        ({"big_ring": "blob", "spot": "blob"}, False),  # two folders merged into one class: each image keeps its own
+    ],
+)
+def test_import_spells_defect_type_as_convert_masks(synth_category, tmp_path, rename, drop_mapping):
+    cat = _category_with_types(synth_category, tmp_path, {"ring": "big_ring"})
+    gt, coco = _reviewed_unchanged(cat, tmp_path, rename=rename, drop_mapping=drop_mapping)
+    want = {i["file_name"]: i["defect_type"] for i in gt["images"]}
+    got = {i["file_name"]: i["defect_type"] for i in coco["images"]}
+    assert got == want and "big_ring" in got.values() and "good" in got.values()
+    if not drop_mapping:
+        assert [(c["name"], c["defect_types"]) for c in coco["categories"]] == [
+            (c["name"], c["defect_types"]) for c in gt["categories"]
+        ]
+    else:
+        assert {c["name"]: c["defect_types"] for c in coco["categories"]}["big ring"] == ["big_ring"]
+
+
+def test_relabelled_region_takes_the_new_class_defect_type(synth_category, tmp_path):
+    cat = _category_with_types(synth_category, tmp_path, {"ring": "big_ring"})
+    relabelled = set()
+
+    def edit(task, result):
+        if task["data"]["defect_type"] == "big_ring":
+            for r in result:
+                r["value"][r["type"]] = ["scratch"]
+            relabelled.add(task["data"]["file_name"])
+        return result
+
+    gt, coco = _reviewed_unchanged(cat, tmp_path, edit=edit)
+    assert relabelled
+    for img in coco["images"]:
+        if img["file_name"] in relabelled:
+            assert img["defect_type"] == "scratch"

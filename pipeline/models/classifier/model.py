@@ -157,18 +157,22 @@ def _stage_extras(cfg: ModelConfig, stage: str) -> list[nn.Module]:
 def resolve_init_weights(weights: str, *, allow_download: bool = False) -> tuple[Path | None, str]:
     """``"none"`` | ``"imagenet"`` | a path -> (file or None, a note for every report).
 
-    ``imagenet`` looks for torchvision's ``resnet18-f37072fd.pth`` in the weights caches
+    ``imagenet`` (the default of ``finetune classifier``, and what the published attempts 3 and 4
+    froze) looks for torchvision's ``resnet18-f37072fd.pth`` in the weights caches
     (``pipeline.core.weights``); it is downloaded only with ``allow_download``.
 
     Raises:
-        PipelineError: a path that is not a file; ``imagenet`` not on disk without ``allow_download``.
+        PipelineError: a path that is not a file; ``imagenet`` not on disk without ``allow_download``
+            (one line: the file, every path looked at, its URL, ``--allow-download`` and ``--weights none``).
     """
     from pipeline.core.weights import resolve_weights
 
     if weights == "none":
         return None, "none (trained from scratch, no ImageNet initialisation)"
     if weights == "imagenet":
-        path = resolve_weights(RESNET18_IMAGENET, allow_download=allow_download)
+        path = resolve_weights(
+            RESNET18_IMAGENET, allow_download=allow_download, alternative="--weights none to train from scratch"
+        )
         return path, f"imagenet ({path})"
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -176,6 +180,21 @@ def resolve_init_weights(weights: str, *, allow_download: bool = False) -> tuple
             f"{weights}: weights file not found (expected 'imagenet', 'none' or a ResNet-18 state-dict file)"
         )
     return path.resolve(), f"file ({path.resolve()})"
+
+
+def frozen_random_stages(freeze, weights: str) -> list[str]:
+    """The stages of ``freeze`` that keep their random initialisation: all of them with ``weights ==
+    "none"`` (they are frozen before they learn anything), none with ImageNet or a weights file.
+    Returned in network order (``stem`` first)."""
+    return [s for s in STAGES if s in freeze] if weights == "none" else []
+
+
+def frozen_random_warning(stages) -> str:
+    """The warning of a run whose frozen ``stages`` keep their random initialisation."""
+    return (
+        f"frozen stages {', '.join(stages)} are randomly initialised: this is not the published attempt; "
+        "train them (--set model.freeze=[]) or use --weights imagenet"
+    )
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, init_weights: Path | None = None) -> ResNetClassifier:

@@ -5,7 +5,8 @@
 :func:`load_data`, :func:`build_training` (model, optimizer, scheduler, loss; :func:`resume_training`),
 then per epoch :func:`train_one_epoch`, :func:`evaluate` and :func:`save_checkpoints`, and
 :func:`finish` (best weights, optional feature rebalancing, val predictions, metrics). The model is in
-``model.py``, images in ``data.py``, inference and prediction files in ``predict.py``.
+``model.py``, images in ``data.py``, optimizer / loss / evaluation in ``engine.py``, the state kept
+between epochs in ``checkpoint.py``, inference and prediction files in ``predict.py``.
 
 The run folder goes through :class:`pipeline.core.runs.RunDir` (kind ``classifier``): ``config.yaml``,
 ``log.txt``, ``history.json``, ``weights/last.pt`` (every epoch: model, optimizer, scheduler, generator,
@@ -16,11 +17,10 @@ epoch, history, best so far, config, classes), ``weights/best.pt``, ``val_predic
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -30,10 +30,10 @@ from pipeline.core.console import Interrupted, stop_on_interrupt
 from pipeline.core.console import progress as progress_bar
 from pipeline.core.device import is_cuda, resolve_device
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_torch_save, atomic_write_json, load_torch_file
+from pipeline.core.io import atomic_torch_save, load_torch_file
 from pipeline.core.runs import RunDir
-from pipeline.data.mvtec import GOOD
 from pipeline.data.split import Split, load_split
+from pipeline.models.classifier.checkpoint import BEST, LAST, Training, resume_training, save_checkpoints
 from pipeline.models.classifier.config import ClassifierConfig, config_to_dict, load_config
 from pipeline.models.classifier.data import (
     ImageSet,
@@ -45,81 +45,27 @@ from pipeline.models.classifier.data import (
     normalize,
     subset_entries,
 )
-from pipeline.models.classifier.longtail import class_balanced_weights, feature_rebalance, sample_weights
-from pipeline.models.classifier.model import build_model, resolve_init_weights
-from pipeline.models.classifier.predict import predict_probs, write_predictions
+from pipeline.models.classifier.engine import (
+    batch_order,
+    evaluate,
+    is_better,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    rank_loss_scale,
+    selection_value,
+    skips_batch,
+)
+from pipeline.models.classifier.longtail import feature_rebalance
+from pipeline.models.classifier.model import (
+    build_model,
+    frozen_random_stages,
+    frozen_random_warning,
+    resolve_init_weights,
+)
+from pipeline.models.classifier.predict import write_predictions
 
 TASKS = ("multiclass", "binary")
-LAST = "weights/last.pt"
-BEST = "weights/best.pt"
-_SELECT_KEY = {"balanced_accuracy": "val_balanced_accuracy", "accuracy": "val_accuracy", "loss": "val_loss"}
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-
-def make_optimizer(cfg: ClassifierConfig, model):
-    """AdamW over the trainable parameters (``lr``, ``weight_decay`` from ``cfg.train``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-def make_scheduler(cfg: ClassifierConfig, optimizer):
-    """CosineAnnealingLR with ``T_max = epochs`` and ``eta_min`` from ``cfg.train`` (stepped per epoch)."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs, eta_min=cfg.train.eta_min)
-
-
-def make_loss(cfg: ClassifierConfig, class_counts: Sequence[int] | None = None, device: str = "cpu"):
-    """CrossEntropyLoss(label_smoothing) with class-balanced weights when ``longtail.balance == reweight``.
-
-    Raises:
-        ValueError: ``reweight`` without ``class_counts``.
-    """
-    weight = None
-    if cfg.longtail.balance == "reweight":
-        if class_counts is None:
-            raise ValueError("reweight needs class counts")
-        weight = torch.tensor(
-            class_balanced_weights(class_counts, cfg.longtail.cb_beta), dtype=torch.float32, device=device
-        )
-    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
-
-
-def batch_order(labels, cfg: ClassifierConfig, gen):
-    """Sample indices for one epoch (``N`` int64): a permutation, or class-balanced draws with
-    replacement when ``longtail.balance == resample``."""
-    n = len(labels)
-    if cfg.longtail.balance == "resample":
-        counts = np.maximum(np.bincount(labels.numpy(), minlength=int(labels.max()) + 1), 1)
-        w = sample_weights(labels.numpy(), class_balanced_weights(counts, cfg.longtail.cb_beta))
-        return torch.multinomial(torch.tensor(w), n, replacement=True, generator=gen)
-    return torch.randperm(n, generator=gen)
-
-
-# ----------------------------------------------------------------------------- one epoch
-
-
-def _loss_weight_sum(loss_fn, y) -> float:
-    """What a mean-reduced (weighted) CrossEntropyLoss divides by for targets ``y``."""
-    w = getattr(loss_fn, "weight", None)
-    return float(len(y)) if w is None else float(w[y].sum())
-
-
-def _rank_loss_scale(loss_fn, y, n_local: int, n_global: int, world: int) -> float:
-    """Factor on this rank's mean loss so that DDP's average over ranks is the global-batch mean."""
-    if world <= 1:
-        return 1.0
-    if getattr(loss_fn, "weight", None) is None:
-        return D.ddp_loss_scale(n_local, n_global)
-    # class-weighted mean: the shares are sums of weights, known only after a reduction
-    local_w = _loss_weight_sum(loss_fn, y)
-    return world * local_w / max(D.all_reduce_sums({"w": local_w})["w"], 1e-12)
-
-
-def _skips_batch(n_global: int, world: int, *, has_bn1d: bool, trains_bn: bool) -> bool:
-    """Every rank needs at least one image (two with training BatchNorm, which fails on one image
-    with a 1x1 feature map); a head with BatchNorm1d needs two. DDP ranks skip together."""
-    return (n_global < 2 and has_bn1d) or n_global < world or (world > 1 and trains_bn and n_global // world < 2)
 
 
 def train_one_epoch(
@@ -160,7 +106,7 @@ def train_one_epoch(
             advance()
             t0 = time.perf_counter()
             gidx = order[i : i + bs]
-            if _skips_batch(len(gidx), world, has_bn1d=has_bn1d, trains_bn=trains_bn):
+            if skips_batch(len(gidx), world, has_bn1d=has_bn1d, trains_bn=trains_bn):
                 continue
             rows = D.rank_slice(len(gidx))
             idx = gidx[rows]
@@ -169,7 +115,7 @@ def train_one_epoch(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = data.labels[idx].to(device)
-            scale = _rank_loss_scale(loss_fn, y, len(idx), len(gidx), world)
+            scale = rank_loss_scale(loss_fn, y, len(idx), len(gidx), world)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
@@ -198,36 +144,6 @@ def train_one_epoch(
     }
 
 
-def evaluate(model, data: ImageSet, cfg: ClassifierConfig, loss_fn, device: str, *, shard: bool = False) -> dict:
-    """Loss and classification metrics of ``model`` on ``data`` (see ``pipeline.evaluation.classification``):
-    ``val_loss`` (NLL of the softmax, no label smoothing), ``val_accuracy``, ``val_balanced_accuracy``,
-    ``val_macro_f1``, ``val_recall`` (per class), ``val_auroc`` (good vs defect); None values when empty.
-
-    ``shard``: score a shard per rank and gather (every rank must call; see :func:`predict_probs`)."""
-    from pipeline.evaluation.classification import classification_metrics
-
-    if len(data) == 0:
-        return {"val_loss": None, "val_accuracy": None, "val_balanced_accuracy": None}
-    probs = predict_probs(model, data, cfg, device, shard=shard)
-    loss = float(torch.nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), data.labels))
-    pred = probs.argmax(1).numpy()
-    names = data.classes
-    m = classification_metrics(
-        [names[i] for i in data.labels.numpy()],
-        [names[i] for i in pred],
-        probs[:, 0].numpy() if names[0] == GOOD else None,
-        names,
-    )
-    return {
-        "val_loss": loss,
-        "val_accuracy": m["accuracy"],
-        "val_balanced_accuracy": m["balanced_accuracy"],
-        "val_macro_f1": m["macro_f1"],
-        "val_recall": {c: v["recall"] for c, v in m["per_class"].items()},
-        "val_auroc": m["auroc_good_vs_defect"],
-    }
-
-
 # ----------------------------------------------------------------------------- steps of a run
 
 
@@ -253,7 +169,8 @@ class RunResult:
 
 @dataclass(frozen=True)
 class Inputs:
-    """The checked inputs of a run: manifest, class list, entries, initial weights."""
+    """The checked inputs of a run: manifest, class list, entries, initial weights, and the frozen
+    stages that stay randomly initialised (``--weights none`` with ``model.freeze``)."""
 
     split_path: Path
     split: Split
@@ -262,6 +179,7 @@ class Inputs:
     val_entries: list[tuple[Path, int]]
     init_path: Path | None
     weights_note: str
+    frozen_random_stages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -278,26 +196,6 @@ class Runtime:
     @property
     def on_cuda(self) -> bool:
         return is_cuda(self.device)
-
-
-@dataclass
-class Training:
-    """The objects one run trains and the state ``weights/last.pt`` keeps for ``--resume``.
-
-    ``model`` is the bare module; ``net`` what is trained (``model`` inside DDP and/or torch.compile).
-    """
-
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    loss_fn: Any
-    gen: Any
-    net: Any = None
-    pinned: dict | None = None
-    history: list[dict] = field(default_factory=list)
-    start_epoch: int = 1
-    best_value: float | None = None
-    best_epoch: int | None = None
 
 
 def check_inputs(
@@ -321,7 +219,8 @@ def check_inputs(
     check_classes_present(split, train_entries, classes, "train")
     val_entries = subset_entries(split, "val", classes)
     init_path, weights_note = resolve_init_weights(weights, allow_download=allow_download)
-    return Inputs(Path(split_path), split, classes, train_entries, val_entries, init_path, weights_note)
+    frozen = tuple(frozen_random_stages(cfg.model.freeze, weights))
+    return Inputs(Path(split_path), split, classes, train_entries, val_entries, init_path, weights_note, frozen)
 
 
 def label_safe(cfg: ClassifierConfig, category: str):
@@ -352,6 +251,7 @@ def resolved_config(cfg: ClassifierConfig, inputs: Inputs, rt: Runtime, *, task:
         **config_to_dict(cfg),
         "task": task,
         "weights": inputs.weights_note,
+        "frozen_random_stages": list(inputs.frozen_random_stages),
         "split": str(inputs.split_path.resolve()),
         "classes": inputs.classes,
         "device_resolved": rt.device,
@@ -402,66 +302,10 @@ def build_training(cfg: ClassifierConfig, inputs: Inputs, train_set: ImageSet, r
     )
 
 
-def resume_training(t: Training, path: Path, cfg: ClassifierConfig) -> None:
-    """Restore model, optimizer, scheduler, generator, history and the best epoch from ``weights/last.pt``."""
-    ck = load_torch_file(path, what="classifier checkpoint")
-    t.model.load_state_dict(ck["model"])
-    t.optimizer.load_state_dict(ck["optimizer"])
-    t.scheduler.load_state_dict(ck["scheduler"])
-    t.scheduler.T_max = cfg.train.epochs  # resuming with more epochs stretches the cosine to the new end
-    t.gen.set_state(ck["generator"])
-    if "rng" in ck:  # global states (dropout, DropBlock) as they were after that epoch
-        D.set_rng_states(ck["rng"])
-    t.history = json.loads(ck["history"])
-    t.start_epoch = int(ck["epoch"]) + 1
-    t.best_value, t.best_epoch = ck.get("best_value"), ck.get("best_epoch")
-
-
 def wrap_for_training(t: Training, rt: Runtime) -> None:
     """``t.net``: ``t.model`` inside DDP (distributed) and/or ``torch.compile`` (CUDA, ``--compile``)."""
     net = D.wrap_ddp(t.model, rt.device) if rt.dist.distributed else t.model
     t.net = torch.compile(net) if rt.compile else net
-
-
-def selection_value(metric: str, tr: dict, ev: dict) -> float:
-    """The value ``train.select_metric`` compares epochs by; without val images, the train loss
-    (negated for the accuracies, so that a lower loss still wins), which keeps the last epoch."""
-    value = ev.get(_SELECT_KEY[metric])
-    if value is None:
-        value = -tr["train_loss"] if metric != "loss" else tr["train_loss"]
-    return value
-
-
-def is_better(value: float | None, best: float | None, metric: str) -> bool:
-    """Whether ``value`` beats ``best`` (lower loss, higher accuracy); the first value always does."""
-    if value is None:
-        return best is None
-    if best is None:
-        return True
-    return value < best if metric == "loss" else value > best
-
-
-def save_checkpoints(run: RunDir, t: Training, meta: dict, epoch: int, improved: bool) -> None:
-    """Rank 0, after each epoch: ``weights/best.pt`` (when improved), ``weights/last.pt``, ``history.json``."""
-    if improved:
-        atomic_torch_save(run / BEST, {"model": t.model.state_dict(), "epoch": epoch, **meta})
-    atomic_torch_save(
-        run / LAST,
-        {
-            "model": t.model.state_dict(),
-            "optimizer": t.optimizer.state_dict(),
-            "scheduler": t.scheduler.state_dict(),
-            "generator": t.gen.get_state(),
-            "rng": D.rng_states(),
-            "epoch": epoch,
-            "history": json.dumps(t.history),
-            "best_value": t.best_value,
-            "best_epoch": t.best_epoch,
-            **meta,
-        },
-    )
-    atomic_write_json(run / "history.json", t.history)
-    run.save_manifest()  # an interrupted run's files are known as this run's (for --force)
 
 
 def fit(
@@ -561,6 +405,7 @@ def finish(
         "name": cfg.name,
         "task": task,
         "weights": note,
+        "frozen_random_stages": list(inputs.frozen_random_stages),
         "classes": classes,
         "best_epoch": best["epoch"],
         "train_counts": dict(zip(classes, train_set.counts())),
@@ -635,7 +480,7 @@ def train_classifier(
     out_dir: Path,
     *,
     task: str = "multiclass",
-    weights: str = "none",
+    weights: str = "imagenet",
     allow_download: bool = False,
     force: bool = False,
     resume: bool = False,
@@ -660,7 +505,10 @@ def train_classifier(
         split_path: split manifest (``annotations/<category>/split.json``).
         out_dir: run folder; refused when non-empty unless ``force`` or ``resume`` (RunDir rules).
         task: ``multiclass`` (good + each defect type) or ``binary`` (good vs defect).
-        weights: ``none``, ``imagenet`` or a ResNet-18 state-dict path.
+        weights: ``imagenet`` (torchvision's ResNet-18 file, found by :mod:`pipeline.core.weights`; the
+            published attempts), ``none`` (from scratch: frozen stages then stay random, which the run
+            warns about and records as ``frozen_random_stages`` in config.yaml and metrics.json) or a
+            ResNet-18 state-dict path.
         resume: continue from ``out_dir/weights/last.pt``.
 
     Raises:
@@ -685,6 +533,8 @@ def train_classifier(
             f"[{cfg.name}] task={task} classes={inputs.classes} weights={inputs.weights_note} device={rt.device}",
             echo,
         )
+        if inputs.frozen_random_stages:
+            _log(run, f"warning: {frozen_random_warning(inputs.frozen_random_stages)}", echo)
         _log(run, f"augmentation for {inputs.split.category!r} from {policy.source}: {asdict(cfg.data.augment)}", echo)
         _log(
             run,
@@ -716,7 +566,7 @@ def train_from_config(
     *,
     overrides: Mapping[str, Any] | None = None,
     task: str = "multiclass",
-    weights: str = "none",
+    weights: str = "imagenet",
     allow_download: bool = False,
     force: bool = False,
     resume: bool = False,

@@ -270,7 +270,7 @@ def test_short_training_on_tiny_data_reduces_loss():
 def test_train_checkpoint_round_trip_and_resume(split_path, tmp_path):
     cfg = load_config("attempt4_gem", {**TINY, "train.epochs": 1, "data.max_train_good": 4})
     run = tmp_path / "run"
-    res = train_classifier(cfg, split_path, run, progress=False, echo=False)
+    res = train_classifier(cfg, split_path, run, weights="none", progress=False, echo=False)
     for f in (
         "config.yaml",
         "log.txt",
@@ -302,11 +302,11 @@ def test_train_checkpoint_round_trip_and_resume(split_path, tmp_path):
         assert np.allclose([p["scores"][c] for c in classes], row, atol=1e-5)
     # refusing to overwrite, then resuming one more epoch
     with pytest.raises(PipelineError, match="already exists"):
-        train_classifier(cfg, split_path, run, progress=False, echo=False)
+        train_classifier(cfg, split_path, run, weights="none", progress=False, echo=False)
     with pytest.raises(PipelineError, match="nothing to resume"):
-        train_classifier(cfg, split_path, tmp_path / "empty", resume=True, progress=False, echo=False)
+        train_classifier(cfg, split_path, tmp_path / "empty", resume=True, weights="none", progress=False, echo=False)
     cfg3 = load_config("attempt4_gem", {**TINY, "train.epochs": 2, "data.max_train_good": 4})
-    train_classifier(cfg3, split_path, run, resume=True, progress=False, echo=False)
+    train_classifier(cfg3, split_path, run, resume=True, weights="none", progress=False, echo=False)
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
 
 
@@ -316,7 +316,9 @@ def test_split_with_empty_class_is_rejected(split_path, tmp_path):
     bad = tmp_path / "split.json"
     bad.write_text(json.dumps(m))
     with pytest.raises(PipelineError, match=r"class\(es\) ring have no images in the train split"):
-        train_classifier(load_config("attempt1_resnet18", TINY), bad, tmp_path / "run", progress=False, echo=False)
+        train_classifier(
+            load_config("attempt1_resnet18", TINY), bad, tmp_path / "run", weights="none", progress=False, echo=False
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -344,7 +346,13 @@ def test_force_refuses_a_folder_that_is_not_a_run(split_path, tmp_path):
         PipelineError, match="not a folder a pipeline command wrote; refusing to replace it even with --force"
     ):
         train_classifier(
-            load_config("attempt1_resnet18", TINY), split_path, tmp_path, force=True, progress=False, echo=False
+            load_config("attempt1_resnet18", TINY),
+            split_path,
+            tmp_path,
+            force=True,
+            weights="none",
+            progress=False,
+            echo=False,
         )
     assert (tmp_path / "notes.txt").is_file()
 
@@ -569,6 +577,8 @@ def test_cli_finetune_predict_evaluate(monkeypatch, capsys, split_path, tmp_path
         "data.max_train_good=2",
         "--balance",
         "reweight",
+        "--weights",
+        "none",
     )
     assert code == 0, text
     import yaml
@@ -694,7 +704,7 @@ def test_each_attempt_trains_on_real_bottle(name, mvtec_root, tmp_path_factory):
             "train.device": "cpu",
         },
     )
-    res = train_classifier(cfg, base, tmp_path_factory.mktemp(name) / "run", progress=False, echo=False)
+    res = train_classifier(cfg, base, tmp_path_factory.mktemp(name) / "run", weights="none", progress=False, echo=False)
     m = res.metrics
     assert m["train_counts"]["good"] == 12 + 40 and set(m["classes"]) == {
         "good",
@@ -731,7 +741,7 @@ def test_no_flip_reaches_a_cable_image(synth_category, tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(tr, "augment", spy_augment)
     cfg = load_config("attempt4_gem", {**TINY, "train.epochs": 1, "data.max_train_good": 4, "data.augment.vflip": 0.5})
-    train_classifier(cfg, tmp_path / "split.json", tmp_path / "run", progress=False, echo=False)
+    train_classifier(cfg, tmp_path / "split.json", tmp_path / "run", weights="none", progress=False, echo=False)
     assert configs, "no training batch was augmented"
     assert bool(flipped) == flips
     assert all((a.hflip == 0 and a.vflip == 0 and a.rotate_deg == 0) == (not flips) for a in configs)
@@ -739,3 +749,93 @@ def test_no_flip_reaches_a_cable_image(synth_category, tmp_path, monkeypatch, ca
     assert saved["augmentation"]["flips"] is flips and saved["augmentation"]["category"] == category
     assert (saved["data"]["augment"]["hflip"] == 0.0) == (not flips)
     assert json.loads(json.dumps(saved["augmentation"]))["source"].startswith("augmentation.yaml")
+
+
+# ----------------------------------------------------------------------------- initial weights
+
+
+def _no_weights_anywhere(monkeypatch, tmp_path) -> list[Path]:
+    """Empty weights folders and working directory; returns every path the resolver looks at for the
+    ImageNet file, in order."""
+    for name in ("w", "torch", "ultra"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("PIPELINE_WEIGHTS", str(tmp_path / "w"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "ultra"))  # no settings.json: ./weights
+    monkeypatch.chdir(tmp_path)
+    f = "resnet18-f37072fd.pth"
+    return [tmp_path / f, tmp_path / "w" / f, tmp_path / "torch" / "hub" / "checkpoints" / f, tmp_path / "weights" / f]
+
+
+def test_cli_default_is_imagenet_and_a_missing_file_is_one_line(monkeypatch, capsys, split_path, tmp_path):
+    places = _no_weights_anywhere(monkeypatch, tmp_path)
+    code, text = _cli(
+        monkeypatch,
+        capsys,
+        "finetune",
+        "classifier",
+        "--config",
+        "attempt4_gem",
+        "--split",
+        str(split_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--imgsz",
+        "32",
+        "--device",
+        "cpu",
+    )
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 1 and len(lines) == 1, text
+    line = lines[0]
+    assert "'resnet18-f37072fd.pth' (torchvision ResNet-18, ImageNet-1k) not found" in line
+    for p in places:
+        assert str(p) in line, (p, line)
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in line
+    assert "--allow-download to fetch it" in line and line.rstrip().endswith("--weights none to train from scratch")
+    assert not (tmp_path / "run").exists()
+
+
+def test_library_default_is_imagenet(monkeypatch, split_path, tmp_path):
+    from pipeline.models.classifier.train import train_from_config
+
+    _no_weights_anywhere(monkeypatch, tmp_path)
+    cfg = load_config("attempt1_resnet18", TINY)
+    with pytest.raises(PipelineError, match="resnet18-f37072fd.pth.*--weights none to train from scratch"):
+        train_classifier(cfg, split_path, tmp_path / "a", progress=False, echo=False)
+    with pytest.raises(PipelineError, match="resnet18-f37072fd.pth.*--weights none to train from scratch"):
+        train_from_config("attempt1_resnet18", split_path, tmp_path / "b", overrides=TINY)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "attempt, weights, frozen_random",
+    [
+        ("attempt4_gem", "none", ["stem", "layer1", "layer2"]),  # frozen and random: not the published attempt
+        ("attempt3_dropblock", "none", ["stem", "layer1", "layer2"]),
+        ("attempt1_resnet18", "none", []),  # nothing frozen: from scratch is honest
+        ("attempt4_gem", "file", []),  # frozen stages come from a ResNet-18 state dict
+    ],
+)
+def test_frozen_random_stages_warned_and_recorded(capsys, split_path, tmp_path, attempt, weights, frozen_random):
+    import torchvision
+
+    if weights == "file":
+        weights = str(tmp_path / "r18.pth")
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cfg = load_config(attempt, {**TINY, "train.epochs": 1, "data.max_train_good": 2})
+    res = train_classifier(cfg, split_path, tmp_path / "run", weights=weights, progress=False, echo=True)
+    out = capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["frozen_random_stages"] == frozen_random and metrics["frozen_random_stages"] == frozen_random
+    assert res.metrics["frozen_random_stages"] == frozen_random
+    warning = (
+        "warning: frozen stages stem, layer1, layer2 are randomly initialised: this is not the published attempt; "
+        "train them (--set model.freeze=[]) or use --weights imagenet"
+    )
+    log = (tmp_path / "run" / "log.txt").read_text()
+    if frozen_random:
+        assert out.count(warning) == 1 and log.count(warning) == 1
+    else:
+        assert "randomly initialised" not in out and "randomly initialised" not in log
