@@ -187,3 +187,25 @@ def test_export_prints_kept_regions_and_warns_when_it_drops_them_all(cat, tmp_pa
     r = run("export", "labelstudio", pred, "--gt", gt, "--out", tmp_path / "ls3", "--min-score", "abc")
     _one_line_error(r, "--min-score 'abc': expected 'auto' or a number")
     assert not (tmp_path / "ls3").exists()
+
+
+def test_evaluate_prints_the_upper_bound_label(cat, tmp_path):
+    import json
+
+    from pipeline.data.predictions import write_provenance
+
+    assert run("convert-masks", cat, "--out", tmp_path / "ann").returncode == 0
+    gt = tmp_path / "ann/coco/test.json"
+    res = [
+        {**{k: a[k] for k in ("image_id", "category_id", "bbox", "segmentation")}, "score": 0.9}
+        for a in json.loads(gt.read_text())["annotations"]
+    ]
+    (tmp_path / "sam_gt").mkdir()
+    (tmp_path / "sam_gt/predictions.json").write_text(json.dumps(res))
+    write_provenance(tmp_path / "sam_gt", family="sam", model=None, split=gt, prompt="gt")
+    r = run("evaluate", tmp_path / "sam_gt/predictions.json", "--gt", gt, "--out", tmp_path / "ev")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("[upper bound: ground-truth prompts] sam_gt-predictions: bbox AP 1.0000")
+    r = run("export", "labelstudio", tmp_path / "sam_gt/predictions.json", "--gt", gt, "--out", tmp_path / "ls")
+    _one_line_error(r, "SAM masks prompted with ground-truth boxes", "pipeline predict sam --boxes")
+    assert not (tmp_path / "ls").exists()
