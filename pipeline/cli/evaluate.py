@@ -64,7 +64,7 @@ def evaluate(
         l2=l2,
     )
     for line in lines:
-        echo(line)
+        echo(line, markup=False)  # plain text: "[upper bound: ...]" is a label, not rich markup
     echo(f"metrics and plots in {out}")
 
 

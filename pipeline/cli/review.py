@@ -17,13 +17,15 @@ import_app = typer.Typer(no_args_is_help=True, help="Import reviewed labels back
 def export_labelstudio(
     predictions: List[Path] = typer.Argument(
         ...,
-        help="Prediction files: COCO results JSON (detector, SAM; masks "
+        help="Prediction files: COCO results JSON (detector, SAM prompted by a detector; masks "
         "from 'segmentation'); classifier/anomaly JSON feed the review order.",
     ),
     gt: Path = typer.Option(..., help="COCO ground truth of the split: image list, sizes, class names."),
     out: Path = typer.Option(Path("runs/labelstudio"), help="Folder for tasks.json and labeling_config.xml."),
-    min_score: float = typer.Option(
-        0.25, help="Leave out predictions scoring lower; also the threshold of the uncertainty score."
+    min_score: str = typer.Option(
+        "auto",
+        help="Leave out detections scoring lower; also the threshold of the uncertainty score. 'auto': per file, "
+        "the threshold its provenance records (PatchCore's, chosen on val), else 0 (keep everything).",
     ),
     model_version: str = typer.Option("pipeline", help="Model version shown in Label Studio."),
     polygons: bool = typer.Option(
@@ -50,7 +52,10 @@ def export_labelstudio(
 ) -> None:
     """Write Label Studio tasks with the predictions as pre-annotations (boxes, brush masks), and the matching
     labeling config."""
+    from rich.markup import escape
+
     from pipeline.review.export import export_tasks
+    from pipeline.review.sources import region_lines
 
     info = export_tasks(
         predictions,
@@ -68,6 +73,8 @@ def export_labelstudio(
         project=project,
         token_env=token_env,
     )
+    for line in region_lines(info["regions"]):
+        echo(f"[bold red]{escape(line)}[/]" if line.startswith("WARNING") else line, markup=line.startswith("WARNING"))
     echo(
         f"wrote {info['n_tasks']} tasks ({info['n_results']} predicted regions, {info['n_masks']} with masks, "
         f"order: {order}) to {info['tasks']}"

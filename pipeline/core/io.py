@@ -85,6 +85,24 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (a multi-GB checkpoint never sits in memory).
+
+    Raises:
+        PipelineError: the file is missing.
+    """
+    import hashlib
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found (expected a file to hash)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file; raise :class:`PipelineError` naming the file when it is missing or invalid."""
     path = Path(path)

@@ -6,6 +6,11 @@ to :mod:`pipeline.evaluation.coco`, ``"kind": "classification"`` files to
 :mod:`pipeline.evaluation.anomaly`. Each file's outputs carry its :func:`result_tag`, so several
 files (and runs) can be scored into one folder. With val predictions, :mod:`pipeline.evaluation.fusion`
 adds the image-level good/defect decision of each source and of their fusion (``fusion.json``).
+
+SAM masks prompted with the ground-truth boxes (their provenance says ``prompt: gt``) are an upper
+bound, not a model's own output: they are still scored, with ``"upper_bound": "ground-truth prompts"``
+in their metrics JSON and a summary line starting ``[upper bound: ground-truth prompts]``, but the
+fusion refuses them. Files without provenance are scored as before.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Iterator, Sequence
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json, read_json
-from pipeline.data.predictions import load_predictions
+from pipeline.data.predictions import load_predictions, require_model_output, upper_bound
 from pipeline.evaluation.coco import evaluate_coco_results, result_tag
 
 
@@ -77,7 +82,8 @@ def evaluate_file(
         PipelineError: unreadable or unknown file, COCO results without ``gt``, and the errors of
             the evaluator of the file's kind.
     """
-    kind = load_predictions(pred_path).kind
+    pf = load_predictions(pred_path)
+    kind, bound = pf.kind, upper_bound(pf)
     out_dir = Path(out_dir)
     tag = result_tag(pred_path)
     if kind == "coco":
@@ -86,7 +92,10 @@ def evaluate_file(
         m = evaluate_coco_results(
             gt, pred_path, out_dir, class_agnostic=class_agnostic, mask_score_threshold=mask_score_threshold
         )
-        m["_summary"] = _coco_summary(tag, m)
+        if bound is not None:  # the label goes into the metrics file evaluate_coco_results just wrote
+            m = {"upper_bound": bound, **m}
+            atomic_write_json(out_dir / f"metrics_{tag}.json", m)
+        m["_summary"] = _labelled(bound, _coco_summary(tag, m))
         return m
     with _tagged_outputs(out_dir, tag) as tmp:
         if kind == "classification":
@@ -98,6 +107,7 @@ def evaluate_file(
 
             m = evaluate_anomaly(pred_path, gt, out_dir=tmp)
     m.setdefault("_summary", f"{tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+    m["_summary"] = _labelled(bound, m["_summary"])
     return m
 
 
@@ -128,6 +138,11 @@ def matching_options(
     return out
 
 
+def _labelled(bound: str | None, line: str) -> str:
+    """A summary line, prefixed ``[upper bound: <why>]`` for an upper-bound file (see the module docstring)."""
+    return line if bound is None else f"[upper bound: {bound}] {line}"
+
+
 def check_inputs(
     predictions: Sequence[Path],
     *,
@@ -143,8 +158,10 @@ def check_inputs(
     results come with ``gt``, that the ground truths are readable JSON (a category folder is
     accepted as ``gt`` for anomaly files), and with val predictions that ``val_gt`` and ``gt``
     are given, hold ``defect_type`` per image, and that val and test name the same sources in the
-    same order, and that ``class_agnostic`` / ``class_aware`` name COCO files among ``predictions``
-    (:func:`matching_options`). Deeper checks (image ids, mask sizes) stay with each evaluator.
+    same order, that ``class_agnostic`` / ``class_aware`` name COCO files among ``predictions``
+    (:func:`matching_options`), and that no fusion input is an upper bound (SAM masks prompted with
+    the ground truth, :func:`pipeline.data.predictions.require_model_output`). Deeper checks (image
+    ids, mask sizes) stay with each evaluator.
 
     Returns:
         the forced matching per prediction file (:func:`matching_options`).
@@ -156,14 +173,18 @@ def check_inputs(
         raise PipelineError(
             "--val-predictions needs --val-gt (val COCO ground truth) and --gt (ground truth of the evaluated split)"
         )
-    kinds = [load_predictions(p).kind for p in predictions]
+    files = [load_predictions(p) for p in predictions]
+    kinds = [pf.kind for pf in files]
     if gt is None and "coco" in kinds:
         raise _needs_gt(predictions[kinds.index("coco")])
     forced = matching_options(predictions, kinds, agnostic=class_agnostic, aware=class_aware)
     if val_predictions:
-        from pipeline.evaluation.fusion import check_pairs, load_split_labels
+        from pipeline.evaluation.fusion import FUSION_PURPOSE, check_pairs, load_split_labels
 
-        val_kinds = [load_predictions(p).kind for p in val_predictions]
+        val_files = [load_predictions(p) for p in val_predictions]
+        for pf in val_files + files:
+            require_model_output(pf, FUSION_PURPOSE)
+        val_kinds = [pf.kind for pf in val_files]
         check_pairs(list(zip(map(str, val_predictions), val_kinds)), list(zip(map(str, predictions), kinds)))
         load_split_labels(val_gt)
         load_split_labels(gt)

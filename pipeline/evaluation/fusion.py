@@ -1,6 +1,8 @@
 """Image-level good/defect decision from any set of prediction files, alone and fused.
 
-Every prediction file becomes one *source*: a defect score per image of the split.
+Every prediction file becomes one *source*: a defect score per image of the split. Sources must be
+models' own outputs: SAM masks prompted with the ground-truth boxes (an upper bound) are refused
+(:func:`pipeline.data.predictions.require_model_output`); files without provenance are accepted.
 
 - COCO results list (detector boxes, SAM masks, anomaly maps turned into regions): the maximum
   ``score`` over all results on the image, 0.0 when the image has none.
@@ -52,7 +54,7 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_json
 from pipeline.data.mvtec import GOOD
-from pipeline.data.predictions import load_predictions, source_name
+from pipeline.data.predictions import load_predictions, require_model_output, source_name
 from pipeline.evaluation.curves import binary_auroc as auroc
 
 FUSION_RULES = ("or", "logistic")
@@ -156,6 +158,9 @@ def _row(rec: dict, by_id: dict[int, int], by_name: dict[str, int], path: Path, 
     return by_name[img]
 
 
+FUSION_PURPOSE = "the fused image-level decision (evaluate --val-predictions)"
+
+
 def source_scores(pred_path: Path, labels: SplitLabels) -> Source:
     """Defect score per image of ``labels`` from one prediction file (see the module docstring).
 
@@ -163,11 +168,12 @@ def source_scores(pred_path: Path, labels: SplitLabels) -> Source:
         a :class:`Source` whose ``scores`` follow ``labels.image_ids``.
 
     Raises:
-        PipelineError: not a prediction file, records naming images outside the split, a classifier or
-        anomaly file that misses some image of the split, or a classifier without ``good``/``defect``.
+        PipelineError: not a prediction file, an upper bound (SAM masks from ground-truth boxes), records
+        naming images outside the split, a classifier or anomaly file that misses some image of the split,
+        or a classifier without ``good``/``defect``.
     """
     pred_path = Path(pred_path)
-    pred = load_predictions(pred_path)
+    pred = require_model_output(load_predictions(pred_path), FUSION_PURPOSE)
     by_id, by_name = _index(labels)
     n = len(labels.image_ids)
     if pred.kind == "coco":

@@ -14,6 +14,9 @@ in :mod:`pipeline.review.results`; their conventions:
 Local images are referenced as ``/data/local-files/?d=<path relative to the document root>``
 (Label Studio's local file serving).
 
+Prediction files become :class:`pipeline.review.sources.Source` objects (read, refused when they are
+SAM masks from ground-truth boxes, and given their ``--min-score``) in :mod:`pipeline.review.sources`.
+
 Result ids: one region (one predicted object) gets a 10-hex-digit id ``R`` for its rectangle,
 ``R_brush`` for its mask and ``R_poly<k>`` for its polygons; :func:`pipeline.review.reviewed.task_regions`
 uses these ids to put a region's box and mask back into one COCO annotation.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -46,10 +48,9 @@ from pipeline.review.results import (  # noqa: F401  (the result builders, also 
     rectangle_result,
     region_results,
 )
+from pipeline.review.sources import AUTO, Source, apply_min_scores, read_sources, region_counts
 
 ORDERS = ("image", "uncertainty")
-# review's name for each kind of pipeline.data.predictions: COCO results are the detections shown as regions
-SOURCE_KINDS = {"coco": "detections", "classification": "classification", "anomaly": "anomaly"}
 
 
 # ----------------------------------------------------------------------------- results
@@ -75,101 +76,6 @@ def image_url(
     except ValueError:
         raise PipelineError(f"{p}: not under the document root {root} (pass --document-root or --url-prefix)") from None
     return "/data/local-files/?d=" + quote(r.as_posix())
-
-
-# ----------------------------------------------------------------------------- prediction sources
-
-
-@dataclass
-class Source:
-    """One prediction file.
-
-    Attributes:
-        name: model version shown in Label Studio (detections) and in review reasons.
-        kind: ``"detections"`` (COCO results), ``"classification"`` or ``"anomaly"`` (see :data:`SOURCE_KINDS`).
-        by_image: image id -> that image's entries (COCO results, or the file's prediction records).
-        threshold: anomaly decision threshold (``kind == "anomaly"``).
-        scale: anomaly score scale (population standard deviation of the file's scores, 1 when 0).
-    """
-
-    name: str
-    kind: str
-    by_image: dict[int, list[dict]] = field(default_factory=dict)
-    threshold: float | None = None
-    scale: float = 1.0
-
-
-def read_sources(paths: list[Path], coco, *, model_version: str = "pipeline") -> list[Source]:
-    """Read prediction files (kinds as :func:`pipeline.data.predictions.load_predictions` tells them),
-    matched to the ground truth.
-
-    COCO results files become ``detections`` sources named ``model_version`` (one file) or
-    ``model_version/<file stem>`` (several). Classifier/anomaly records are matched by ``image_id``,
-    else by ``image`` (path relative to the category root) against the images' ``file_name``.
-
-    Raises:
-        PipelineError: unreadable files, unknown kinds, images or categories not in the ground truth.
-    """
-    from pipeline.data.coco import check_results
-    from pipeline.data.predictions import load_predictions
-
-    files = []
-    for p in paths:
-        pf = load_predictions(Path(p))
-        if pf.kind == "coco":
-            check_results(pf.doc, coco, pf.path)
-            for i, r in enumerate(pf.doc):
-                if "bbox" not in r:
-                    raise PipelineError(f"{pf.path}: result {i} has no bbox (expected COCO results with [x, y, w, h])")
-        files.append(pf)
-    n_det = sum(pf.kind == "coco" for pf in files)
-    sources, names = [], set()
-    for pf in files:
-        if pf.kind == "coco":
-            name = model_version if n_det == 1 else f"{model_version}/{pf.path.stem}"
-        else:
-            name = str(pf.doc.get("model") or pf.path.stem)
-        base, k = name, 1
-        while name in names:
-            k += 1
-            name = f"{base}#{k}"
-        names.add(name)
-        src = Source(name=name, kind=SOURCE_KINDS[pf.kind])
-        if pf.kind == "coco":
-            for r in pf.doc:
-                src.by_image.setdefault(r["image_id"], []).append(r)
-        else:
-            _add_image_records(src, pf.path, pf.doc, coco)
-        sources.append(src)
-    return sources
-
-
-def _add_image_records(src: Source, path: Path, doc: dict, coco) -> None:
-    """Index a classification/anomaly file's per-image records into ``src`` (and its anomaly threshold/scale)."""
-    by_file = {img["file_name"]: img["id"] for img in coco.dataset["images"]}
-    img_ids = set(coco.getImgIds())
-    for i, rec in enumerate(doc["predictions"]):
-        if not isinstance(rec, dict):
-            raise PipelineError(f"{path}: prediction {i} is not an object")
-        img_id = rec.get("image_id")
-        if img_id not in img_ids:
-            img_id = by_file.get(str(rec.get("image", "")).replace(os.sep, "/"))
-        if img_id is None:
-            raise PipelineError(
-                f"{path}: prediction {i} (image {rec.get('image')!r}, image_id "
-                f"{rec.get('image_id')!r}) is not an image of the ground truth"
-            )
-        if src.kind == "classification" and not isinstance(rec.get("scores"), dict):
-            raise PipelineError(f"{path}: prediction {i} lacks scores {{class: probability}}")
-        if src.kind == "anomaly" and not isinstance(rec.get("score"), (int, float)):
-            raise PipelineError(f"{path}: prediction {i} lacks a numeric score")
-        src.by_image.setdefault(img_id, []).append(rec)
-    if src.kind == "anomaly":
-        if not isinstance(doc.get("threshold"), (int, float)):
-            raise PipelineError(f"{path}: anomaly predictions lack a numeric threshold")
-        src.threshold = float(doc["threshold"])
-        scores = np.array([float(r["score"]) for r in doc["predictions"]] or [0.0])
-        src.scale = float(scores.std()) or 1.0
 
 
 # ----------------------------------------------------------------------------- review queue
@@ -239,12 +145,12 @@ def image_uncertainty(
 
     uncertainty = max(disagreement, the per-source terms):
 
-    - detections (COCO results): ``score_closeness(s, threshold)`` of its most uncertain result on the
-      image (0 when it has none), ``threshold`` being the export's ``--min-score``;
+    - detections (COCO results): ``score_closeness(s, t)`` of its most uncertain result on the image
+      (0 when it has none), ``t`` the source's ``min_score`` (its ``--min-score``), else ``threshold``;
     - classifier: ``1 - (p1 - p2)``, one minus the margin between its two highest class probabilities;
     - anomaly: ``exp(-|s - t| / sigma)``, ``t`` the file's threshold, ``sigma`` the standard deviation of
       the file's scores (1 at the threshold, 0.37 one sigma away);
-    - disagreement: each source gives a verdict, defect (a detection ``>= threshold``; a classifier label
+    - disagreement: each source gives a verdict, defect (a detection ``>= t``; a classifier label
       other than ``good``; an anomaly score ``>= t``) or good; 1.0 when some say defect and others good,
       0.5 when all say defect but name different classes, else 0.
 
@@ -257,7 +163,8 @@ def image_uncertainty(
     for src in sources:
         recs = src.by_image.get(image_id, [])
         if src.kind == "detections":
-            term, verdict = _detection_terms(src, recs, threshold, names)
+            t = src.min_score if src.min_score is not None else threshold
+            term, verdict = _detection_terms(src, recs, t, names)
         elif src.kind == "classification" and recs:
             term, verdict = _classifier_terms(src, recs[0])
         elif src.kind == "anomaly" and recs:
@@ -313,15 +220,15 @@ def _image_predictions(
     polygons: bool,
     polygon_ious: list[float] | None = None,
 ) -> list[dict]:
-    """One Label Studio prediction per detection source: its results on ``img`` scoring ``>= min_score``."""
+    """One Label Studio prediction per detection source: its results on ``img`` scoring at least the
+    source's ``min_score`` (``min_score`` for a source without one)."""
     size_hw = (int(img["height"]), int(img["width"]))
     preds = []
     for src in sources:
         if src.kind != "detections":
             continue
-        kept = sorted(
-            (r for r in src.by_image.get(img["id"], []) if r["score"] >= min_score), key=lambda r: -r["score"]
-        )
+        t = src.min_score if src.min_score is not None else min_score
+        kept = sorted((r for r in src.by_image.get(img["id"], []) if r["score"] >= t), key=lambda r: -r["score"])
         result = []
         for k, r in enumerate(kept):
             mask = _segmentation_mask(r["segmentation"], size_hw=size_hw) if r.get("segmentation") else None
@@ -345,7 +252,7 @@ def build_tasks(
     coco_gt: dict,
     sources: list[Source],
     *,
-    min_score: float = 0.25,
+    min_score: float = 0.0,
     document_root: Path | None = None,
     url_prefix: str | None = None,
     polygons: bool = False,
@@ -356,9 +263,11 @@ def build_tasks(
 
     Args:
         coco_gt: COCO ground truth dict (images carry ``file_name`` relative to ``info.image_root``).
-        sources: from :func:`read_sources`; detection results scoring ``>= min_score`` become regions
-            (rectangle; plus brush, and polygons when ``polygons``, for results with ``segmentation``).
-        min_score: display threshold, also the threshold of the uncertainty score.
+        sources: from :func:`read_sources`; detection results scoring at least their source's
+            ``min_score`` become regions (rectangle; plus brush, and polygons when ``polygons``, for
+            results with ``segmentation``).
+        min_score: display threshold of detection sources without a ``min_score`` of their own, also
+            the threshold of their uncertainty term.
         document_root / url_prefix: see :func:`image_url`; the default document root is the parent of
             the category root.
         order: ``"image"`` (ground-truth order) or ``"uncertainty"`` (most uncertain first, see
@@ -425,7 +334,7 @@ def export_tasks(
     *,
     gt_path: Path,
     out_dir: Path,
-    min_score: float = 0.25,
+    min_score: float | str = AUTO,
     model_version: str = "pipeline",
     document_root: Path | None = None,
     url_prefix: str | None = None,
@@ -442,7 +351,9 @@ def export_tasks(
 
     Args:
         pred_path: one or several prediction files (COCO results; classifier/anomaly JSON only feed the
-            review order and reasons).
+            review order and reasons). SAM masks prompted with the ground truth are refused.
+        min_score: ``"auto"`` (per detection source, the score threshold its provenance records, else
+            0.0: keep every region) or a number for all (see :func:`pipeline.review.sources.apply_min_scores`).
         order: ``"image"`` or ``"uncertainty"`` (see :func:`build_tasks`).
         polygons: also give each predicted mask as polygons.
         push / url / project / token_env: see :func:`pipeline.review.client.push_tasks`; the project title
@@ -451,13 +362,15 @@ def export_tasks(
 
     Returns:
         ``{"tasks", "config", "n_tasks", "n_results", "n_masks", "document_root", "storage_path", "title",
-        "pushed", "start_command", "polygon_ious", "warnings"}``: ``pushed`` is push_tasks' answer (None
-        without ``push``), ``start_command`` the shell line starting Label Studio on the document root (None
-        with ``url_prefix``), ``polygon_ious`` the IoU of each mask with its polygons (empty without
-        ``polygons``), ``warnings`` at most one line: :func:`polygon_warning`.
+        "pushed", "start_command", "regions", "polygon_ious", "warnings"}``: ``pushed`` is push_tasks'
+        answer (None without ``push``), ``start_command`` the shell line starting Label Studio on the document
+        root (None with ``url_prefix``), ``regions`` the kept/total counts per detection source
+        (:func:`pipeline.review.sources.region_counts`), ``polygon_ious`` the IoU of each mask with its
+        polygons (empty without ``polygons``), ``warnings`` at most one line: :func:`polygon_warning`.
 
     Raises:
-        PipelineError: ``push`` without ``url``, unreadable inputs, predictions on unknown images/classes,
+        PipelineError: ``push`` without ``url``, a bad ``min_score``, unreadable inputs, SAM masks from
+            ground-truth boxes, predictions on unknown images/classes,
             labels not in the config, an existing ``out_dir`` without ``force``, a failed push.
     """
     from pipeline.core.io import atomic_write_json, atomic_write_text, check_can_write, staged_dir
@@ -473,6 +386,7 @@ def export_tasks(
         raise PipelineError("no prediction files given")
     coco = load_coco_gt(gt_path)
     sources = read_sources(paths, coco, model_version=model_version)
+    apply_min_scores(sources, min_score)
     gt = coco.dataset
     image_root = Path(gt.get("info", {}).get("image_root", "."))
     if document_root is None and url_prefix is None:
@@ -481,7 +395,6 @@ def export_tasks(
     tasks = build_tasks(
         gt,
         sources,
-        min_score=min_score,
         document_root=document_root,
         url_prefix=url_prefix,
         polygons=polygons,
@@ -523,4 +436,5 @@ def export_tasks(
         "start_command": local_files_start_command(root) if root else None,
         "polygon_ious": polygon_ious,
         "warnings": [w for w in [polygon_warning(polygon_ious)] if w],
+        "regions": region_counts(sources),
     }

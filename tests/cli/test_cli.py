@@ -199,3 +199,59 @@ def test_evaluate_per_file_matching_and_mask_threshold_options(synth_category, t
     r = run("evaluate", a, "--gt", ann / "coco/test.json", "--class-aware", b, "--out", tmp_path / "ev2")
     _one_line_error(r, "--class-aware", "not one of the prediction files")
     assert not (tmp_path / "ev2").exists()
+
+
+def _yolo_run(tmp_path, gt_path, scores):
+    """A ``predict yolo``-like run folder: COCO results with ``scores`` on the first annotated image, and
+    its provenance (no score threshold recorded)."""
+    import json
+
+    from pipeline.data.predictions import write_provenance
+
+    a0 = json.loads(gt_path.read_text())["annotations"][0]
+    run = tmp_path / "yolo_test"
+    run.mkdir()
+    res = [{"image_id": a0["image_id"], "category_id": 1, "bbox": a0["bbox"], "score": s} for s in scores]
+    (run / "predictions.json").write_text(json.dumps(res))
+    write_provenance(run, family="yolo", model=None, split=gt_path)
+    return run / "predictions.json"
+
+
+def test_export_prints_kept_regions_and_warns_when_it_drops_them_all(cat, tmp_path):
+    assert run("convert-masks", cat, "--out", tmp_path / "ann").returncode == 0
+    gt = tmp_path / "ann/coco/test.json"
+    pred = _yolo_run(tmp_path, gt, [0.205, 0.1, 0.02])  # the CPU recipe's best score is 0.205
+    r = run("export", "labelstudio", pred, "--gt", gt, "--out", tmp_path / "ls")
+    assert r.returncode == 0, r.stderr
+    assert "yolo_test: kept 3 of 3 regions (score >= 0, none recorded: every region kept)" in r.stdout
+    assert "WARNING" not in r.stdout
+    r = run("export", "labelstudio", pred, "--gt", gt, "--out", tmp_path / "ls2", "--min-score", "0.25")
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "yolo_test: kept 0 of 3 regions (score >= 0.25, --min-score)" in out
+    assert "WARNING: yolo_test: all 3 regions score below 0.25 (best 0.205)" in out and "--min-score auto" in out
+    r = run("export", "labelstudio", pred, "--gt", gt, "--out", tmp_path / "ls3", "--min-score", "abc")
+    _one_line_error(r, "--min-score 'abc': expected 'auto' or a number")
+    assert not (tmp_path / "ls3").exists()
+
+
+def test_evaluate_prints_the_upper_bound_label(cat, tmp_path):
+    import json
+
+    from pipeline.data.predictions import write_provenance
+
+    assert run("convert-masks", cat, "--out", tmp_path / "ann").returncode == 0
+    gt = tmp_path / "ann/coco/test.json"
+    res = [
+        {**{k: a[k] for k in ("image_id", "category_id", "bbox", "segmentation")}, "score": 0.9}
+        for a in json.loads(gt.read_text())["annotations"]
+    ]
+    (tmp_path / "sam_gt").mkdir()
+    (tmp_path / "sam_gt/predictions.json").write_text(json.dumps(res))
+    write_provenance(tmp_path / "sam_gt", family="sam", model=None, split=gt, prompt="gt")
+    r = run("evaluate", tmp_path / "sam_gt/predictions.json", "--gt", gt, "--out", tmp_path / "ev")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("[upper bound: ground-truth prompts] sam_gt-predictions: bbox AP 1.0000")
+    r = run("export", "labelstudio", tmp_path / "sam_gt/predictions.json", "--gt", gt, "--out", tmp_path / "ls")
+    _one_line_error(r, "SAM masks prompted with ground-truth boxes", "pipeline predict sam --boxes")
+    assert not (tmp_path / "ls").exists()

@@ -74,7 +74,9 @@ def test_export_tasks_end_to_end(synth_category, tmp_path):
         {"image_id": gt["images"][0]["id"], "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.1}
     )  # below min_score
     (tmp_path / "p.json").write_text(json.dumps(preds))
-    info = export_tasks(tmp_path / "p.json", gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
+    info = export_tasks(
+        tmp_path / "p.json", gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls", min_score=0.25
+    )
     tasks = json.loads(info["tasks"].read_text())
     assert len(tasks) == len(gt["images"]) and info["n_results"] == len(gt["annotations"])
     for t in tasks:
@@ -89,7 +91,98 @@ def test_export_tasks_end_to_end(synth_category, tmp_path):
             assert r["value"]["width"] == pytest.approx(ann_["bbox"][2] / img["width"] * 100)
     validate_tasks(tasks, info["config"].read_text())
     with pytest.raises(PipelineError, match="--force"):
-        export_tasks(tmp_path / "p.json", gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
+        export_tasks(tmp_path / "p.json", gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls", min_score=0.25)
+    assert info["regions"] == [
+        {
+            "source": "p",
+            "file": str(tmp_path / "p.json"),
+            "kept": len(gt["annotations"]),
+            "total": len(preds),
+            "min_score": 0.25,
+            "min_score_from": "--min-score",
+            "best_score": 0.8,
+        }
+    ]
+
+
+def _run_folder(tmp_path, name, results, **provenance):
+    """``tmp_path/name/predictions.json`` holding ``results``, with a provenance record beside it."""
+    from pipeline.data.predictions import write_provenance
+
+    run = tmp_path / name
+    run.mkdir()
+    (run / "predictions.json").write_text(json.dumps(results))
+    files = {"predictions.json": provenance.pop("file", {})}
+    write_provenance(run, model=None, split=tmp_path / "gt.json", files=files, **provenance)
+    return run / "predictions.json"
+
+
+def test_export_min_score_auto_per_source(synth_category, tmp_path):
+    """auto: a recorded val threshold where the provenance has one, else 0 (keep everything)."""
+    from pipeline.data.convert import convert_category
+
+    ann = convert_category(synth_category, tmp_path / "ann").out
+    gt = json.loads((ann / "coco" / "test.json").read_text())
+    a0 = gt["annotations"][0]
+    low = [{"image_id": a0["image_id"], "category_id": 1, "bbox": a0["bbox"], "score": s} for s in (0.205, 0.1, 0.02)]
+    yolo = _run_folder(tmp_path, "yolo_test", low, family="yolo")
+    chosen = {"score_threshold": 0.5, "score_threshold_chosen_on": "val"}
+    regions = [{**r, "score": s} for r, s in zip(low, (0.9, 0.6, 0.45))]
+    ano = _run_folder(tmp_path, "patchcore_test", regions, family="anomaly", file=chosen)
+    info = export_tasks([yolo, ano], gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
+    assert [(c["source"], c["kept"], c["total"], c["min_score"], c["min_score_from"]) for c in info["regions"]] == [
+        ("yolo_test", 3, 3, 0.0, "none recorded: every region kept"),
+        ("patchcore_test", 2, 3, 0.5, "chosen on val"),
+    ]
+    tasks = json.loads(info["tasks"].read_text())
+    (task,) = [t for t in tasks if t["data"]["image_id"] == a0["image_id"]]
+    kept = {p["model_version"]: sorted(r["score"] for r in p["result"]) for p in task["predictions"]}
+    assert kept == {"pipeline/predictions": [0.02, 0.1, 0.205], "pipeline/predictions#2": [0.6, 0.9]}
+    assert info["n_results"] == 5
+    # an explicit number applies to every source, whatever their provenance records
+    info = export_tasks([yolo, ano], gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls2", min_score=0.3)
+    assert [(c["kept"], c["min_score"]) for c in info["regions"]] == [(0, 0.3), (3, 0.3)]
+    with pytest.raises(PipelineError, match="--min-score 'high': expected 'auto' or a number"):
+        export_tasks([yolo], gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls3", min_score="high")
+    assert not (tmp_path / "ls3").exists()
+
+
+def test_region_lines_say_what_was_kept_and_warn_when_nothing_is():
+    from pipeline.review.sources import region_lines
+
+    kept = {"source": "yolo_test", "kept": 12, "total": 40, "min_score": 0.05, "min_score_from": "--min-score"}
+    none = {**kept, "kept": 0, "min_score": 0.25, "best_score": 0.205}
+    assert region_lines([kept]) == ["yolo_test: kept 12 of 40 regions (score >= 0.05, --min-score)"]
+    assert region_lines([none]) == [
+        "yolo_test: kept 0 of 40 regions (score >= 0.25, --min-score)",
+        "WARNING: yolo_test: all 40 regions score below 0.25 (best 0.205), so the review queue shows none of them; "
+        "lower --min-score or pass --min-score auto",
+    ]
+    assert region_lines([{**kept, "kept": 0, "total": 0}]) == [
+        "yolo_test: kept 0 of 0 regions (score >= 0.05, --min-score)"
+    ]
+
+
+def test_export_refuses_sam_masks_from_ground_truth_boxes(synth_category, tmp_path):
+    from pipeline.data.convert import convert_category
+
+    ann = convert_category(synth_category, tmp_path / "ann").out
+    gt = json.loads((ann / "coco" / "test.json").read_text())
+    res = [
+        {**{k: a[k] for k in ("image_id", "category_id", "bbox", "segmentation")}, "score": 0.9}
+        for a in gt["annotations"]
+    ]
+    upper = _run_folder(tmp_path, "sam_gt", res, family="sam", prompt="gt")
+    own = _run_folder(tmp_path, "sam_det", res, family="sam", prompt=f"detector:{tmp_path / 'boxes.json'}")
+    with pytest.raises(PipelineError) as err:
+        export_tasks([own, upper], gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")
+    assert str(err.value) == (
+        f"{upper}: SAM masks prompted with ground-truth boxes (an upper bound, not a model's own output); "
+        "a Label Studio review queue (export labelstudio) needs predictions prompted by a detector "
+        "(pipeline predict sam --boxes <detector predictions.json>)"
+    )
+    assert not (tmp_path / "ls").exists()
+    assert export_tasks(own, gt_path=ann / "coco" / "test.json", out_dir=tmp_path / "ls")["n_masks"] == len(res)
 
 
 # ----------------------------------------------------------------------------- brush, polygons, queue, import

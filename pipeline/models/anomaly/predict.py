@@ -4,7 +4,11 @@ A prediction run folder holds ``predictions.json`` (``{"kind": "anomaly", ...}``
 prediction-file contract, :mod:`pipeline.data.predictions`), ``maps/<image_id>.npy`` (raw float32
 maps at the model's input size), ``overlays/*.png`` (heat maps over a sample of native images) and
 ``coco_results.json`` (each connected component of a thresholded map as a class-agnostic COCO box and
-RLE mask, marked ``"class_agnostic": true``). Image ids follow :func:`pipeline.data.split.image_ids`.
+RLE mask, marked ``"class_agnostic": true``) and ``provenance.json``
+(:func:`pipeline.data.predictions.write_provenance`; embedded in ``predictions.json`` too). Both
+prediction files record their val-chosen score threshold in their own score units: the image
+threshold for ``predictions.json``, the pixel threshold as a region score (0.5 after the min-max
+normalisation) for ``coco_results.json``. Image ids follow :func:`pipeline.data.split.image_ids`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_json, read_rgb
 from pipeline.core.runs import RunDir
 from pipeline.data.mvtec import GOOD
+from pipeline.data.predictions import write_provenance
 from pipeline.models.anomaly.patchcore import PatchCore, load_artefact, minmax_score
 
 DEFECT = "defect"  # the label of an image whose score reaches the threshold
@@ -125,6 +130,14 @@ def predict_run(
             preds, results = write_maps_and_regions(
                 run, pc, split, samples, scores, maps, sizes, save_maps=save_maps, overlays=overlays, coco=coco
             )
+            records = write_provenance(
+                run.path,
+                family="anomaly",
+                model=Path(artefact),
+                split=Path(split.path),
+                subset=subset,
+                files=_score_thresholds(pc, maps, coco=coco),
+            )
             doc = {
                 "kind": "anomaly",
                 "model": str(Path(artefact).resolve()),
@@ -135,6 +148,7 @@ def predict_run(
                 "split": str(split.path),
                 "subset": subset,
                 "image_size": pc.config.image_size,
+                "provenance": records["predictions.json"],
                 "predictions": preds,
             }
             atomic_write_json(run / "predictions.json", doc)
@@ -151,6 +165,29 @@ def predict_run(
             f"{pc.config.backbone} -> {run / 'predictions.json'}"
         )
     return run / "predictions.json"
+
+
+def _map_range(model: PatchCore, maps: np.ndarray) -> tuple[float, float]:
+    """``(lo, hi)`` of the anomaly maps for display and region scores: the artefact's, else these maps'."""
+    return model.norm.get("map_min", float(maps.min())), model.norm.get("map_max", float(maps.max()))
+
+
+def _score_thresholds(model: PatchCore, maps: np.ndarray, *, coco: bool) -> dict[str, dict]:
+    """Each prediction file's val-chosen score threshold, in that file's score units (``provenance.json``'s
+    ``files``): the image threshold for ``predictions.json``; for ``coco_results.json`` the pixel threshold
+    as a region score (0.5 once scores are min-max normalised, see :func:`map_to_coco`)."""
+
+    def entry(t: float) -> dict:
+        ok = bool(np.isfinite(t))
+        return {"score_threshold": float(t) if ok else None, "score_threshold_chosen_on": "val" if ok else None}
+
+    files = {"predictions.json": entry(model.threshold)}
+    if coco:
+        lo, hi = _map_range(model, maps)
+        files["coco_results.json"] = entry(
+            0.5 if hi > lo and np.isfinite(model.pixel_threshold) else model.pixel_threshold
+        )
+    return files
 
 
 def write_maps_and_regions(
@@ -178,8 +215,7 @@ def write_maps_and_regions(
     from pipeline.data.split import image_ids
 
     ids = image_ids(split.manifest)
-    lo = model.norm.get("map_min", float(maps.min()))
-    hi = model.norm.get("map_max", float(maps.max()))
+    lo, hi = _map_range(model, maps)
     chosen = _sample_for_overlays(samples, overlays)
     preds, results = [], []
     for k, (s, sc, m, size) in enumerate(zip(samples, scores, maps, sizes)):

@@ -1,7 +1,9 @@
 """Classifier inference: probabilities, pooled features, and ``kind: classification`` prediction files.
 
 ``pipeline predict classifier`` (:func:`predict_classifier`) writes a run folder (``RunDir`` kind
-``predict-classifier``) holding ``predictions.json`` and ``config.yaml``. The prediction file's
+``predict-classifier``) holding ``predictions.json``, ``config.yaml`` and ``provenance.json``
+(:func:`pipeline.data.predictions.write_provenance`; the same record is embedded in
+``predictions.json`` under ``"provenance"``). The prediction file's
 format is documented in ``pipeline.evaluation.classification``; its ``image_id`` values follow the
 split manifest's image-id rule (:func:`pipeline.data.split.image_ids`), so they equal the ids of
 ``coco/<subset>.json`` whether or not that folder exists.
@@ -20,6 +22,7 @@ from pipeline.core.device import resolve_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json, read_json
 from pipeline.core.runs import RunDir
+from pipeline.data.predictions import write_provenance
 from pipeline.data.split import image_ids as manifest_ids
 from pipeline.data.split import load_split
 from pipeline.models.classifier.config import ClassifierConfig
@@ -100,12 +103,14 @@ def write_predictions(
     weights_note: str,
     run_dir: Path | None = None,
     batch_size: int | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Write the ``kind: classification`` prediction JSON (format in ``pipeline.evaluation.classification``).
 
     Each prediction: ``image`` (path relative to the category root), ``image_id``, ``label`` (the
     argmax class) and ``scores`` (class -> softmax probability, 6 decimals). ``run_dir`` is the
-    training run the model comes from (``None`` for a bare ``.pt``).
+    training run the model comes from (``None`` for a bare ``.pt``). ``provenance`` (the record of
+    :func:`pipeline.data.predictions.write_provenance`) is embedded under ``"provenance"`` when given.
     """
     probs = predict_probs(model, data, cfg, device, batch_size=batch_size).numpy()
     ids = image_ids(split_path, data.paths)
@@ -129,6 +134,7 @@ def write_predictions(
         "subset": subset,
         "weights": weights_note,
         "run_dir": str(Path(run_dir).resolve()) if run_dir else None,
+        **({"provenance": provenance} if provenance is not None else {}),
         "predictions": preds,
     }
     atomic_write_json(Path(out_path), doc)
@@ -159,8 +165,8 @@ def predict_classifier(
     Args:
         checkpoint: a ``finetune classifier`` run folder (its ``weights/best.pt``) or a checkpoint file.
         split_path: the split manifest; ``subset`` is one of its splits.
-        out: the folder to write: ``predictions.json`` and ``config.yaml`` (refused when it holds
-            another run unless ``force``; see :class:`pipeline.core.runs.RunDir`).
+        out: the folder to write: ``predictions.json``, ``config.yaml`` and ``provenance.json`` (refused
+            when it holds another run unless ``force``; see :class:`pipeline.core.runs.RunDir`).
         device: ``--device`` spec (:func:`pipeline.core.device.resolve_device`).
         batch_size: images per forward pass (default: the checkpoint's ``train.batch_size``).
         root: the category folder, when the data moved since the manifest was written.
@@ -197,6 +203,10 @@ def predict_classifier(
             }
         )
         data = load_image_set(entries, classes, split.root, cfg.data.input_size_hw, progress=progress, desc=subset)
+        weights_file = checkpoint / "weights" / "best.pt" if checkpoint.is_dir() else checkpoint
+        records = write_provenance(
+            run.path, family="classifier", model=weights_file, split=split_path, subset=subset, files={PREDICTIONS: {}}
+        )
         write_predictions(
             model.to(dev),
             data,
@@ -210,5 +220,6 @@ def predict_classifier(
             weights_note=weights_note,
             run_dir=_training_run(checkpoint),
             batch_size=batch_size,
+            provenance=records[PREDICTIONS],
         )
     return run.path

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_json, read_image, read_json
 from pipeline.data.instances import decode_rle, encode_rle
+from pipeline.data.predictions import write_provenance
 from pipeline.models.sam.model import (
     Embedder,
     boxes_to_input,
@@ -231,8 +232,12 @@ def predict_sam(
         out: run folder (:class:`pipeline.core.runs.RunDir`, kind ``predict-sam``): ``predictions.json``
             (COCO results: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] = the prompt box,
             ``score``, ``segmentation`` RLE at the original size, ``iou_pred``), ``config.yaml``
-            (``prompt: gt`` or ``prompt: detector:<file>``, the model loaded), ``summary.json``,
-            ``overlays/*.png``.
+            (``prompt: gt`` or ``prompt: detector:<file>``, the model loaded), ``provenance.json``
+            (:func:`pipeline.data.predictions.write_provenance`: family ``sam``, the fine-tuned weights,
+            else the base checkpoint, else null for a random-init ``tiny``; ``prompt`` ``"gt"`` or
+            ``"detector:<boxes file, absolute>"``), ``summary.json``, ``overlays/*.png``. Masks from
+            ground-truth boxes are an upper bound: ``evaluate`` labels them, fusion and
+            ``export labelstudio`` refuse them.
         boxes: a detector's COCO results; boxes are clipped to the image, scores kept.
             With ground-truth boxes, ``score = (1 + clip(iou_pred, 0, 1)) / 2``: every mask passes
             a 0.5 score threshold and COCOeval still ranks by SAM's own quality estimate.
@@ -286,6 +291,14 @@ def predict_sam(
                     "device": str(sam.device),
                     **info,
                 }
+            )
+            model_file = weights or info["checkpoint"]
+            write_provenance(
+                run.path,
+                family="sam",
+                model=Path(model_file) if model_file else None,
+                split=Path(gt),
+                prompt=f"detector:{Path(boxes).resolve()}" if boxes else "gt",
             )
             atomic_write_json(
                 run / "summary.json",

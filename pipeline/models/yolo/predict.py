@@ -18,6 +18,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.runs import RunDir
 from pipeline.data.coco import class_index_to_category, detections_to_results, load_coco_gt, split_images
+from pipeline.data.predictions import write_provenance
 from pipeline.models.yolo.offline import first_line, offline_ultralytics, ultralytics_device
 from pipeline.models.yolo.prompts import EMBEDDINGS_FILE, embeddings_beside, load_embeddings, text_dim
 
@@ -185,8 +186,9 @@ def predict_split(
 
     ``out`` gets ``predictions.json``: COCO results ``{"image_id", "category_id", "bbox": [x, y, w, h]
     (pixels, clipped to the image, 2 decimals), "score" (5 decimals)}`` with the ground truth's ids,
-    classes matched by name; and ``config.yaml`` (these arguments, resolved). Nothing is written until
-    every prediction is made.
+    classes matched by name; ``config.yaml`` (these arguments, resolved); and ``provenance.json``
+    (:func:`pipeline.data.predictions.write_provenance`: family ``yolo``, the weights and their SHA-256,
+    the ground truth; no score threshold). Nothing is written until every prediction is made.
 
     Args:
         weights: ``weights/best.pt`` of a ``train_yolo_world`` run.
@@ -227,4 +229,5 @@ def predict_split(
     with run:
         run.write_config(config)
         atomic_write_json(run / "predictions.json", results, indent=None)
+        write_provenance(run.path, family="yolo", model=Path(weights), split=Path(gt))
     return SplitPrediction(run.path, len(images), len(results))

@@ -398,6 +398,49 @@ def test_artefact_reload_reproduces_scores_exactly(synth_model, tmp_path):
     np.testing.assert_array_equal(re.memory_bank, model.memory_bank)
 
 
+@needs_lite0
+def test_predict_records_provenance_and_val_thresholds(synth_model, synth_category, tmp_path):
+    import copy
+    import hashlib
+
+    from pipeline.data.predictions import load_predictions
+
+    cat, fitted = synth_model
+    model = copy.copy(fitted)  # the module's model keeps its own thresholds
+    s, m, _ = model.score_paths([x.image for x in cat.test[:4]])
+    model.threshold, model.pixel_threshold = float(np.median(s)), float(np.quantile(m, 0.99))
+    model.norm = {"image_min": float(s.min()), "image_max": float(s.max()), "map_min": 0.0, "map_max": float(m.max())}
+    anomaly.save_artefact(model, tmp_path / "model.pt")
+    pred = anomaly_predict.predict_run(
+        tmp_path / "model.pt",
+        out=tmp_path / "pred",
+        category_dir=synth_category,
+        save_maps=False,
+        overlays=0,
+        progress=False,
+        device="cpu",
+        echo=False,
+    )
+    record = {
+        "family": "anomaly",
+        "model": str((tmp_path / "model.pt").resolve()),
+        "weights_sha256": hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest(),
+        "prompt": None,
+        "split": str((synth_category / "split.json (in memory)").resolve()),
+        "subset": "test",
+        "created_by": "pipeline predict anomaly",
+    }
+    image = {"score_threshold": model.threshold, "score_threshold_chosen_on": "val"}
+    region = {"score_threshold": 0.5, "score_threshold_chosen_on": "val"}  # the pixel threshold as a region score
+    prov = json.loads((tmp_path / "pred" / "provenance.json").read_text())
+    assert prov == {**record, "files": {"predictions.json": image, "coco_results.json": region}}
+    doc = json.loads(pred.read_text())
+    assert doc["provenance"] == {**record, **image} and doc["threshold"] == model.threshold
+    assert load_predictions(tmp_path / "pred" / "coco_results.json").provenance == {**record, **region}
+    regions = json.loads((tmp_path / "pred" / "coco_results.json").read_text())
+    assert regions and all(r["score"] >= 0.5 for r in regions)
+
+
 def test_load_artefact_rejects_other_files(tmp_path):
     p = tmp_path / "x.pt"
     import torch

@@ -839,3 +839,36 @@ def test_frozen_random_stages_warned_and_recorded(capsys, split_path, tmp_path, 
         assert out.count(warning) == 1 and log.count(warning) == 1
     else:
         assert "randomly initialised" not in out and "randomly initialised" not in log
+
+
+def test_predict_classifier_records_provenance(monkeypatch, capsys, split_path, tmp_path):
+    import hashlib
+
+    from pipeline.data.predictions import load_predictions
+    from pipeline.models.classifier.predict import predict_classifier
+
+    run = tmp_path / "run"
+    code, text = _cli(
+        monkeypatch,
+        capsys,
+        *("finetune", "classifier", "--config", "attempt1_resnet18", "--split", str(split_path), "--out", str(run)),
+        *("--epochs", "1", "--batch", "8", "--imgsz", "32", "--device", "cpu", "--weights", "none"),
+        *("--set", "data.max_train_good=2"),
+    )
+    assert code == 0, text
+    out = predict_classifier(run, split_path, tmp_path / "pred", subset="val", device="cpu", progress=False)
+    weights = run / "weights" / "best.pt"
+    record = {
+        "family": "classifier",
+        "model": str(weights.resolve()),
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "prompt": None,
+        "split": str(split_path.resolve()),
+        "subset": "val",
+        "created_by": "pipeline predict classifier",
+    }
+    unset = {"score_threshold": None, "score_threshold_chosen_on": None}
+    assert json.loads((out / "provenance.json").read_text()) == {**record, "files": {"predictions.json": unset}}
+    doc = json.loads((out / "predictions.json").read_text())
+    assert doc["provenance"] == {**record, **unset}
+    assert load_predictions(out / "predictions.json").provenance == {**record, **unset}

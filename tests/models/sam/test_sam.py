@@ -260,6 +260,39 @@ def test_predict_bad_boxes_fail_with_one_line_and_write_nothing(ann, tmp_path, m
     assert not out.exists()
 
 
+def test_predict_records_the_prompt_and_the_model_in_provenance(ann, cache, tmp_path):
+    import hashlib
+
+    from pipeline.data.predictions import GT_PROMPTS, load_predictions, upper_bound
+    from pipeline.models.sam.model import build_sam
+    from pipeline.models.sam.predict import predict_sam
+
+    gt = ann / "coco" / "test.json"
+    kw = dict(gt=gt, model_type="tiny", cache_dir=cache, device="cpu", n_overlays=0, progress=False)
+    predict_sam(out=tmp_path / "on_gt", **kw)
+    prov = json.loads((tmp_path / "on_gt" / "provenance.json").read_text())
+    assert {k: prov[k] for k in ("family", "model", "weights_sha256", "prompt", "split", "created_by")} == {
+        "family": "sam",
+        "model": None,  # a random-init tiny model has no weights file
+        "weights_sha256": None,
+        "prompt": "gt",
+        "split": str(gt.resolve()),
+        "created_by": "pipeline predict sam",
+    }
+    assert upper_bound(load_predictions(tmp_path / "on_gt" / "predictions.json")) == GT_PROMPTS
+    # detector prompts and a base checkpoint file: a model's own output, the checkpoint hashed
+    ckpt = tmp_path / "tiny_full.pth"
+    torch.save(build_sam("tiny").state_dict(), ckpt)
+    a0 = json.loads(gt.read_text())["annotations"][0]
+    boxes = tmp_path / "dets.json"
+    boxes.write_text(json.dumps([{k: a0[k] for k in ("image_id", "category_id", "bbox")} | {"score": 0.7}]))
+    predict_sam(out=tmp_path / "on_det", boxes=boxes, checkpoint=str(ckpt), **kw)
+    pf = load_predictions(tmp_path / "on_det" / "predictions.json")
+    assert pf.provenance["prompt"] == f"detector:{boxes.resolve()}" and upper_bound(pf) is None
+    assert pf.provenance["model"] == str(ckpt.resolve())
+    assert pf.provenance["weights_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+
+
 def test_vit_without_checkpoint_is_an_error(ann, tmp_path, monkeypatch, capsys):
     code, _, err = _run_cli(
         ["finetune", "sam", str(ann), "--model-type", "vit_b", "--out", str(tmp_path / "r")], monkeypatch, capsys

@@ -231,6 +231,29 @@ def test_predict_split_writes_a_run_folder(trained_run, yolo_data, tmp_path):
     assert not (tmp_path / "pred2").exists()
 
 
+def test_predict_split_records_provenance(trained_run, yolo_data, tmp_path):
+    import hashlib
+
+    from pipeline.data.predictions import load_predictions, upper_bound
+    from pipeline.models.yolo.predict import predict_split
+
+    gt = _coco_gt(yolo_data.parent, tmp_path / "gt.json", NAMES)
+    weights = trained_run / "weights" / "best.pt"
+    res = predict_split(weights=weights, gt=gt, out=tmp_path / "pred", imgsz=SIZE, conf=0.0)
+    record = {
+        "family": "yolo",
+        "model": str(weights.resolve()),
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "prompt": None,
+        "split": str(gt.resolve()),
+        "created_by": "pipeline predict yolo",
+    }
+    unset = {"score_threshold": None, "score_threshold_chosen_on": None}
+    assert json.loads((res.run / "provenance.json").read_text()) == {**record, "files": {"predictions.json": unset}}
+    pf = load_predictions(res.predictions)
+    assert pf.provenance == {**record, **unset} and upper_bound(pf) is None
+
+
 def test_second_run_without_force_is_refused(trained_run, yolo_data):
     from pipeline.models.yolo.train import train_yolo_world
 
