@@ -34,7 +34,6 @@ held images) by path, as the parent does.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_bytes, atomic_write_text, image_size_hw, read_json
+from pipeline.core.io import atomic_write_bytes, atomic_write_text, image_size_hw, read_json, sha256_file
 from pipeline.data.mvtec import GOOD, Sample
 from pipeline.data.split import SPLITS, image_ids
 
@@ -83,15 +82,6 @@ class VersionSummary:
     images: dict[str, int] = field(default_factory=dict)
     added: dict = field(default_factory=dict)
     replaced: list[dict] = field(default_factory=list)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def add_reviewed(
@@ -236,7 +226,7 @@ def read_reviewed(path: Path, *, categories: list[dict], classes: list[str]) -> 
         for a in anns:
             mask |= decode_rle(a["segmentation"])
         label = _label(img, anns, categories, classes, where)
-        items.append(ReviewedImage(rel, file, file_sha256(file), size_hw, label, anns, mask))
+        items.append(ReviewedImage(rel, file, sha256_file(file), size_hw, label, anns, mask))
     known = {img.get("id") for img in doc["images"]}
     orphans = sorted({str(k) for k in by_image} - {str(k) for k in known})
     if orphans:
@@ -331,10 +321,10 @@ def _match_parent(
 ) -> dict[str, ReviewedImage]:
     """Reviewed images whose content (SHA-256) the parent holds: ``{parent manifest path: item}`` for
     those whose labels replace the parent's; PipelineError for the refused ones."""
-    where_of = {file_sha256(root / rel): (rel, "train_good") for rel in manifest.get("train_good", [])}
+    where_of = {sha256_file(root / rel): (rel, "train_good") for rel in manifest.get("train_good", [])}
     for split in SPLITS:
         for e in manifest["splits"][split]:
-            where_of[file_sha256(root / e["image"])] = (e["image"], split)
+            where_of[sha256_file(root / e["image"])] = (e["image"], split)
     replaced, seen = {}, {}
     for item in items:
         if item.sha256 in seen:
@@ -496,7 +486,7 @@ def _write_dataset_yaml(out: Path, parent: Path, reviewed: Path, summary: Versio
         "kind": "dataset-version",
         "parent": str(parent.resolve()),
         "reviewed": str(reviewed.resolve()),
-        "reviewed_sha256": file_sha256(reviewed),
+        "reviewed_sha256": sha256_file(reviewed),
         "to": summary.to,
         "added": summary.added,
         "replaced": summary.replaced,

@@ -24,14 +24,13 @@ runs are removed). :func:`check_bundle` re-hashes every listed file.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_text, read_rgb, to_json_plain
+from pipeline.core.io import atomic_write_text, read_rgb, sha256_file, to_json_plain
 from pipeline.core.runs import RunDir
 from pipeline.data.mvtec import GOOD
 
@@ -39,15 +38,6 @@ MANIFEST = "bundle.yaml"
 FORMAT = "pipeline.bundle"
 VERSION = 1
 FAMILIES = ("detector", "sam", "classifier", "anomaly")
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ runs -> files

@@ -112,7 +112,8 @@ def test_image_names_are_unique_and_ids_follow_sorted_paths(tmp_path):
 # ------------------------------------------------------------------------------ bundle
 @needs_lite0
 def test_bundle_manifest_hashes_and_val_decision(bundle, runs):
-    from pipeline.inspection.bundle import check_bundle, sha256_file
+    from pipeline.core.io import sha256_file
+    from pipeline.inspection.bundle import check_bundle
 
     doc = yaml.safe_load((bundle / "bundle.yaml").read_text())
     m = doc["models"]

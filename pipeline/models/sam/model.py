@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_torch_save, load_torch_file, read_rgb
+from pipeline.core.io import atomic_torch_save, load_torch_file, read_rgb, sha256_file
 
 MODEL_TYPES = ("tiny", "vit_b", "vit_l", "vit_h")
 OFFICIAL_CHECKPOINTS = {
@@ -376,14 +376,6 @@ def encoder_fingerprint(sam) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class Embedder:
     """Image embeddings, computed once under ``no_grad`` and cached on disk.
@@ -413,7 +405,7 @@ class Embedder:
         st = image.stat()
         key = (str(image), st.st_mtime_ns, st.st_size)
         if key not in self._sha:
-            self._sha[key] = file_sha256(image)
+            self._sha[key] = sha256_file(image)
         return Path(self.cache_dir) / self.fingerprint[:16] / f"{self._sha[key]}.pt"
 
     def compute(self, image: Path):
