@@ -604,35 +604,6 @@ def test_review_reason_names_the_image_and_the_real_reason(tmp_path):
     assert cmd.endswith(" label-studio start") and f"DOCUMENT_ROOT='{tmp_path / 'my data'}' " in cmd
 
 
-def test_no_import_cycle_inside_review():
-    """Counting imports inside functions too: they hide a cycle, they do not remove it."""
-    import ast
-    from pathlib import Path
-
-    import pipeline.review
-
-    folder = Path(pipeline.review.__file__).parent
-    deps = {}
-    for path in folder.glob("*.py"):
-        mods = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                mods.add(node.module)
-            elif isinstance(node, ast.Import):
-                mods |= {a.name for a in node.names}
-        deps[path.stem] = {m.rsplit(".", 1)[1] for m in mods if m.startswith("pipeline.review.")}
-
-    def reach(start, seen):
-        for d in deps.get(start, ()):
-            if d not in seen:
-                seen.add(d)
-                reach(d, seen)
-        return seen
-
-    assert not [m for m in deps if m in reach(m, set())], deps
-    assert "export" not in reach("client", set()) and "client" not in reach("brush", set())
-
-
 # ----------------------------------------------------------------------------- polygon fidelity, defect types
 
 
