@@ -3,7 +3,8 @@
 The run folder holds ``model.pt`` (the artefact, :func:`pipeline.models.anomaly.patchcore.save_artefact`),
 ``config.yaml`` (category, split and every :class:`PatchCoreConfig` field), ``metrics.json`` (fit
 time, memory-bank size, validation metrics), ``split.json`` (the manifest used, so that ``predict
-anomaly RUN`` finds its images) and ``log.txt``. A fit has no resumable state: ``--force`` starts again.
+anomaly RUN`` finds its images) and ``log.txt``. A fit has no resumable state: ``--force`` starts again,
+and Ctrl-C stops at once and removes the run folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.core.console import Interrupted
 from pipeline.core.device import resolve_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.runs import RunDir
@@ -52,6 +54,8 @@ def fit_run(
         PipelineError: neither a category nor a split, missing/empty ``train/good``, empty ``val``,
             bad settings, unknown backbone or missing weights, ``out`` not writable under the
             run-folder rules (:class:`pipeline.core.runs.RunDir`). All raised before ``out`` is touched.
+        Interrupted: Ctrl-C (the first one: a fit cannot resume, so it stops at once), after the run
+            folder was removed (``interrupted: nothing kept; start again with: ...``).
     """
     from pipeline.core import distributed as D
     from pipeline.data.split import write_split
@@ -89,6 +93,9 @@ def fit_run(
                 f"pixel threshold {model.pixel_threshold:.4g}",
                 echo=echo,
             )
+    except KeyboardInterrupt:  # one pass, nothing to resume: the run folder is removed, start again
+        run.discard()
+        raise Interrupted(None, resumable=False) from None
     except BaseException:
         run.discard()  # nothing to resume: a failed fit leaves no partial run folder
         raise

@@ -16,7 +16,11 @@ Loss resolution (``loss_resolution``):
   input -> crop -> ``HxW``) and meet the exact true mask; no mask is resized, but on 900x900
   images the loss costs more than the decoder.
 
-Validation IoU/Dice are always measured at the original resolution, as predictions are.
+Validation IoU/Dice are always measured at the original resolution, as predictions are. The loss
+itself is in :mod:`pipeline.models.sam.loss`.
+
+Ctrl-C finishes the current epoch, writes ``last.pt`` and stops (:class:`pipeline.core.console.Interrupted`);
+``--resume`` continues it and ends with the decoder weights of an uninterrupted run (bit for bit on CPU).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_savefig, read_rgb
 from pipeline.data.sam_records import group_by_image, read_records
 from pipeline.models.sam.config import TRAINABLE, SamTrainConfig
+from pipeline.models.sam.loss import native_true, step_loss
 from pipeline.models.sam.model import (
     Embedder,
     boxes_to_input,
@@ -39,52 +44,10 @@ from pipeline.models.sam.model import (
     default_cache_dir,
     image_to_input,
     logits_to_native,
-    lowres_target,
     read_finetuned,
     resolve_base_checkpoint,
     save_finetuned,
 )
-
-# ----------------------------------------------------------------------------- loss
-
-
-def mask_losses(logits, true, iou_pred, *, mask_loss: str = "focal", weight=None) -> dict:
-    """Per-batch mask losses.
-
-    Args:
-        logits: ``Bx1xHxW`` mask logits at the loss resolution.
-        true: ``Bx1xHxW`` float true masks in [0, 1] (soft at low resolution), same frame.
-        iou_pred: ``Bx1`` IoU head output.
-        mask_loss: ``focal`` (Lin et al. 2017; alpha 0.25, gamma 2) or ``bce``, mean over pixels.
-        weight: optional ``1x1xHxW`` per-pixel weight in [0, 1] (0 on padding); ``None`` = all 1.
-
-    Returns:
-        ``{"pixel", "dice", "iou_mse", "iou"}`` scalar tensors; ``iou`` is the real IoU of
-        ``logits > 0`` with ``true >= 0.5`` (mean, no gradient), the target of the IoU head.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torchvision.ops import sigmoid_focal_loss
-
-    w = torch.ones_like(true) if weight is None else weight.to(true).expand_as(true)
-    if mask_loss == "focal":
-        pix = sigmoid_focal_loss(logits, true, alpha=0.25, gamma=2.0, reduction="none")
-    else:
-        pix = F.binary_cross_entropy_with_logits(logits, true, reduction="none")
-    norm = w.flatten(1).sum(1).clamp(min=1e-6)
-    pixel = ((pix * w).flatten(1).sum(1) / norm).mean()
-    p = (torch.sigmoid(logits) * w).flatten(1)
-    t = (true * w).flatten(1)
-    dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
-    with torch.no_grad():
-        hard = ((logits > 0) & (w > 0)).flatten(1).float()
-        th = ((true >= 0.5) & (w > 0)).flatten(1).float()
-        inter = (hard * th).sum(1)
-        union = hard.sum(1) + th.sum(1) - inter
-        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    iou_mse = F.mse_loss(iou_pred[:, 0].float(), iou)
-    return {"pixel": pixel, "dice": dice.mean(), "iou_mse": iou_mse, "iou": iou.mean()}
-
 
 # ----------------------------------------------------------------------------- loop
 
@@ -127,33 +90,6 @@ def _step_tensors(sam, group, cfg: SamTrainConfig, gen, *, train: bool):
         boxes = boxes + (torch.rand(boxes.shape, generator=gen) * 2 - 1) * cfg.box_jitter_px
         boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w, h, w, h], dtype=boxes.dtype))
     return boxes_to_input(boxes, size_hw=group.size_hw, img_size=sam.image_encoder.img_size), idx.tolist()
-
-
-def _native_true(group, idx: list[int]):
-    import torch
-
-    masks = group.true_masks()
-    return torch.from_numpy(np.stack([masks[i] for i in idx])[:, None].astype(np.float32))
-
-
-def _loss(sam, low, iou_pred, group, idx: list[int], cfg: SamTrainConfig) -> tuple:
-    """Weighted total loss and its parts at ``cfg.loss_resolution``."""
-    import torch
-
-    if cfg.loss_resolution == "native":
-        logits, true, weight = logits_to_native(sam, low, size_hw=group.size_hw), _native_true(group, idx), None
-    else:
-        if "lowres" not in group.extra:  # once per image: targets in the decoder frame
-            pairs = [lowres_target(m, img_size=sam.image_encoder.img_size) for m in group.true_masks()]
-            group.extra["lowres"] = (
-                torch.from_numpy(np.stack([t for t, _ in pairs])[:, None]),
-                torch.from_numpy(pairs[0][1])[None, None],
-            )
-        targets, valid = group.extra["lowres"]
-        logits, true, weight = low, targets[idx], valid
-    parts = mask_losses(logits, true.to(logits.device), iou_pred, mask_loss=cfg.mask_loss, weight=weight)
-    loss = cfg.pixel_weight * parts["pixel"] + cfg.dice_weight * parts["dice"] + cfg.iou_weight * parts["iou_mse"]
-    return loss, parts
 
 
 def _decoder_module():
@@ -250,7 +186,7 @@ def train_one_epoch(
             with sync:
                 with D.autocast(str(dev), cfg.amp):
                     low, iou_pred = step_module(emb, boxes.to(dev))
-                loss, parts = _loss(sam, low.float(), iou_pred.float(), g, idx, cfg)
+                loss, parts = step_loss(sam, low.float(), iou_pred.float(), g, idx, cfg)
                 (loss * w).backward()
             if w > 0:
                 n_img += 1
@@ -300,10 +236,10 @@ def evaluate_groups(sam, groups, embedder, cfg: SamTrainConfig) -> dict:
             emb = embedder(g.image)
             boxes, idx = _step_tensors(sam, g, cfg, None, train=False)
             low, iou_pred = decode(sam, emb, boxes.to(emb.device))
-            loss, _ = _loss(sam, low, iou_pred, g, idx, cfg)
+            loss, _ = step_loss(sam, low, iou_pred, g, idx, cfg)
             losses.append(float(loss))
             logits = logits_to_native(sam, low, size_hw=g.size_hw)
-            true = _native_true(g, idx).to(logits.device)
+            true = native_true(g, idx).to(logits.device)
             p, t = (logits > 0).flatten(1).float(), true.flatten(1)
             inter, ps, ts = (p * t).sum(1), p.sum(1), t.sum(1)
             ious += (inter / (ps + ts - inter).clamp(min=1)).tolist()
@@ -364,28 +300,47 @@ def _optimizer(cfg: SamTrainConfig, params, n_train_images: int):
 
 
 def _restore(state: dict, sam, optimizer, scheduler, gen) -> tuple[list[dict], dict, int]:
-    """Load ``last.pt``'s trained modules, optimizer, scheduler and RNGs; ``(history, best, next epoch)``."""
+    """Load ``last.pt``'s trained modules, optimizer, scheduler, generator (data order, box subsets, jitter)
+    and global RNG states; ``(history, best, next epoch)``."""
     import torch
+
+    from pipeline.core import distributed as D
 
     for name, sd in state["state"].items():
         getattr(sam, name).load_state_dict(sd, strict=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    if "rng" in state:  # python, numpy, torch and CUDA states as they were after that epoch
+        D.set_rng_states(state["rng"])
+    else:  # a last.pt written before the global states were kept: torch's CPU state only
+        torch.set_rng_state(state["torch_rng"])
     return list(state["history"]), dict(state["best"]), int(state["epoch"]) + 1
 
 
-def _fill_cache(embedder, groups, *, enabled: bool) -> None:
-    """Compute every image's embedding once (each rank its shard), so that epochs do no encoder work."""
+def _fill_cache(embedder, groups, *, enabled: bool, stop) -> None:
+    """Compute every image's embedding once (each rank its shard), so that epochs do no encoder work.
+
+    Raises:
+        Interrupted: after Ctrl-C (``stop`` set), once the image being embedded is cached; the run
+            has no checkpoint yet (not resumable), the cached embeddings stay for the next run.
+    """
     from pipeline.core import distributed as D
+    from pipeline.core.console import Interrupted
     from pipeline.core.console import progress as progress_bar
 
     mine = D.shard_indices(len(groups))
+    done = 0
     with progress_bar("embeddings", len(mine), enabled=enabled) as advance:
         for i in mine:
+            if stop:
+                break
             embedder(groups[i].image)
             advance()
+            done += 1
+    if D.all_reduce_max(float(bool(stop))) > 0:
+        n = int(D.all_reduce_sums({"n": float(done)})["n"])
+        raise Interrupted(f"{n} of {len(groups)} image embeddings in {embedder.cache_dir}", resumable=False)
     D.barrier()
 
 
@@ -404,7 +359,7 @@ def _save_epoch(
     best: dict,
 ) -> None:
     """Rank 0: ``best.pt`` when val mIoU improved, and ``last.pt`` with everything ``resume`` needs."""
-    import torch
+    from pipeline.core import distributed as D
 
     config, trained = cfg.as_dict(), list(cfg.train)
     if improved:
@@ -420,7 +375,7 @@ def _save_epoch(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": D.rng_states(),
             "history": history,
             "best": best,
         },
@@ -452,12 +407,19 @@ def _run_epochs(
     best: dict,
     show: bool,
     echo: bool,
+    stop,
 ) -> dict:
     """Epochs ``start..cfg.epochs``: train, validate, and on rank 0 checkpoint and log each one.
 
     Appends one row per epoch to ``history``; returns the best ``{"mIoU", "epoch"}`` so far.
+
+    Raises:
+        Interrupted: after Ctrl-C (``stop``, a :class:`pipeline.core.console.StopFlag`, set), once the
+            current epoch is checkpointed (``last.pt``, resumable); a Ctrl-C in the last epoch lets
+            the run finish.
     """
     from pipeline.core import distributed as D
+    from pipeline.core.console import Interrupted
     from pipeline.core.console import progress as progress_bar
 
     step_module = train_step_module(sam, str(sam.device), train=cfg.train)
@@ -493,6 +455,9 @@ def _run_epochs(
                     best=best,
                 )
                 run.log(_epoch_line(epoch, cfg, tr, va), echo=echo)
+        # every rank stops at the same epoch, whichever of them saw the Ctrl-C
+        if D.all_reduce_max(float(bool(stop))) > 0 and epoch < cfg.epochs:
+            raise Interrupted(f"{run / 'last.pt'} (epoch {epoch} of {cfg.epochs})", resumable=True)
     return best
 
 
@@ -532,12 +497,15 @@ def finetune_sam(
     Raises:
         PipelineError: see :func:`prepare`; ``out`` not empty without ``force``/``resume``; ``resume``
             without ``out/last.pt``.
+        Interrupted: Ctrl-C, after the epoch it came in was checkpointed (see :func:`_run_epochs`); a
+            second Ctrl-C raises ``KeyboardInterrupt``, and a run without ``last.pt`` is then removed.
     """
     import contextlib
 
     import torch
 
     from pipeline.core import distributed as D
+    from pipeline.core.console import stop_on_interrupt
     from pipeline.core.device import resolve_device
     from pipeline.core.runs import RunDir
 
@@ -556,7 +524,7 @@ def finetune_sam(
     main = D.is_main()
     show = progress and main
     D.barrier()  # every rank validated its inputs before rank 0 replaces anything
-    with run if main else contextlib.nullcontext():
+    with stop_on_interrupt("this epoch") as stop, run if main else contextlib.nullcontext():
         if main:
             run.write_config({**cfg.as_dict(), "world_size": dist.world_size})
         D.barrier()
@@ -566,7 +534,7 @@ def finetune_sam(
         embedder = Embedder(sam, cache_dir=cache)
         t_run = time.perf_counter()
         if cache is not None:
-            _fill_cache(embedder, train + val, enabled=show)
+            _fill_cache(embedder, train + val, enabled=show, stop=stop)
         best = _run_epochs(
             run,
             sam,
@@ -582,6 +550,7 @@ def finetune_sam(
             best=best,
             show=show,
             echo=progress,
+            stop=stop,
         )
         if not main:
             D.barrier()

@@ -12,10 +12,13 @@ Coordinates: YOLO labels are ``cls cx cy w h`` normalised to [0, 1] (see :mod:`p
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.console import Interrupted, stop_on_interrupt
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_text, read_json
 from pipeline.core.runs import RunDir
@@ -87,8 +90,10 @@ def train_yolo_world(
         ``out_dir`` (absolute).
 
     Raises:
-        PipelineError: bad ``data.yaml`` or labels, weights or model YAML not found, a non-empty
-            ``out_dir`` without ``force``/``resume``, nothing to resume, bad arguments.
+        PipelineError: bad ``data.yaml`` or labels, images ultralytics finds corrupt, weights or model
+            YAML not found, a non-empty ``out_dir`` without ``force``/``resume``, nothing to resume,
+            bad arguments; all before ``out_dir`` is touched.
+        Interrupted: Ctrl-C, after the epoch it came in saved ``weights/last.pt`` (see :func:`_train`).
     """
     out_dir = Path(out_dir).expanduser().resolve()
     run = RunDir.open(out_dir, kind="yolo", force=force, resume=resume, resume_file=RESUME_FILE)
@@ -145,12 +150,46 @@ def _check_numbers(**values: int) -> None:
 
 
 def _check_dataset(data_yaml: Path) -> dict:
-    """:func:`pipeline.data.yolo.read_data_yaml`, and every train and val label checked."""
+    """:func:`pipeline.data.yolo.read_data_yaml`, every train and val label checked, and every image
+    checked the way ultralytics' dataset scan does (:func:`_check_images`)."""
     data = read_data_yaml(data_yaml)
     root = Path(data["path"])
+    images = []
     for split in ("train", "val"):
-        check_labels(split_image_files(root, data[split], data_yaml), data["nc"])
+        files = split_image_files(root, data[split], data_yaml)
+        check_labels(files, data["nc"])
+        images += files
+    _check_images(images, data_yaml, data["nc"])
     return data
+
+
+def _check_images(images: list[Path], data_yaml: Path, nc: int) -> None:
+    """Run ultralytics' own per-image check (``ultralytics.data.utils.verify_image_label``: PIL
+    ``verify``, size >= 10 px, format, label parse) on every image, once per file (val images are
+    often links to train images).
+
+    ultralytics only logs the images it finds corrupt and trains without them; a run on a silently
+    smaller dataset is refused here instead. (That check also rewrites a JPEG that lacks its end
+    marker, as ultralytics' scan would.)
+
+    Raises:
+        PipelineError: ``<data.yaml>: ultralytics found N corrupt image(s)/label(s), e.g. <file>: <reason>``.
+    """
+    from multiprocessing.pool import ThreadPool
+
+    from ultralytics.data.utils import verify_image_label
+
+    from pipeline.data.yolo import label_path
+
+    unique = list({im.resolve(): im for im in reversed(images)}.values())[::-1]  # first path of each file
+    args = [(str(im), str(label_path(im)), "", False, nc, 0, 0, False) for im in unique]
+    with ThreadPool(min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(verify_image_label, args)
+    corrupt = [r[9].replace(": ignoring corrupt image/label: ", ": ") for r in results if r[8]]
+    if corrupt:
+        raise PipelineError(
+            f"{data_yaml}: ultralytics found {len(corrupt)} corrupt image(s)/label(s), e.g. {corrupt[0]}"
+        )
 
 
 def _resolve_model(model: str, *, allow_download: bool) -> str:
@@ -250,11 +289,45 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
     return trainer
 
 
+class _StopAfterEpoch(Exception):
+    """Raised by :func:`_stop_after_epoch` to leave ultralytics' epoch loop (``args``: the epoch, 1-based)."""
+
+
+def _stop_after_epoch(stop):
+    """An ``on_fit_epoch_end`` callback: once ``stop`` is set (Ctrl-C), leave training after the epoch.
+
+    ultralytics runs it after the epoch's ``weights/last.pt`` is saved. Leaving by an exception, not by
+    ``trainer.stop`` (what its EarlyStopping sets), matters: a normal end runs ``final_eval``, which
+    strips the optimizer from ``last.pt`` and marks it finished, so ultralytics could not resume it.
+    The last epoch always runs to its end (and ``final_eval`` calls this hook once more, with
+    ``epoch + 1 == epochs``)."""
+
+    def on_fit_epoch_end(trainer) -> None:
+        if stop and trainer.epoch + 1 < trainer.epochs:
+            raise _StopAfterEpoch(trainer.epoch + 1)
+
+    return on_fit_epoch_end
+
+
 def _train(trainer: Any, out_dir: Path) -> None:
-    try:
-        trainer.train()
-    except AssertionError as exc:  # ultralytics asserts, e.g. "training ... is finished, nothing to resume"
-        raise PipelineError(f"{out_dir}: {first_line(exc)}") from None
+    """``trainer.train()``; a Ctrl-C stops after the current epoch (single process; with several GPUs
+    ultralytics' worker processes get the Ctrl-C and stop at once, ``last.pt`` of the last finished
+    epoch stays).
+
+    Raises:
+        Interrupted: after Ctrl-C, with ``weights/last.pt`` resumable by ``--resume``.
+        PipelineError: ultralytics refused to train (e.g. a finished run given ``--resume``).
+    """
+    with contextlib.nullcontext() if trainer.ddp else stop_on_interrupt("this epoch") as stop:
+        trainer.add_callback("on_fit_epoch_end", _stop_after_epoch(stop))
+        try:
+            trainer.train()
+        except _StopAfterEpoch as done:
+            epoch, total = int(done.args[0]), int(trainer.epochs)
+            LOG.info("interrupted after epoch %d of %d; %s is resumable", epoch, total, out_dir / RESUME_FILE)
+            raise Interrupted(f"{out_dir / RESUME_FILE} (epoch {epoch} of {total})", resumable=True) from None
+        except AssertionError as exc:  # ultralytics asserts, e.g. "training ... is finished, nothing to resume"
+            raise PipelineError(f"{out_dir}: {first_line(exc)}") from None
 
 
 def _metrics(trainer: OfflineWorldTrainer, run: RunDir) -> dict:

@@ -303,6 +303,43 @@ def test_bad_labels_are_refused_before_training(tmp_path, label, where):
     assert not (tmp_path / "run").exists(), where
 
 
+def test_corrupt_images_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    """ultralytics would log the truncated image as corrupt and train on the rest; it is refused in one line."""
+    import sys
+
+    from pipeline.cli import app as cli
+
+    data = make_yolo_dataset(tmp_path / "ds", n=2)
+    broken = tmp_path / "ds" / "images" / "train" / "im1.png"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # a truncated PNG
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pipeline",
+            "finetune",
+            "yolo",
+            "--data",
+            str(data),
+            "--model",
+            "yolov8n-worldv2.yaml",
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ],
+    )
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    # im1.png and its val link are one file: counted once, named by its train path
+    assert err == (
+        f"error: {data}: ultralytics found 1 corrupt image(s)/label(s), e.g. {broken}: Truncated File Read\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_unavailable_device_is_refused(yolo_data, tmp_path, monkeypatch):
     import torch
 
