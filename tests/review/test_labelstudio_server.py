@@ -210,7 +210,10 @@ def bottle_review(mvtec_root, tmp_path_factory):
         "info": {"image_root": str(root), "split": "test"},
         "images": [],
         "annotations": [],
-        "categories": [{"id": cat_id[n], "name": n, "supercategory": "defect"} for n in names],
+        "categories": [
+            {"id": cat_id[n], "name": n, "supercategory": "defect", "defect_types": [n.replace(" ", "_")]}
+            for n in names
+        ],
     }
     preds, ann_id = [], 0
     for img_id, rel in enumerate(IMAGES, 1):
