@@ -75,7 +75,7 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         print(
-            "aborted (Ctrl-C): a run folder without a checkpoint was removed; a trainer with one continues "
+            "aborted (Ctrl-C): a run folder without a checkpoint is removed, one with a checkpoint continues "
             f"with --resume; start again with: {command_line(resume=False)}",
             file=sys.stderr,
         )

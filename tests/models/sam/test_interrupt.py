@@ -116,7 +116,7 @@ def test_ctrl_c_twice_before_a_checkpoint_leaves_no_folder(ann, tmp_path):
     proc.send_signal(signal.SIGINT)  # the second Ctrl-C aborts epoch 1 at once
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("aborted (Ctrl-C): a run folder without a checkpoint")
+    assert err.strip().splitlines()[-1].startswith("aborted (Ctrl-C): a run folder without a checkpoint is removed")
     assert not (tmp_path / "run").exists()
 
 
