@@ -18,9 +18,14 @@ def export_labelstudio(
     predictions: List[Path] = typer.Argument(
         ...,
         help="Prediction files: COCO results JSON (detector, SAM prompted by a detector; masks "
-        "from 'segmentation'); classifier/anomaly JSON feed the review order.",
+        "from 'segmentation'); classifier/anomaly JSON feed the review order. Without --gt: a 'pipeline "
+        "inspect' run's predictions.json (the images come from images.json beside it).",
     ),
-    gt: Path = typer.Option(..., help="COCO ground truth of the split: image list, sizes, class names."),
+    gt: Optional[Path] = typer.Option(
+        None,
+        help="COCO ground truth of the split: image list, sizes, class names. Leave out for a 'pipeline inspect' "
+        "run: its images.json, verdicts and the parent dataset's class names are used.",
+    ),
     out: Path = typer.Option(Path("runs/labelstudio"), help="Folder for tasks.json and labeling_config.xml."),
     min_score: str = typer.Option(
         "auto",
@@ -31,11 +36,15 @@ def export_labelstudio(
     polygons: bool = typer.Option(
         False, "--polygons", help="Also give predicted masks as polygons (besides brush masks)."
     ),
-    order: str = typer.Option(
-        "image", help="Task order: 'image' (ground-truth order) or 'uncertainty' (least sure first)."
+    order: Optional[str] = typer.Option(
+        None,
+        help="Task order: 'image' (ground-truth order) or 'uncertainty' (least sure first). "
+        "Default: 'image' with --gt, 'uncertainty' for an inspection.",
     ),
     document_root: Optional[Path] = typer.Option(
-        None, help="Label Studio local-files document root (default: parent of the category folder)."
+        None,
+        help="Label Studio local-files document root (default: the parent of the image root: the category "
+        "folder, or the inspected images' common folder).",
     ),
     url_prefix: Optional[str] = typer.Option(None, help="Serve images from this URL prefix instead of local files."),
     push: bool = typer.Option(
@@ -75,9 +84,14 @@ def export_labelstudio(
     )
     for line in region_lines(info["regions"]):
         echo(f"[bold red]{escape(line)}[/]" if line.startswith("WARNING") else line, markup=line.startswith("WARNING"))
+    if gt is None:
+        echo(
+            f"inspection: image root {info['image_root']} (the inspected images' common folder), "
+            f"classes from {info['classes_from']}; {info['n_errors']} image(s) with verdict error left out"
+        )
     echo(
         f"wrote {info['n_tasks']} tasks ({info['n_results']} predicted regions, {info['n_masks']} with masks, "
-        f"order: {order}) to {info['tasks']}"
+        f"order: {info['order']}) to {info['tasks']}"
     )
     echo(f"labeling config: {info['config']}")
     for w in info["warnings"]:

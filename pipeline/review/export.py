@@ -24,6 +24,8 @@ uses these ids to put a region's box and mask back into one COCO annotation.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from pathlib import Path
@@ -34,6 +36,7 @@ import numpy as np
 from pipeline.core.errors import PipelineError
 from pipeline.data.mvtec import GOOD
 from pipeline.review.client import TOKEN_ENV
+from pipeline.review.inspected import verdict_uncertainty
 from pipeline.review.labeling_config import (
     IMAGE_TAG,
     REASON_FIELD,
@@ -258,6 +261,7 @@ def build_tasks(
     polygons: bool = False,
     order: str = "image",
     polygon_ious: list[float] | None = None,
+    priority: dict[int, tuple[float, float, str]] | None = None,
 ) -> list[dict]:
     """Label Studio tasks, one per ground-truth image, with each detection source as one prediction.
 
@@ -273,6 +277,9 @@ def build_tasks(
         order: ``"image"`` (ground-truth order) or ``"uncertainty"`` (most uncertain first, see
             :func:`image_uncertainty`; ties by image id).
         polygon_ious: with ``polygons``, receives the IoU of each mask with its polygons (:func:`polygon_iou`).
+        priority: image id -> ``(uncertainty, tie-break, reason)`` replacing :func:`image_uncertainty`
+            (an inspection's verdicts, :func:`pipeline.review.inspected.verdict_uncertainty`); the
+            uncertainty order sorts by the first, then the second, both descending.
 
     Returns:
         Tasks ``{"data": {"image", "image_id", "file_name", "width", "height", "image_root",
@@ -293,8 +300,12 @@ def build_tasks(
     # class name -> convert-masks' defect types, so that import labelstudio writes defect_type as convert does
     class_types = {c["name"]: list(c["defect_types"]) for c in coco_gt["categories"] if c.get("defect_types")}
     tasks = []
+    ties = {}
     for img in coco_gt["images"]:
-        u, reason = image_uncertainty(img["id"], sources, threshold=min_score, names=names)
+        if priority is not None:
+            u, ties[img["id"]], reason = priority.get(img["id"], (0.0, 0.0, "no verdict recorded"))
+        else:
+            u, reason = image_uncertainty(img["id"], sources, threshold=min_score, names=names)
         tasks.append(
             {
                 "data": {
@@ -320,7 +331,9 @@ def build_tasks(
             }
         )
     if order == "uncertainty":
-        tasks.sort(key=lambda t: (-t["data"]["uncertainty"], t["data"]["image_id"]))
+        tasks.sort(
+            key=lambda t: (-t["data"]["uncertainty"], -ties.get(t["data"]["image_id"], 0.0), t["data"]["image_id"])
+        )
     for rank, t in enumerate(tasks, 1):
         t["data"]["review_rank"] = rank
     return tasks
@@ -332,14 +345,14 @@ def build_tasks(
 def export_tasks(
     pred_path: Path | list[Path],
     *,
-    gt_path: Path,
+    gt_path: Path | None,
     out_dir: Path,
     min_score: float | str = AUTO,
     model_version: str = "pipeline",
     document_root: Path | None = None,
     url_prefix: str | None = None,
     polygons: bool = False,
-    order: str = "image",
+    order: str | None = None,
     force: bool = False,
     push: bool = False,
     url: str | None = None,
@@ -352,9 +365,16 @@ def export_tasks(
     Args:
         pred_path: one or several prediction files (COCO results; classifier/anomaly JSON only feed the
             review order and reasons). SAM masks prompted with the ground truth are refused.
+        gt_path: the split's COCO ground truth; ``None`` for a ``pipeline inspect`` run: the images come
+            from ``images.json`` beside the first file (:mod:`pipeline.review.inspected`: one task per
+            readable image, images with verdict ``error`` left out and counted, the image root the
+            images' common folder, the classes the parent dataset's, PatchCore's regions from
+            ``verdicts.jsonl`` as a second prediction when the file holds a detector's boxes, and the
+            queue ordered by the verdicts: confidence near the threshold first, then model disagreement).
         min_score: ``"auto"`` (per detection source, the score threshold its provenance records, else
             0.0: keep every region) or a number for all (see :func:`pipeline.review.sources.apply_min_scores`).
-        order: ``"image"`` or ``"uncertainty"`` (see :func:`build_tasks`).
+        order: ``"image"`` or ``"uncertainty"`` (see :func:`build_tasks`); ``None``: ``"image"`` with
+            ``gt_path``, ``"uncertainty"`` for an inspection.
         polygons: also give each predicted mask as polygons.
         push / url / project / token_env: see :func:`pipeline.review.client.push_tasks`; the project title
             defaults to ``"review <category> <split>"``; with local files (no ``url_prefix``) a Local
@@ -362,7 +382,8 @@ def export_tasks(
 
     Returns:
         ``{"tasks", "config", "n_tasks", "n_results", "n_masks", "document_root", "storage_path", "title",
-        "pushed", "start_command", "regions", "polygon_ious", "warnings"}``: ``pushed`` is push_tasks'
+        "pushed", "start_command", "regions", "polygon_ious", "warnings", "order", "image_root", "n_errors",
+        "classes_from"}``: ``pushed`` is push_tasks'
         answer (None without ``push``), ``start_command`` the shell line starting Label Studio on the document
         root (None with ``url_prefix``), ``regions`` the kept/total counts per detection source
         (:func:`pipeline.review.sources.region_counts`), ``polygon_ious`` the IoU of each mask with its
@@ -384,10 +405,16 @@ def export_tasks(
     paths = [pred_path] if isinstance(pred_path, (str, Path)) else list(pred_path)
     if not paths:
         raise PipelineError("no prediction files given")
-    coco = load_coco_gt(gt_path)
-    sources = read_sources(paths, coco, model_version=model_version)
+    insp = None
+    if gt_path is None:
+        gt, sources, insp = _inspection_inputs(paths, model_version=model_version)
+        order = order or "uncertainty"
+    else:
+        coco = load_coco_gt(gt_path)
+        sources = read_sources(paths, coco, model_version=model_version)
+        gt = coco.dataset
+        order = order or "image"
     apply_min_scores(sources, min_score)
-    gt = coco.dataset
     image_root = Path(gt.get("info", {}).get("image_root", "."))
     if document_root is None and url_prefix is None:
         document_root = image_root.parent
@@ -400,13 +427,14 @@ def export_tasks(
         polygons=polygons,
         order=order,
         polygon_ious=polygon_ious,
+        priority=None if insp is None else {i: verdict_uncertainty(insp, i) for i in insp.verdicts},
     )
     config = labeling_config(
         [c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])], brush=True, polygons=polygons, reason=True
     )
     validate_tasks(tasks, config, source=str(paths[0]))
     split = gt.get("info", {}).get("split")
-    title = f"review {image_root.name}" + (f" {split}" if split else "")
+    title = f"review {image_root.name}" + (f" {split}" if split else "" if insp is None else " inspection")
     pushed = None
     if push:  # before anything is written: a refused push leaves no output folder
         pushed = push_tasks(
@@ -437,4 +465,37 @@ def export_tasks(
         "polygon_ious": polygon_ious,
         "warnings": [w for w in [polygon_warning(polygon_ious)] if w],
         "regions": region_counts(sources),
+        "order": order,
+        "image_root": image_root.resolve(),
+        "n_errors": insp.n_errors if insp is not None else 0,
+        "classes_from": insp.classes_from if insp is not None else str(gt_path),
     }
+
+
+def _inspection_inputs(paths: list[Path], *, model_version: str) -> tuple[dict, list[Source], object]:
+    """Ground truth, sources and the :class:`~pipeline.review.inspected.Inspection` of an inspect run's
+    prediction files (``images.json`` beside the first): the files' results remapped to the review's
+    classes, plus PatchCore's regions from ``verdicts.jsonl`` when the files hold a detector's boxes."""
+    from pycocotools.coco import COCO
+
+    from pipeline.review.inspected import anomaly_results, read_inspection, remap_results
+
+    insp = read_inspection(paths[0])
+    check = COCO()  # the files' ids are images.json's: validate against its own categories
+    check.dataset = dict(insp.gt, categories=insp.inspect_categories)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints
+        check.createIndex()
+    sources = read_sources(paths, check, model_version=model_version)
+    for src in sources:
+        if src.kind == "detections":
+            results = [r for recs in src.by_image.values() for r in recs]
+            src.by_image = {}
+            for r in remap_results(insp, results):
+                src.by_image.setdefault(r["image_id"], []).append(r)
+    extra = anomaly_results(insp)
+    if extra:
+        src = Source(name=f"{model_version}/patchcore", kind="detections")  # already thresholded by inspect
+        for r in extra:
+            src.by_image.setdefault(r["image_id"], []).append(r)
+        sources.append(src)
+    return insp.gt, sources, insp

