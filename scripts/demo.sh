@@ -37,4 +37,6 @@ else
   NEW="$NEW/test"
 fi
 pipeline inspect "$NEW" --bundle "$OUT/bundle" --out "$OUT/inspect" --force
+# ... and the inspected images as a review queue (no ground truth: the images come from inspect's images.json)
+pipeline export labelstudio "$OUT/inspect/predictions.json" --out "$OUT/labelstudio_new" --force
 echo "demo done: everything is under $OUT"
