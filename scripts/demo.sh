@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data, from a fresh machine:
 # synthetic MVTec-layout category -> convert-masks -> finetune yolo -> predict -> evaluate -> export labelstudio
-# -> bundle -> inspect new synthetic images.
+# -> bundle -> inspect new synthetic images -> export them as a review queue.
 # Usage: bash scripts/demo.sh [CATEGORY_DIR]   (default: a synthetic category made in runs/demo/data)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
