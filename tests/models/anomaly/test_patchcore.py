@@ -531,7 +531,7 @@ def _copy_category(src: Path, dst: Path) -> Path:
         ("missing_train", "train/good: missing"),
         ("empty_train", "train/good: no images"),
         ("unknown_backbone", "unknown backbone 'resnet1000'"),
-        ("missing_weights", "weights 'resnet18-f37072fd.pth' not found"),
+        ("missing_weights", "weights 'resnet18-f37072fd.pth' (torchvision ResNet-18, ImageNet-1k) not found"),
     ],
 )
 def test_cli_bad_input_one_line(case, message, synth_category, tmp_path, monkeypatch, capsys):
