@@ -49,7 +49,7 @@ def runs(synth_category, tmp_path_factory):
         "attempt4_gem",
         {"data.input_size_hw": [32, 32], "train.batch_size": 4, "train.device": "cpu", "train.epochs": 1},
     )
-    train_classifier(ccfg, split, base / "classifier", progress=False, echo=False)
+    train_classifier(ccfg, split, base / "classifier", weights="none", progress=False, echo=False)
     return {"base": base, "split": split, "anomaly": base / "anomaly", "classifier": base / "classifier"}
 
 
