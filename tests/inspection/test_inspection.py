@@ -318,3 +318,59 @@ def test_detector_and_sam_bundle_inspect(synth_category, new_images, tmp_path):
         assert (r["verdict"] == "defect") == (r["scores"]["detector"] >= thr)
     preds = json.loads((tmp_path / "o" / "predictions.json").read_text())
     assert len(preds) == sum(len(r["regions"]) for r in recs) and all("segmentation" in p for p in preds)
+
+
+# ------------------------------------------------------------------------------ the decision is evaluate's
+@pytest.mark.parametrize(
+    "case",
+    [
+        "separable",  # both rules perfect on val: evaluate's tie-break (name) keeps logistic
+        "noisy",  # overlapping sources
+        "weak_second",  # one strong and one useless source
+    ],
+)
+def test_bundle_rule_and_thresholds_are_evaluates_val_choice(case):
+    import numpy as np
+
+    from pipeline.evaluation.fusion import Source, SplitLabels, fuse
+    from pipeline.inspection.verdict import choose_decision, decide
+
+    rng = np.random.default_rng({"separable": 0, "noisy": 1, "weak_second": 2}[case])
+    y = np.r_[np.zeros(6, bool), np.ones(14, bool)]
+    yt = np.r_[np.zeros(5, bool), np.ones(11, bool)]
+
+    def draw(labels):
+        if case == "separable":
+            return {
+                "classifier": labels + 0.1 * rng.random(len(labels)),
+                "anomaly": 3 * labels + rng.random(len(labels)),
+            }
+        if case == "noisy":
+            return {
+                "classifier": labels + rng.normal(0, 0.6, len(labels)),
+                "anomaly": labels + rng.normal(0, 0.8, len(labels)),
+            }
+        return {"classifier": rng.random(len(labels)), "anomaly": 2 * labels + rng.random(len(labels))}
+
+    val, test = draw(y.astype(float)), draw(yt.astype(float))
+
+    def labels(yy, tag):
+        types = tuple("good" if not t else "broken" for t in yy)
+        return SplitLabels(tuple(range(1, len(yy) + 1)), tuple(f"{k}.png" for k in range(len(yy))), types, "", tag)
+
+    def sources(sc, tag):
+        return [
+            Source(f"{k}:{tag}", k, f"{tag}_{k}.json", np.asarray(sc[k], np.float64)) for k in ("classifier", "anomaly")
+        ]
+
+    res = fuse(sources(val, "val"), sources(test, "test"), labels(y, "val"), labels(yt, "test"))
+    d = choose_decision(val, y)
+    assert d["rule"] == res["better_fusion"] and res["choices"]["gallery"] == f"fusion:{d['rule']}"
+    assert [d["thresholds"][s["kind"]] for s in res["sources"]] == [s["threshold"] for s in res["sources"]]
+    if case == "separable":
+        assert d["rule"] == "logistic"
+    method = f"fusion:{d['rule']}"
+    for k, rec in enumerate(res["images"]["test"]):
+        got = decide(d, {s: float(test[s][k]) for s in ("classifier", "anomaly")})
+        assert (got["verdict"] == "defect") == rec["decisions"][method]
+        assert abs(got["fused_score"] - rec["scores"][method]) <= 1e-12
