@@ -25,7 +25,9 @@ peak RSS is the ``VmHWM`` the child reads from ``/proc/self/status`` as it exits
   regions on, as inspect writes regions), ``predict classifier``, ``predict yolo`` and
   ``predict sam`` (prompted by the detector's boxes at the bundle's detector threshold,
   ``--overlays 0``), one after the other: their summed time and the largest peak RSS;
-- PatchCore + classifier alone (the moonshot: >= 10 images/s end to end), with and without overlays.
+- PatchCore + classifier alone (the moonshot: >= 10 images/s end to end), with and without overlays;
+- then the detector boxes ``inspect`` kept, and SAM-tiny alone on one image with 3 box prompts
+  (:func:`sam_cost`): a detector trained for one epoch may keep no box, and SAM then never runs.
 """
 
 from __future__ import annotations
@@ -197,6 +199,25 @@ def run_predicts(work: Path, images: Path, n: int, *, env: dict) -> dict:
     return res
 
 
+def sam_cost(work: Path, *, boxes: int = 3, repeats: int = 5) -> dict:
+    """SAM-tiny alone, in this process: seconds per 900x900 image with ``boxes`` box prompts (image
+    embedding included). The barely trained detector may keep no box, and SAM then never runs in
+    ``inspect``; this says what it adds per image once boxes are kept."""
+    import numpy as np
+
+    from pipeline.core.io import read_rgb
+    from pipeline.inspection.steps import SamStep
+
+    step = SamStep(work / "bundle_all" / "sam" / "best.pt", device="cpu")
+    image = read_rgb(sorted((work / "new_src" / "synth").glob("test/*/*.png"))[0])
+    xyxy = np.array([[100 + 200 * k, 100, 250 + 200 * k, 300] for k in range(boxes)], np.float32)
+    step.masks(image, xyxy)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step.masks(image, xyxy)
+    return {"seconds_per_image": (time.perf_counter() - t0) / repeats, "boxes": boxes}
+
+
 def table(rows: list[tuple[str, int, dict]]) -> str:
     lines = ["| run | images | seconds | images/s | peak RSS MiB |", "|---|---|---|---|---|"]
     for name, n, r in rows:
@@ -251,6 +272,17 @@ def main(argv=None) -> int:
             f"full bundle from {n0} to {n1} images: {rate:.2f} images/s marginal (start-up excluded), "
             f"peak RSS {growth:+.1f}%"
         )
+    boxes = sum(
+        1
+        for line in (work / f"inspect_all{max(sizes)}" / "verdicts.jsonl").open()
+        for g in json.loads(line)["regions"]
+        if g["source"] == "detector"
+    )
+    sam = sam_cost(work)
+    print(
+        f"detector boxes kept at the bundle's threshold over {max(sizes)} images: {boxes}; SAM-tiny alone: "
+        f"{1000 * sam['seconds_per_image']:.0f} ms per image with {sam['boxes']} boxes (embedding included)"
+    )
     if args.json:
         args.json.write_text(json.dumps([{"run": a, "images": n, **r} for a, n, r in rows], indent=1))
     return 0
