@@ -71,7 +71,10 @@ def inspect(
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any image could not be read."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run folder."),
 ) -> None:
-    """Inspect new images: per image boxes, masks, class probabilities, anomaly map and a good/defect verdict."""
+    """Inspect new images: per image boxes, masks, class probabilities, anomaly map and a good/defect verdict.
+
+    Under torchrun (torchrun --nproc_per_node N -m pipeline inspect ...) each process inspects its share.
+    """
     from pipeline.core.console import console
     from pipeline.inspection.inspect import inspect_images, summary_table
 
@@ -85,7 +88,8 @@ def inspect(
         resume=resume,
         force=force,
     )
-    console().print(summary_table(res))
-    echo(f"wrote {res.out / 'verdicts.jsonl'} ({res.errors} unreadable)", markup=False)
+    if res.rank == 0:  # under torchrun every rank returns the same result; one prints it
+        console().print(summary_table(res))
+        echo(f"wrote {res.out / 'verdicts.jsonl'} ({res.errors} unreadable)", markup=False)
     if res.errors and (strict or res.errors == res.n_images):
         raise typer.Exit(1)

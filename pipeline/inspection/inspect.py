@@ -18,14 +18,17 @@ folder (kind ``inspect``) holds:
   (heat map, boxes, masks, verdict; ``overlays=False`` skips them).
 
 A file that cannot be read gets verdict ``error`` and the run goes on. Ctrl-C finishes the batch
-and stops resumably; ``resume=True`` skips the images already in ``verdicts.jsonl``.
+and stops resumably; ``resume=True`` skips the images already in ``verdicts.jsonl``. Under torchrun
+each rank inspects its share and rank 0 merges the same files (:mod:`pipeline.inspection.shards`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ class InspectResult:
     n_images: int = 0
     skipped: int = 0
     seconds: float = 0.0
+    rank: int = 0  # this process's rank under torchrun (the CLI prints on rank 0 only)
 
     @property
     def errors(self) -> int:
@@ -79,53 +83,184 @@ def inspect_images(
     """Inspect ``images`` (files, folders, globs; :func:`pipeline.inspection.sources.resolve_images`)
     with the bundle ``bundle`` into the run folder ``out`` (files: module docstring).
 
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same arguments: each inspects
+    its contiguous share of whole batches and rank 0 merges them (:mod:`pipeline.inspection.shards`);
+    every rank returns the same counts. The process group is joined here (gloo on CPU, NCCL on CUDA)
+    and left again at the end when this call joined it.
+
     Raises:
         PipelineError: no images, a bad or changed bundle, ``out`` refused by the run-folder rules,
-            ``resume`` with another image list. Unreadable images are no error (verdict ``error``).
+            ``resume`` with another image list, a failure on any rank. Unreadable images are no
+            error (verdict ``error``).
         Interrupted: after Ctrl-C, once the current batch is written (resumable).
     """
-    from pipeline.core.console import progress as progress_bar
+    from pipeline.core import distributed as D
+
+    joined = D.env_world_size() > 1 and not D.is_initialized()
+    dist = D.init_from_env(device)
+    try:
+        return _inspect(
+            images,
+            bundle=Path(bundle),
+            out=Path(out),
+            batch=batch,
+            device=device,
+            overlays=overlays,
+            resume=resume,
+            force=force,
+            progress=progress,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+    finally:
+        if joined:
+            D.cleanup()
+
+
+def _agree(error: str | None) -> None:
+    """Raise the first rank's error on every rank (so no rank waits for one that gave up)."""
+    from pipeline.core.distributed import all_gather_objects
+
+    errors = [e for e in all_gather_objects(error) if e]
+    if errors:
+        raise PipelineError(errors[0])
+
+
+def _open(images, *, bundle: Path, out: Path, batch: int, resume: bool, force: bool, rank: int):
+    """Check everything before anything is written (every rank): ``(RunDir, items, bundle doc)``."""
+    err = run = items = doc = None
+    try:
+        run = RunDir.open(out, kind="inspect", force=force, resume=resume, resume_file=VERDICTS)
+        if batch < 1:
+            raise PipelineError(f"--batch {batch}: expected at least 1")
+        items = resolve_images(images)
+        from pipeline.inspection.bundle import load_bundle
+
+        doc = load_bundle(bundle, verify=rank == 0)  # rank 0 re-hashes; the others read the same files
+    except PipelineError as exc:
+        err = str(exc)
+    _agree(err)
+    return run, items, doc
+
+
+def _start(run: RunDir, items: list[ImageItem], config: dict, *, resume: bool) -> set[int]:
+    """Rank 0: create the run folder (clearing an old run's parts), write the config; the ids already done."""
+    from pipeline.inspection.shards import PARTS, merge_parts
+
+    if not resume and (run / PARTS).is_dir():  # parts of a killed run: ours, whatever the manifest says
+        shutil.rmtree(run / PARTS)
+    run.start()
+    if resume:
+        merge_parts(run.path)  # a run killed before its ranks' parts were merged
+        done = _resume_state(run / VERDICTS, items)
+    else:
+        atomic_write_text(run / VERDICTS, "")
+        done = set()
+    run.write_config(config)
+    return done
+
+
+def _inspect(
+    images,
+    *,
+    bundle: Path,
+    out: Path,
+    batch: int,
+    device,
+    overlays: bool,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    rank: int,
+    world_size: int,
+) -> InspectResult:
+    from pipeline.core import distributed as D
     from pipeline.core.device import resolve_device
-    from pipeline.inspection.bundle import load_bundle
+    from pipeline.inspection.shards import merge_parts, part_dir, shard
     from pipeline.inspection.steps import load_steps
 
-    run = RunDir.open(Path(out), kind="inspect", force=force, resume=resume, resume_file=VERDICTS)
-    if batch < 1:
-        raise PipelineError(f"--batch {batch}: expected at least 1")
-    items = resolve_images(images)
-    doc = load_bundle(Path(bundle))
+    run, items, doc = _open(images, bundle=bundle, out=out, batch=batch, resume=resume, force=force, rank=rank)
     dev = resolve_device(device)
+    config = {
+        "bundle": str(bundle.resolve()),
+        "images": [str(a) for a in images],
+        "n_images": len(items),
+        "batch": batch,
+        "device": dev,
+        "overlays": overlays,
+        "world_size": world_size,
+    }
     t0 = time.perf_counter()
-    with run:
-        done = _resume_state(run / VERDICTS, items) if resume else set()
-        if not resume:
-            atomic_write_text(run / VERDICTS, "")
-        run.write_config(
-            {
-                "bundle": str(Path(bundle).resolve()),
-                "images": [str(a) for a in images],
-                "n_images": len(items),
-                "batch": batch,
-                "device": dev,
-                "overlays": overlays,
-            }
+    main = rank == 0
+    with run if main else contextlib.nullcontext(run):
+        done, err = set(), None
+        if main:
+            try:
+                done = _start(run, items, config, resume=resume)
+            except PipelineError as exc:
+                err = str(exc)
+        done, err = D.broadcast_object((done, err))
+        if err:
+            raise PipelineError(err)
+        mine = shard([it for it in items if it.id not in done], batch, rank=rank, world_size=world_size)
+        dest = run.path if world_size == 1 else part_dir(run.path, rank)
+        status = _inspect_shard(
+            mine,
+            load_steps(bundle, doc["models"], device=dev, batch=batch),
+            doc,
+            dest=dest,
+            batch=batch,
+            overlays=overlays,
+            progress=progress and main,
         )
-        steps = load_steps(Path(bundle), doc["models"], device=dev, batch=batch)
-        todo = [it for it in items if it.id not in done]
+        statuses = D.all_gather_objects(status)
+        counts = None
+        if main:
+            if world_size > 1:
+                merge_parts(run.path)
+            if not any(s["error"] or s["stopped"] for s in statuses):
+                counts = write_outputs(run, doc)
+        counts = D.broadcast_object(counts)
+        _raise_for(statuses, run, n_done=len(done), n_items=len(items))
+    return InspectResult(run.path, counts, len(items), len(done), time.perf_counter() - t0, rank=rank)
+
+
+def _inspect_shard(
+    todo: list[ImageItem], steps: dict, doc: dict, *, dest: Path, batch: int, overlays: bool, progress: bool
+) -> dict:
+    """One rank's images, a batch at a time, appended to ``dest/verdicts.jsonl``:
+    ``{"done": images written, "stopped": Ctrl-C before the end, "error": one line or None}``."""
+    from pipeline.core.console import progress as progress_bar
+
+    n, stopped = 0, False
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
         with (
             stop_on_interrupt("this batch of images") as stop,
             progress_bar("inspect", len(todo), enabled=progress) as advance,
         ):
             for i in range(0, len(todo), batch):
-                recs = inspect_batch(todo[i : i + batch], steps, doc, run=run, overlays=overlays)
-                with open(run / VERDICTS, "a", encoding="utf-8") as fh:
+                recs = inspect_batch(todo[i : i + batch], steps, doc, dest=dest, overlays=overlays)
+                with open(dest / VERDICTS, "a", encoding="utf-8") as fh:
                     fh.writelines(json.dumps(r, allow_nan=False) + "\n" for r in recs)
+                n += len(recs)
                 advance(len(recs))
                 if stop and i + batch < len(todo):
-                    n = len(done) + i + len(recs)
-                    raise Interrupted(f"{run / VERDICTS} ({n} of {len(items)} images)", resumable=True)
-        counts = write_outputs(run, doc)
-    return InspectResult(run.path, counts, len(items), len(done), time.perf_counter() - t0)
+                    stopped = True
+                    break
+    except PipelineError as exc:
+        return {"done": n, "stopped": False, "error": str(exc).splitlines()[0]}
+    return {"done": n, "stopped": stopped, "error": None}
+
+
+def _raise_for(statuses: list[dict], run: RunDir, *, n_done: int, n_items: int) -> None:
+    """Every rank raises the first rank's error, or :class:`Interrupted` when any rank stopped."""
+    errors = [s["error"] for s in statuses if s["error"]]
+    if errors:
+        raise PipelineError(errors[0])
+    if any(s["stopped"] for s in statuses):
+        n = n_done + sum(s["done"] for s in statuses)
+        raise Interrupted(f"{run / VERDICTS} ({n} of {n_items} images)", resumable=True)
 
 
 def _resume_state(path: Path, items: list[ImageItem]) -> set[int]:
@@ -153,8 +288,9 @@ def _resume_state(path: Path, items: list[ImageItem]) -> set[int]:
 
 
 # ------------------------------------------------------------------------------ one batch
-def inspect_batch(items: Sequence[ImageItem], steps: dict, doc: dict, *, run: RunDir, overlays: bool) -> list[dict]:
-    """Decode, score, decide and draw one batch; its ``verdicts.jsonl`` records, in ``items`` order."""
+def inspect_batch(items: Sequence[ImageItem], steps: dict, doc: dict, *, dest: Path, overlays: bool) -> list[dict]:
+    """Decode, score, decide and draw one batch (images into ``dest/masks``, ``dest/overlays``); its
+    ``verdicts.jsonl`` records, in ``items`` order."""
     from pipeline.inspection.steps import run_steps
 
     decoded, recs = [], []
@@ -176,7 +312,7 @@ def inspect_batch(items: Sequence[ImageItem], steps: dict, doc: dict, *, run: Ru
     for k, res in zip(ok, results):
         t0 = time.perf_counter()
         _fill(recs[k], res, decoded[k], doc)
-        _write_images(run, recs[k], res, decoded[k], overlays=overlays)
+        _write_images(dest, recs[k], res, decoded[k], overlays=overlays)
         recs[k]["timing_ms"].update(res["timing_ms"], write=round(1000.0 * (time.perf_counter() - t0), 3))
     for rec, im in zip(recs, decoded):
         if im is None:
@@ -269,13 +405,13 @@ def _png(path: Path, img: np.ndarray) -> None:
     atomic_write_bytes(path, buf.tobytes())
 
 
-def _write_images(run: RunDir, rec: dict, res: dict, image: np.ndarray, *, overlays: bool) -> None:
+def _write_images(dest: Path, rec: dict, res: dict, image: np.ndarray, *, overlays: bool) -> None:
     """``masks/<name>.png`` and (``overlays``) ``overlays/<name>.png`` of one image."""
     import cv2
 
     mask = _union_mask(rec, image.shape[:2])
-    (run / "masks").mkdir(exist_ok=True)
-    _png(run / "masks" / f"{rec['name']}.png", mask.astype(np.uint8) * 255)
+    (dest / "masks").mkdir(exist_ok=True)
+    _png(dest / "masks" / f"{rec['name']}.png", mask.astype(np.uint8) * 255)
     if not overlays:
         return
     if "anomaly" in res:
@@ -298,8 +434,8 @@ def _write_images(run: RunDir, rec: dict, res: dict, image: np.ndarray, *, overl
     text = f"{rec['verdict']} {rec['defect_type'] or ''} {rec['confidence']:.2f}".replace("  ", " ")
     colour = (0, 0, 255) if rec["verdict"] != GOOD else (0, 200, 0)
     cv2.putText(canvas, text, (4, 14), 0, 0.5, colour, 1, cv2.LINE_AA)
-    (run / "overlays").mkdir(exist_ok=True)
-    _png(run / "overlays" / f"{rec['name']}.png", canvas)
+    (dest / "overlays").mkdir(exist_ok=True)
+    _png(dest / "overlays" / f"{rec['name']}.png", canvas)
 
 
 # ------------------------------------------------------------------------------ the end: CSV, COCO

@@ -8,7 +8,9 @@ the PatchCore image score. SAM refines the detector's boxes into masks and is no
 Choice, on val only: each source's threshold by :func:`pipeline.evaluation.fusion.f1_threshold`;
 with one source the rule is ``single`` (``score >= threshold``); with two or more, both fusion rules
 of :mod:`pipeline.evaluation.fusion` (``or`` over the val-standardised margins, ``logistic``) are fitted
-on val and the one with the better val F1 (then balanced accuracy, then AUROC) is kept.
+on val and :func:`pipeline.evaluation.fusion.choose` keeps the better one (higher val balanced
+accuracy, then F1, then the name): the rule ``pipeline evaluate`` calls ``better_fusion``, so an
+inspected image gets the verdict that evaluate's val-chosen fused decision gives it.
 
 Confidence of a verdict, in ``[0.5, 1]``: ``sigmoid(|margin|)`` with the margin in val standard
 deviations (``(s - t) / sd`` for ``single``, the ``or`` score itself), and for ``logistic`` the fitted
@@ -28,10 +30,6 @@ DEFECT = "defect"
 SOURCES = ("detector", "classifier", "anomaly")  # the order of the fused score's columns
 
 
-def _key(m: dict) -> tuple:
-    return (m["f1"], m["balanced_accuracy"], m["auroc"] or 0.0)
-
-
 def choose_decision(val_scores: Mapping[str, np.ndarray], y: np.ndarray) -> dict:
     """The decision rule chosen on val (module docstring), JSON-ready.
 
@@ -46,7 +44,7 @@ def choose_decision(val_scores: Mapping[str, np.ndarray], y: np.ndarray) -> dict
     Raises:
         PipelineError: no sources, or a val split without both good and defect images.
     """
-    from pipeline.evaluation.fusion import decision_metrics, f1_threshold, fit_logistic
+    from pipeline.evaluation.fusion import choose, decision_metrics, f1_threshold, fit_logistic
 
     names = [s for s in SOURCES if s in val_scores]
     y = np.asarray(y, bool)
@@ -74,8 +72,10 @@ def choose_decision(val_scores: Mapping[str, np.ndarray], y: np.ndarray) -> dict
     out["logistic"] = {**model.to_dict(), "threshold": t_lr}
     out["val"]["fusion:or"] = decision_metrics(((x - thr) / sd).max(1), y, 0.0)
     out["val"]["fusion:logistic"] = decision_metrics(p, y, t_lr)
-    better = _key(out["val"]["fusion:logistic"]) > _key(out["val"]["fusion:or"])
-    out.update(rule="logistic" if better else "or", threshold=t_lr if better else 0.0)
+    per_source = [{"name": n, "val": out["val"][n]} for n in names]
+    rules = {r: {"val": out["val"][f"fusion:{r}"]} for r in ("or", "logistic")}
+    rule = choose(per_source, rules)["better_fusion"]
+    out.update(rule=rule, threshold=t_lr if rule == "logistic" else 0.0)
     return out
 
 
@@ -89,9 +89,12 @@ def fused_score(decision: Mapping, scores: Mapping[str, float]) -> float:
         return float(x[0])
     if decision["rule"] == "or":
         return float(((x - thr) / sd).max())
+    from pipeline.evaluation.fusion import LogisticModel
+
     lr = decision["logistic"]
-    z = ((x - np.array(lr["mean"])) / np.array(lr["std"])) @ np.array(lr["weights"]) + lr["bias"]
-    return float(1.0 / (1.0 + np.exp(-np.clip(z, -500, 500))))
+    arr = {k: np.asarray(lr[k], np.float64) for k in ("mean", "std", "weights")}
+    model = LogisticModel(arr["mean"], arr["std"], arr["weights"], float(lr["bias"]), float(lr["l2"]))
+    return float(model.predict(x[None])[0])
 
 
 def decide(decision: Mapping, scores: Mapping[str, float], *, defect_type: str | None = None) -> dict:

@@ -318,3 +318,162 @@ def test_detector_and_sam_bundle_inspect(synth_category, new_images, tmp_path):
         assert (r["verdict"] == "defect") == (r["scores"]["detector"] >= thr)
     preds = json.loads((tmp_path / "o" / "predictions.json").read_text())
     assert len(preds) == sum(len(r["regions"]) for r in recs) and all("segmentation" in p for p in preds)
+
+
+# ------------------------------------------------------------------------------ the decision is evaluate's
+@pytest.mark.parametrize(
+    "case",
+    [
+        "separable",  # both rules perfect on val: evaluate's tie-break (name) keeps logistic
+        "noisy",  # overlapping sources
+        "weak_second",  # one strong and one useless source
+    ],
+)
+def test_bundle_rule_and_thresholds_are_evaluates_val_choice(case):
+    import numpy as np
+
+    from pipeline.evaluation.fusion import Source, SplitLabels, fuse
+    from pipeline.inspection.verdict import choose_decision, decide
+
+    rng = np.random.default_rng({"separable": 0, "noisy": 1, "weak_second": 2}[case])
+    y = np.r_[np.zeros(6, bool), np.ones(14, bool)]
+    yt = np.r_[np.zeros(5, bool), np.ones(11, bool)]
+
+    def draw(labels):
+        if case == "separable":
+            return {
+                "classifier": labels + 0.1 * rng.random(len(labels)),
+                "anomaly": 3 * labels + rng.random(len(labels)),
+            }
+        if case == "noisy":
+            return {
+                "classifier": labels + rng.normal(0, 0.6, len(labels)),
+                "anomaly": labels + rng.normal(0, 0.8, len(labels)),
+            }
+        return {"classifier": rng.random(len(labels)), "anomaly": 2 * labels + rng.random(len(labels))}
+
+    val, test = draw(y.astype(float)), draw(yt.astype(float))
+
+    def labels(yy, tag):
+        types = tuple("good" if not t else "broken" for t in yy)
+        return SplitLabels(tuple(range(1, len(yy) + 1)), tuple(f"{k}.png" for k in range(len(yy))), types, "", tag)
+
+    def sources(sc, tag):
+        return [
+            Source(f"{k}:{tag}", k, f"{tag}_{k}.json", np.asarray(sc[k], np.float64)) for k in ("classifier", "anomaly")
+        ]
+
+    res = fuse(sources(val, "val"), sources(test, "test"), labels(y, "val"), labels(yt, "test"))
+    d = choose_decision(val, y)
+    assert d["rule"] == res["better_fusion"] and res["choices"]["gallery"] == f"fusion:{d['rule']}"
+    assert [d["thresholds"][s["kind"]] for s in res["sources"]] == [s["threshold"] for s in res["sources"]]
+    if case == "separable":
+        assert d["rule"] == "logistic"
+    method = f"fusion:{d['rule']}"
+    for k, rec in enumerate(res["images"]["test"]):
+        got = decide(d, {s: float(test[s][k]) for s in ("classifier", "anomaly")})
+        assert (got["verdict"] == "defect") == rec["decisions"][method]
+        assert abs(got["fused_score"] - rec["scores"][method]) <= 1e-12
+
+
+# ------------------------------------------------------------------------------ torchrun
+@pytest.mark.parametrize(
+    "n, batch, world",
+    [
+        (10, 3, 2),  # 4 batches: 2 + 2, the last one short
+        (7, 3, 2),  # 3 batches: 2 + 1
+        (2, 4, 3),  # 1 batch: ranks 1 and 2 idle
+        (0, 2, 2),  # nothing left to do (a resumed, finished run)
+        (9, 2, 1),  # one process: everything
+    ],
+)
+def test_shards_are_contiguous_whole_batches_in_input_order(n, batch, world):
+    from pipeline.inspection.shards import shard
+
+    items = list(range(n))
+    parts = [shard(items, batch, rank=r, world_size=world) for r in range(world)]
+    assert sum(parts, []) == items
+
+    def batches(xs):
+        return [xs[i : i + batch] for i in range(0, len(xs), batch)]
+
+    assert sum((batches(p) for p in parts), []) == batches(items)  # the batches of one process
+    sizes = [-(-len(p) // batch) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_merge_parts_in_rank_order_drops_torn_lines_and_repeats(tmp_path):
+    from pipeline.inspection.shards import PARTS, merge_parts, part_dir
+
+    (tmp_path / "verdicts.jsonl").write_text('{"id": 1}\n')
+    p0, p1 = part_dir(tmp_path, 0), part_dir(tmp_path, 1)
+    for p in (p0, p1):
+        (p / "masks").mkdir(parents=True)
+    (p0 / "verdicts.jsonl").write_text('{"id": 1}\n{"id": 2}\n{"id": 3}\n')  # id 1 merged before a kill
+    (p1 / "verdicts.jsonl").write_text('{"id": 4}\n{"id": 5')  # torn by a kill
+    (p0 / "masks" / "a.png").write_bytes(b"a")
+    (p1 / "masks" / "b.png").write_bytes(b"b")
+    (p1 / "masks" / ".b.png.123.tmp").write_bytes(b"half")
+    assert merge_parts(tmp_path) == 3
+    assert [json.loads(x)["id"] for x in (tmp_path / "verdicts.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(f.name for f in (tmp_path / "masks").iterdir()) == ["a.png", "b.png"]
+    assert not (tmp_path / PARTS).exists() and merge_parts(tmp_path) == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@needs_lite0
+def test_two_ranks_under_torchrun_write_the_single_process_files(bundle, new_images, tmp_path):
+    """``torchrun --nproc_per_node 2 -m pipeline inspect`` (gloo, CPU) equals one process, byte for byte,
+    apart from each record's ``timing_ms`` and ``world_size`` in config.yaml."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = ["inspect", str(new_images), "--bundle", str(bundle), "--batch", "3", "--device", "cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
+    launch += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "pipeline"]
+    outs = {}
+    for name, cmd in (("one", [sys.executable, "-m", "pipeline"]), ("two", launch)):
+        proc = subprocess.run(
+            cmd + args + ["--out", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outs[name] = proc.stdout
+    assert outs["two"].count("images/s") == 1  # the summary printed by rank 0 only
+    one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert not any(k.startswith(".parts") for k in two)
+    n = len(list(new_images.rglob("*.png")))
+    assert n > 6 and -(-n // 3) >= 3  # at least 3 batches: the ranks share real work, one shard short
+    assert sorted(one) == sorted(two)
+    assert sum(k.startswith("masks/") for k in one) == sum(k.startswith("overlays/") for k in one) == n - 2
+    timed = {"verdicts.jsonl", "config.yaml", ".pipeline-run.json"}
+    for k in one:
+        if k not in timed:
+            assert one[k] == two[k], k
+    recs = {name: _records(tmp_path / name / "verdicts.jsonl") for name in ("one", "two")}
+    assert [r["id"] for r in recs["two"]] == list(range(1, n + 1))
+    assert _without_timing(recs["one"]) == _without_timing(recs["two"])
+    strip = [
+        json.dumps({k: v for k, v in json.loads(line).items() if k != "timing_ms"})
+        for name in ("one", "two")
+        for line in (tmp_path / name / "verdicts.jsonl").read_text().splitlines()
+    ]
+    assert strip[:n] == strip[n:]
+    cfg = {name: yaml.safe_load((tmp_path / name / "config.yaml").read_text()) for name in ("one", "two")}
+    assert cfg["one"].pop("world_size") == 1 and cfg["two"].pop("world_size") == 2
+    assert cfg["one"] == cfg["two"]
+    assert json.loads(one[".pipeline-run.json"]) == json.loads(two[".pipeline-run.json"])
