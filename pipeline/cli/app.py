@@ -58,6 +58,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 def main() -> None:
     """Console entry point: run the app, turning :class:`PipelineError` into one line and exit 1."""
     debug = "--debug" in sys.argv[1:]
+    if not debug:  # a library warning reaches the user as one line, not as a source listing
+        import warnings
+
+        warnings.showwarning = lambda message, category, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
     try:
         code = app(standalone_mode=False)
         # typer turns a KeyboardInterrupt into a returned 130 when not standalone: exit with it

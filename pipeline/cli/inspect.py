@@ -76,6 +76,7 @@ def inspect(
     Under torchrun (torchrun --nproc_per_node N -m pipeline inspect ...) each process inspects its share.
     """
     from pipeline.core.console import console
+    from pipeline.core.errors import PipelineError
     from pipeline.inspection.inspect import inspect_images, summary_table
 
     res = inspect_images(
@@ -92,4 +93,8 @@ def inspect(
         console().print(summary_table(res))
         echo(f"wrote {res.out / 'verdicts.jsonl'} ({res.errors} unreadable)", markup=False)
     if res.errors and (strict or res.errors == res.n_images):
-        raise typer.Exit(1)
+        why = "every image was unreadable" if res.errors == res.n_images else "--strict and some images were unreadable"
+        raise PipelineError(
+            f"{res.out / 'verdicts.jsonl'}: {res.errors} of {res.n_images} image(s) failed ({why}; "
+            "each has verdict 'error' with its reason)"
+        )

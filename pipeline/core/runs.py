@@ -106,15 +106,19 @@ class RunDir:
             if path.is_file():
                 raise PipelineError(f"{path}: is a file (expected a run folder)")
             if any(path.iterdir()):
-                if not force:
-                    hint = " or --resume to continue it" if resume_file else ""
-                    raise PipelineError(f"{path}: output already exists; pass --force to replace it{hint}")
                 owner = _manifest(path)
                 legacy = (
                     _matching(path, legacy_files)
                     if legacy_files
                     else [m for m in _LEGACY_MARKERS if (path / m).exists()]
                 )
+                if not force and owner is None and not legacy:
+                    raise PipelineError(
+                        f"{path}: output folder is not empty and no pipeline command wrote it (choose another --out)"
+                    )
+                if not force:
+                    hint = " or --resume to continue it" if resume_file else ""
+                    raise PipelineError(f"{path}: output already exists; pass --force to replace it{hint}")
                 if owner is None and not legacy:
                     raise PipelineError(
                         f"{path}: not a folder a pipeline command wrote; refusing to replace it "

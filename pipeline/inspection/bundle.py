@@ -45,7 +45,8 @@ def _weights(run: Path, default: str, what: str) -> Path:
     p = Path(run)
     f = p / default if p.is_dir() else p
     if not f.is_file():
-        raise PipelineError(f"{run}: no {f.name} (expected {what})")
+        where = f"{f} not found" if p.is_dir() or not p.exists() else f"{p} is not a weights file"
+        raise PipelineError(f"{run}: {where} (expected {what})")
     return f
 
 

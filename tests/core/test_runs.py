@@ -114,3 +114,11 @@ def test_ctrl_c_before_a_checkpoint_leaves_nothing_and_after_one_keeps_the_run(t
             (run / "last.pt").write_bytes(b"1")
             raise KeyboardInterrupt
     assert json.loads((tmp_path / "b" / MANIFEST).read_text())["files"] == ["last.pt"]
+
+
+def test_a_folder_no_pipeline_command_wrote_is_never_offered_force(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(PipelineError) as exc:
+        RunDir.open(tmp_path / "mine", kind="demo")
+    assert "no pipeline command wrote it (choose another --out)" in str(exc.value) and "--force" not in str(exc.value)

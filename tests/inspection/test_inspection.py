@@ -263,8 +263,11 @@ def test_cli_inspect_exit_codes(bundle, new_images, tmp_path, capsys):
     assert app(args, standalone_mode=False) in (None, 0)
     out = capsys.readouterr().out
     assert "images/s" in out and not (tmp_path / "o" / "overlays").exists()
-    assert app(args + ["--force", "--strict"], standalone_mode=False) == 1
-    assert app(["inspect", str(bad), "--bundle", str(bundle), "--out", str(tmp_path / "z")], standalone_mode=False) == 1
+    # exit 1 with one line (main() prints a PipelineError as "error: ..." and exits 1)
+    with pytest.raises(PipelineError, match=r"1 of 6 image\(s\) failed \(--strict"):
+        app(args + ["--force", "--strict"], standalone_mode=False)
+    with pytest.raises(PipelineError, match=r"1 of 1 image\(s\) failed \(every image was unreadable"):
+        app(["inspect", str(bad), "--bundle", str(bundle), "--out", str(tmp_path / "z")], standalone_mode=False)
 
 
 def test_detector_and_sam_bundle_inspect(synth_category, new_images, tmp_path):
