@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/inspect.py [--work /tmp/bench_inspect] [--sizes 100,1000] [--compare 100]
+    python benchmarks/inspect_bench.py [--work /tmp/bench_inspect] [--sizes 100,1000] [--compare 100]
         [--threads 2] [--json out.json]
 
 Builds once (cached in ``--work``): a synthetic category of 900x900 images
@@ -32,18 +32,12 @@ peak RSS is the ``VmHWM`` the child reads from ``/proc/self/status`` as it exits
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Named inspect.py, this script's folder comes first on sys.path and would shadow the standard library's
-# ``inspect`` (imported by argparse's helpers, dataclasses, torch): drop that entry before importing more.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
