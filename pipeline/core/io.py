@@ -114,6 +114,18 @@ def read_json(path: Path) -> Any:
         raise PipelineError(f"{path}: not valid JSON ({exc})") from None
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file's top-level mapping; ``{}`` when the file is missing, unreadable or not a mapping
+    (for optional metadata such as a run's ``config.yaml``)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def check_can_write(path: Path, *, force: bool) -> None:
     """Refuse to replace an existing, non-empty output without ``force``."""
     path = Path(path)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import atomic_write_text, read_rgb, sha256_file, to_json_plain
+from pipeline.core.io import atomic_write_text, read_rgb, read_yaml_mapping, sha256_file, to_json_plain
 from pipeline.core.runs import RunDir
 from pipeline.data.mvtec import GOOD
 
@@ -48,16 +48,6 @@ def _weights(run: Path, default: str, what: str) -> Path:
         where = f"{f} not found" if p.is_dir() or not p.exists() else f"{p} is not a weights file"
         raise PipelineError(f"{run}: {where} (expected {what})")
     return f
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def resolve_models(*, detector=None, sam=None, classifier=None, anomaly=None) -> dict:
@@ -84,7 +74,7 @@ def resolve_models(*, detector=None, sam=None, classifier=None, anomaly=None) ->
         if embeddings_beside(f).is_file():
             files.append((embeddings_beside(f), f"detector/{EMBEDDINGS_FILE}", "class_embeddings"))
         run_dir = Path(detector) if Path(detector).is_dir() else f.parent.parent
-        imgsz = int(_read_yaml(run_dir / "config.yaml").get("imgsz", 640))
+        imgsz = int(read_yaml_mapping(run_dir / "config.yaml").get("imgsz", 640))
         plan["detector"] = {"source": str(Path(detector).resolve()), "files": files, "imgsz": imgsz}
     if sam is not None:
         from pipeline.models.sam.model import read_finetuned, resolve_base_checkpoint

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_yaml_mapping
 
 IMAGES = "images.json"
 VERDICTS = "verdicts.jsonl"
@@ -60,20 +61,10 @@ class Inspection:
         return Path(self.gt["info"]["image_root"])
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, yaml.YAMLError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
 def _bundle(folder: Path) -> dict:
     """The inspection's ``bundle.yaml`` (via its ``config.yaml``), ``{}`` when it cannot be found."""
-    bundle = _read_yaml(folder / "config.yaml").get("bundle")
-    return _read_yaml(Path(bundle) / "bundle.yaml") if bundle else {}
+    bundle = read_yaml_mapping(folder / "config.yaml").get("bundle")
+    return read_yaml_mapping(Path(bundle) / "bundle.yaml") if bundle else {}
 
 
 def _parent_categories(bundle: dict) -> tuple[list[dict] | None, str]:
