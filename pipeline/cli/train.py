@@ -145,11 +145,18 @@ def finetune_classifier(
     task: str = typer.Option(
         "multiclass", "--task", help="multiclass (good + each defect type) or binary (good vs defect)."
     ),
+    backbone: Optional[str] = typer.Option(
+        None,
+        "--backbone",
+        help="Override model.backbone: resnet18 (published), efficientnet_lite0 or mobilenet_v2 (their ImageNet "
+        "weights come installed, offline); each attempt's design maps onto the trunk's stages by stride.",
+    ),
     weights: str = typer.Option(
         "imagenet",
         "--weights",
-        help="imagenet (torchvision resnet18-f37072fd.pth from the weights caches; what the published attempts "
-        "use), none (from scratch: frozen stages stay random) or a ResNet-18 state-dict path.",
+        help="imagenet (the trunk's ImageNet weights: resnet18-f37072fd.pth from the weights caches, what the "
+        "published attempts use, or the installed registry file), none (from scratch: frozen stages stay random) "
+        "or a state-dict path of the trunk.",
     ),
     allow_download: bool = typer.Option(
         False, "--allow-download", help="Download the ImageNet file when it is nowhere on disk."
@@ -181,13 +188,14 @@ def finetune_classifier(
     ),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model (CUDA only)."),
 ) -> None:
-    """Train a ResNet-18 image classifier (one of the four published attempts) on a split manifest.
+    """Train an image classifier (one of the four published attempts; ResNet-18 trunk unless --backbone).
 
     Several GPUs or nodes: launch with torchrun (--batch stays the global batch)."""
     from pipeline.models.classifier.config import command_line_overrides
     from pipeline.models.classifier.train import train_from_config
 
     named = {
+        "model.backbone": backbone,
         "train.epochs": epochs,
         "train.batch_size": batch,
         "train.device": device,

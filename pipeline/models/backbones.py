@@ -456,3 +456,65 @@ def EfficientNetLite0():
             return self._fc(x.mean((2, 3)))
 
     return Lite0()
+
+
+# ---------------------------------------------------------------- whole trunks for the image classifier
+# The classifier (pipeline.models.classifier) trains a whole trunk cut into a stem and four stages
+# by output stride, so each published attempt's per-stage design (ResNet-18 layer1-layer4) maps onto
+# any trunk: stage 1 ends at stride 4, stage 2 at 8, stage 3 at 16, stage 4 at 32.
+CLASSIFIER_TRUNKS = ("efficientnet_lite0", "mobilenet_v2")
+CLASSIFIER_STAGE_CHANNELS = {  # output channels of stem, stage 1 (stride 4), 2 (8), 3 (16), 4 (32)
+    "efficientnet_lite0": (16, 24, 40, 112, 1280),
+    "mobilenet_v2": (16, 24, 32, 96, 1280),
+}
+
+
+def classifier_stages(name: str, *, weights: str | Path | None = None) -> list:
+    """The registry trunk ``name`` cut into ``[stem, stage1, stage2, stage3, stage4]`` (trainable,
+    train mode), optionally with its full ImageNet state dict loaded strictly first.
+
+    Cuts (output stride in input pixels; channels in :data:`CLASSIFIER_STAGE_CHANNELS`):
+
+    - ``efficientnet_lite0``: stem = conv + BN + ReLU6 + ``blocks.0`` (stride 2), stage 1 =
+      ``blocks.1-2`` (4), stage 2 = ``blocks.3-4`` (8), stage 3 = ``blocks.5-10`` (16), stage 4 =
+      ``blocks.11-15`` + the 1x1 head conv to 1280 channels + BN + ReLU6 (32). Input normalised
+      with mean = std = 0.5 (``SPECS``).
+    - ``mobilenet_v2``: torchvision ``features[0:2]`` (2), ``[2:4]`` (4), ``[4:7]`` (8), ``[7:14]``
+      (16), ``[14:19]`` including the last 1x1 conv to 1280 channels (32). ImageNet mean/std.
+
+    The ImageNet classifier layers (Lite0 ``_fc``; MobileNetV2 ships features only) are dropped.
+
+    Args:
+        weights: the file of :func:`weights_file` (or another full state dict of the same network);
+            ``None`` keeps the random initialisation.
+
+    Raises:
+        PipelineError: ``name`` is not a registry trunk, or the weights do not load strictly.
+    """
+    import torch
+
+    if name not in CLASSIFIER_TRUNKS:
+        raise PipelineError(f"unknown classifier trunk {name!r} here (expected one of {', '.join(CLASSIFIER_TRUNKS)})")
+    sd = _load_state(Path(weights)) if weights is not None else None
+    nn = torch.nn
+    if name == "mobilenet_v2":
+        import torchvision
+
+        feats = torchvision.models.mobilenet_v2(weights=None).features
+        if sd is not None:
+            tsd = feats.state_dict()
+            sd = remap_mobilenetv2_bottle(sd, list(tsd), [tuple(v.shape) for v in tsd.values()])
+            _strict_load(feats, sd, Path(weights), name)
+        return [feats[0:2], feats[2:4], feats[4:7], feats[7:14], feats[14:19]]
+    net = EfficientNetLite0()
+    if sd is not None:
+        _strict_load(net, sd, Path(weights), name)
+    b = net._blocks
+    head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6(inplace=False))
+    return [
+        nn.Sequential(net.stem, b[0]),
+        nn.Sequential(*b[1:3]),
+        nn.Sequential(*b[3:5]),
+        nn.Sequential(*b[5:11]),
+        nn.Sequential(*b[11:16], head),
+    ]

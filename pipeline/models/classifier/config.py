@@ -1,4 +1,4 @@
-"""Configuration of the ResNet-18 image classifier: frozen dataclasses loaded from YAML.
+"""Configuration of the image classifier (ResNet-18 trunk by default): frozen dataclasses loaded from YAML.
 
 One YAML file per published attempt lives in ``configs/classifier/`` (``attempt1_resnet18``,
 ``attempt2_selfattention``, ``attempt3_dropblock``, ``attempt4_gem``). A file has four sections,
@@ -24,7 +24,8 @@ from pipeline.core.errors import PipelineError
 
 _SCI = re.compile(r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$")
 VARIANTS = ("avgpool", "selfattention", "dropblock", "gem")
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # layer1-4 end at output strides 4, 8, 16, 32
+BACKBONES = ("resnet18", "efficientnet_lite0", "mobilenet_v2")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class ModelConfig:
         dropblock: DropBlock settings (used by the ``dropblock`` variant).
         gem_p: initial GeM exponent (Radenovic et al., TPAMI 2018); learnable.
         gem_eps: clamp of activations before the power.
+        backbone: the trunk, cut into ``stem`` and four stages ``layer1``-``layer4`` ending at output
+            strides 4, 8, 16, 32 (``pipeline.models.backbones.classifier_stages``): ``resnet18`` (the
+            published attempts), ``efficientnet_lite0`` or ``mobilenet_v2`` (ImageNet weights installed
+            from the package registry, so they work offline).
     """
 
     variant: Literal["avgpool", "selfattention", "dropblock", "gem"] = "avgpool"
@@ -65,6 +70,7 @@ class ModelConfig:
     dropblock: DropBlockConfig = field(default_factory=DropBlockConfig)
     gem_p: float = 3.0
     gem_eps: float = 1e-6
+    backbone: Literal["resnet18", "efficientnet_lite0", "mobilenet_v2"] = "resnet18"
 
 
 @dataclass(frozen=True)
@@ -100,15 +106,17 @@ class DataConfig:
 
     Attributes:
         input_size_hw: network input (height, width) in pixels; images are resized once and cached.
-        mean, std: RGB normalisation of [0, 1] pixels (ImageNet statistics by default).
+        mean, std: RGB normalisation of [0, 1] pixels; empty (the default) means the trunk's own
+            (``pipeline.models.backbones.SPECS``: ImageNet statistics, 0.5 / 0.5 for EfficientNet-Lite0),
+            filled in when the config is built, so config.yaml and checkpoints hold the values used.
         use_train_good: add ``train/good`` (the manifest's ``train_good``) as extra ``good`` images.
         max_train_good: use a seeded random subset of N of those (-1 = all).
         cache_dir: folder for the on-disk cache of decoded, resized images ("" = memory only).
     """
 
     input_size_hw: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     use_train_good: bool = True
     max_train_good: int = -1
     cache_dir: str = ""
@@ -147,6 +155,13 @@ class ClassifierConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     longtail: LongTailConfig = field(default_factory=LongTailConfig)
+
+    def __post_init__(self) -> None:
+        from pipeline.models.backbones import SPECS
+
+        spec = SPECS[self.model.backbone]  # an empty mean/std is the trunk's own normalisation
+        data = dataclasses.replace(self.data, mean=self.data.mean or spec.mean, std=self.data.std or spec.std)
+        object.__setattr__(self, "data", data)
 
 
 def configs_dir() -> Path:
@@ -295,12 +310,15 @@ def _check_values(cfg: ClassifierConfig, source: str) -> None:
             f"model.dropblock.block_size = {m.dropblock.block_size} (expected an odd integer, as torchvision's "
             "DropBlock2d requires)"
         )
-    if m.gem_p <= 0:
-        fail(f"model.gem_p = {m.gem_p} (expected a positive exponent)")
+    if m.gem_p < 1:
+        fail(f"model.gem_p = {m.gem_p} (expected an exponent >= 1: 1 is average pooling, GeM keeps p >= 1)")
     if not 0.0 < lt.cb_beta < 1.0:
         fail(f"longtail.cb_beta = {lt.cb_beta} (expected a value in (0, 1))")
     if min(d.input_size_hw) < 16:
         fail(f"data.input_size_hw = {list(d.input_size_hw)} (expected at least 16 pixels per side)")
+    for key, v in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(v) != 3:
+            fail(f"{key} = {list(v)} (expected a list of 3 numbers, or [] for the trunk's own normalisation)")
     if min(d.std) <= 0:
         fail(f"data.std = {list(d.std)} (expected positive values)")
     if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps"):

