@@ -169,10 +169,25 @@ def finetune_classifier(
     balance: Optional[str] = typer.Option(
         None, "--balance", help="Override longtail.balance: none, reweight, resample (Cui et al. 2019)."
     ),
+    feature_synthesis: Optional[str] = typer.Option(
+        None,
+        "--feature-synthesis",
+        help="Override longtail.feature_synthesis: interpolate (segments between same-class features), gaussian "
+        "(one shrunk Gaussian per class, after distribution calibration) or none; then the head is retrained.",
+    ),
+    target_ratio: Optional[float] = typer.Option(
+        None,
+        "--target-ratio",
+        help="Override longtail.target_ratio: synthesise up to this fraction of the head's count.",
+    ),
+    longtail: Optional[str] = typer.Option(
+        None, "--longtail", help="Override longtail.method: dlsa (Xu et al., ECCV 2022: flow filter + cascade) or none."
+    ),
     feature_rebalance: Optional[bool] = typer.Option(
         None,
         "--feature-rebalance/--no-feature-rebalance",
-        help="Override longtail.feature_rebalance (after Xu et al. 2022).",
+        hidden=True,
+        help="Old name of --feature-synthesis gaussian.",
     ),
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Any other override, dotted: --set model.dropout=0.2 (repeatable)."
@@ -202,6 +217,9 @@ def finetune_classifier(
         "train.seed": seed,
         "longtail.balance": balance,
         "longtail.feature_rebalance": feature_rebalance,
+        "longtail.feature_synthesis": feature_synthesis,
+        "longtail.target_ratio": target_ratio,
+        "longtail.method": longtail,
         "data.input_size_hw": None if imgsz is None else [imgsz, imgsz],
     }
     result = train_from_config(

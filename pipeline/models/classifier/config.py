@@ -125,27 +125,78 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LongTailConfig:
-    """Long-tail options (``good`` is the head, defect types the tail).
+    """Long-tail options (``good`` is the head, defect types the tail; ``pipeline.models.classifier.longtail``).
 
     Attributes:
         balance: ``none``; ``reweight`` (class-balanced loss weights); ``resample`` (class-balanced
             sampling); both by the effective number of samples (Cui et al., CVPR 2019).
         cb_beta: the beta of the effective number ``(1 - beta**n) / (1 - beta)``.
-        feature_rebalance: after training, retrain the head on a feature set balanced with
-            synthetic tail features (after Xu et al., ECCV 2022; see ``pipeline.models.classifier.longtail``).
-        fr_epochs, fr_lr, fr_batch_size: head retraining settings.
-        fr_shrinkage: covariance shrinkage towards the pooled covariance, in [0, 1].
-        fr_target: per-class feature count after rebalancing ("0" = the head class count).
+        feature_synthesis: after training, retrain the head on real + synthetic features of the
+            frozen embedding: ``interpolate`` (segments between same-class features, the design's
+            method; ``pipeline.models.classifier.synthesis``), ``gaussian`` (one shrunk Gaussian per
+            class, after distribution calibration, Yang et al., ICLR 2021) or ``none``.
+        feature_rebalance: legacy alias of ``feature_synthesis: gaussian`` (older configs and checkpoints).
+        method: ``dlsa`` replaces the head by the DLSA cascade (Xu et al., ECCV 2022;
+            ``pipeline.models.classifier.dlsa``) fitted on the frozen features; ``none``.
+        fr_epochs, fr_lr, fr_batch_size: head retraining settings (feature synthesis).
+        fr_shrinkage: covariance shrinkage towards the pooled covariance, in [0, 1] (gaussian).
+        fr_target: per-class feature count after synthesis (0: ``target_ratio`` times the head's count).
+        target_ratio: per-class count after synthesis as a fraction of the head class's count.
+        interp_mean_fraction: share of interpolated features drawn towards the class mean, in [0, 1].
+        dlsa_*: the :class:`pipeline.models.classifier.dlsa.DLSASettings` of the same names.
     """
 
     balance: Literal["none", "reweight", "resample"] = "none"
     cb_beta: float = 0.999
+    feature_synthesis: Literal["none", "gaussian", "interpolate"] = "none"
     feature_rebalance: bool = False
+    method: Literal["none", "dlsa"] = "none"
     fr_epochs: int = 200
     fr_lr: float = 1e-3
     fr_batch_size: int = 128
     fr_shrinkage: float = 0.5
     fr_target: int = 0
+    target_ratio: float = 1.0
+    interp_mean_fraction: float = 0.0
+    dlsa_stages: int = 3
+    dlsa_ratio: float = 0.3
+    dlsa_flow_blocks: int = 2
+    dlsa_flow_hidden: int = 0
+    dlsa_flow_hidden_layers: int = 1
+    dlsa_flow_epochs: int = 50
+    dlsa_flow_lr: float = 1e-3
+    dlsa_center_std: float = 1.0
+    dlsa_weight_q: float = 2.0
+    dlsa_cls_epochs: int = 150
+    dlsa_cls_lr: float = 1e-3
+
+    @property
+    def synthesis(self) -> str:
+        """The feature-synthesis method in effect (``feature_rebalance: true`` means ``gaussian``)."""
+        return "gaussian" if self.feature_rebalance and self.feature_synthesis == "none" else self.feature_synthesis
+
+
+def _check_longtail(lt: LongTailConfig, fail) -> None:
+    """Value checks of the long-tail section (``fail(message)`` raises)."""
+    if lt.feature_rebalance and lt.feature_synthesis == "interpolate":
+        fail("longtail.feature_rebalance (gaussian) contradicts longtail.feature_synthesis = interpolate")
+    if lt.method == "dlsa" and lt.synthesis != "none":
+        fail(f"longtail.method dlsa and longtail.feature_synthesis {lt.synthesis} exclude each other (choose one)")
+    for key, v in (("longtail.target_ratio", lt.target_ratio), ("longtail.dlsa_flow_lr", lt.dlsa_flow_lr)):
+        if v <= 0:
+            fail(f"{key} = {v} (expected a positive number)")
+    for key, v in (("longtail.dlsa_cls_lr", lt.dlsa_cls_lr), ("longtail.dlsa_center_std", lt.dlsa_center_std)):
+        if v <= 0:
+            fail(f"{key} = {v} (expected a positive number)")
+    if not 0.0 <= lt.interp_mean_fraction <= 1.0:
+        fail(f"longtail.interp_mean_fraction = {lt.interp_mean_fraction} (expected a fraction in [0, 1])")
+    if not 0.0 < lt.dlsa_ratio < 1.0:
+        fail(f"longtail.dlsa_ratio = {lt.dlsa_ratio} (expected a fraction in (0, 1))")
+    for key in ("dlsa_stages", "dlsa_flow_blocks", "dlsa_flow_hidden_layers", "dlsa_flow_epochs", "dlsa_cls_epochs"):
+        if getattr(lt, key) < 1:
+            fail(f"longtail.{key} = {getattr(lt, key)} (expected a positive integer)")
+    if lt.dlsa_flow_hidden < 0 or lt.dlsa_weight_q < 0:
+        fail("longtail.dlsa_flow_hidden and longtail.dlsa_weight_q must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -314,6 +365,7 @@ def _check_values(cfg: ClassifierConfig, source: str) -> None:
         fail(f"model.gem_p = {m.gem_p} (expected an exponent >= 1: 1 is average pooling, GeM keeps p >= 1)")
     if not 0.0 < lt.cb_beta < 1.0:
         fail(f"longtail.cb_beta = {lt.cb_beta} (expected a value in (0, 1))")
+    _check_longtail(lt, fail)
     if min(d.input_size_hw) < 16:
         fail(f"data.input_size_hw = {list(d.input_size_hw)} (expected at least 16 pixels per side)")
     for key, v in (("data.mean", d.mean), ("data.std", d.std)):

@@ -6,41 +6,42 @@
    sum to the number of classes. Used either as loss weights (``reweight``) or as per-sample
    sampling probabilities (``resample``, sampling with replacement).
 
-2. **Feature-space rebalancing** after Xu et al., "Constructing Balance from Imbalance for
-   Long-tailed Image Recognition" (ECCV 2022, DLSA). What is implemented, and how:
+2. **Feature synthesis** on the frozen features of the trained embedding network (decoupled
+   two-stage training: the pooled features of the training images are extracted once, in eval
+   mode, synthetic tail features are added until every class reaches the target count, and only the
+   classifier head is retrained on real + synthetic features: fresh initialisation, AdamW,
+   cross-entropy with the run's label smoothing). Two generators:
 
-   - *Decoupled two-stage training* (which DLSA builds on: the paper works on the features of an
-     already trained backbone): the embedding network is trained first; its pooled features of the
-     training images are then extracted once, in eval mode, and only the classifier head is retrained.
-   - *A generative model of the learned feature space*: DLSA fits a Gaussian-mixture model in the
-     latent space of a normalising flow (FlowGMM). Here the flow is the identity and the mixture has
-     one Gaussian per class (mean = class mean; covariance = the class covariance shrunk towards the
-     pooled within-class covariance by ``shrinkage``, plus a small ridge), so few-shot tail classes
-     borrow the covariance structure learned from the head.
-   - *Constructing a balanced set*: synthetic feature vectors are drawn from each tail class's
-     Gaussian until every class has ``target`` features (default: the head's count). Synthetic
-     features are clipped below at the minimum of the real features (0 after ReLU pooling).
-   - *Retraining the head* on real + synthetic features (fresh initialisation, AdamW, cross-entropy
-     with the run's label smoothing).
+   - ``interpolate`` (the design's method, after Xu et al., ECCV 2022, who construct balance in the
+     learned feature space): points on segments between two real features of the class, or towards
+     the class mean (:mod:`pipeline.models.classifier.synthesis`).
+   - ``gaussian``: draws from one Gaussian per class (mean = class mean; covariance = the class
+     covariance shrunk towards the pooled within-class covariance by ``shrinkage``, plus a small
+     ridge), so few-shot tail classes borrow the covariance shape of the head; clipped below at the
+     real features' minimum. This is distribution calibration (Yang et al., "Free Lunch for Few-shot
+     Learning: Distribution Calibration", ICLR 2021) without its Tukey transform and base-class
+     neighbour selection; ``feature_rebalance: true`` is its older name.
 
-   Not implemented: the normalising flow itself, DLSA's contrastive cluster-purity and balance
-   losses, the likelihood-based filtering that routes confidently clustered samples to a
-   cluster-aided classifier, and the progressive (recursive) label-space division. Generating
-   synthetic tail features, as asked here, is closer to distribution calibration (Yang et al.,
-   ICLR 2021) than to DLSA's sample filtering; the two share the Gaussian model of feature space.
-   :func:`feature_rebalance` runs the three steps on a trained classifier.
+3. **DLSA** (Xu et al., ECCV 2022, the paper's own method): a Gaussian-mixture normalising flow per
+   stage, the likelihood filter, cluster-aided classifiers and the staged cascade replace the head
+   (:mod:`pipeline.models.classifier.dlsa`, whose docstring lists what differs from the paper).
+
+:func:`longtail_step` runs 2 or 3 on a trained classifier; :func:`fit_feature_head` fits any of the
+methods on a fixed feature set (the benchmark ``benchmarks/longtail.py`` and the tests use it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.models.classifier.config import ClassifierConfig
+from pipeline.models.classifier.config import ClassifierConfig, LongTailConfig
 from pipeline.models.classifier.data import ImageSet
 from pipeline.models.classifier.predict import extract_features
+from pipeline.models.classifier.synthesis import BalancedFeatures, interpolate_balanced, target_count
+
+FEATURE_METHODS = ("plain", "reweight", "resample", "gaussian", "interpolate", "dlsa")
 
 
 def effective_number(counts: Sequence[int], beta: float) -> np.ndarray:
@@ -79,18 +80,6 @@ def sample_weights(labels: Sequence[int], class_weights: Sequence[float]) -> np.
     return w / w.sum()
 
 
-@dataclass(frozen=True)
-class BalancedFeatures:
-    """A balanced feature set: ``features`` (N x D float32), ``labels`` (N int64), ``synthetic`` (N bool)."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    synthetic: np.ndarray
-
-    def counts(self, num_classes: int) -> np.ndarray:
-        return np.bincount(self.labels, minlength=num_classes)
-
-
 def class_gaussians(
     features: np.ndarray, labels: np.ndarray, num_classes: int, *, shrinkage: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -127,10 +116,12 @@ def synthesize_balanced(
     num_classes: int,
     *,
     target: int = 0,
+    target_ratio: float = 1.0,
     shrinkage: float = 0.5,
     seed: int = 0,
 ) -> BalancedFeatures:
-    """Add synthetic features to every class below ``target`` (0 = the largest class's count).
+    """Add Gaussian synthetic features to every class below the target count
+    (:func:`pipeline.models.classifier.synthesis.target_count`: ``target``, else ``target_ratio`` x the head's count).
 
     Args:
         features: N x D real features (float).
@@ -147,7 +138,7 @@ def synthesize_balanced(
     counts = np.bincount(y, minlength=num_classes)
     if counts.min() < 1:
         raise ValueError(f"every class needs at least one real feature (counts {counts.tolist()})")
-    target = int(target) or int(counts.max())
+    target = target_count(counts, target=target, target_ratio=target_ratio)
     means, covs = class_gaussians(x, y, num_classes, shrinkage=shrinkage)
     rng = np.random.default_rng(seed)
     floor = x.min(0)
@@ -182,11 +173,15 @@ def retrain_head(
     seed: int = 0,
     device: str = "cpu",
     reset: bool = True,
+    class_weights: Sequence[float] | None = None,
+    sample_probs: Sequence[float] | None = None,
 ) -> list[float]:
     """Retrain ``head`` (an ``nn.Module`` mapping N x D features to N x C logits) in place.
 
     Re-initialises every sub-module with ``reset_parameters`` when ``reset`` (decoupled classifier
-    retraining), then runs AdamW over shuffled mini-batches. Returns the mean loss of each epoch.
+    retraining), then runs AdamW over shuffled mini-batches. ``class_weights``: cross-entropy weights
+    per class; ``sample_probs``: each epoch draws N samples with replacement with these probabilities
+    instead of a permutation. Returns the mean loss of each epoch.
     """
     import torch
 
@@ -199,11 +194,16 @@ def retrain_head(
     x = torch.as_tensor(np.asarray(features, np.float32), device=device)
     y = torch.as_tensor(np.asarray(labels, np.int64), device=device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    weight = None if class_weights is None else torch.as_tensor(np.asarray(class_weights), dtype=torch.float32)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing).to(device)
     gen = torch.Generator().manual_seed(seed)
+    probs = None if sample_probs is None else torch.as_tensor(np.asarray(sample_probs), dtype=torch.float64)
     losses = []
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=gen).to(device)
+        if probs is None:
+            order = torch.randperm(len(y), generator=gen).to(device)
+        else:
+            order = torch.multinomial(probs, len(y), replacement=True, generator=gen).to(device)
         total = 0.0
         for i in range(0, len(y), batch_size):
             idx = order[i : i + batch_size]
@@ -219,22 +219,152 @@ def retrain_head(
     return losses
 
 
-def feature_rebalance(model, train_set: ImageSet, cfg: ClassifierConfig, device: str) -> dict:
-    """Feature-space rebalancing (module docstring, point 2) of a trained classifier: extract the
-    pooled training features, balance them with synthetic tail features and retrain ``model.head``
-    in place (``cfg.longtail.fr_*`` settings); ``model`` is left in eval mode.
+def synthesize(features: np.ndarray, labels: np.ndarray, num_classes: int, lt: LongTailConfig, seed: int):
+    """The :class:`BalancedFeatures` of ``lt.synthesis`` (``gaussian`` or ``interpolate``)."""
+    if lt.synthesis == "interpolate":
+        return interpolate_balanced(
+            features,
+            labels,
+            num_classes,
+            target=lt.fr_target,
+            target_ratio=lt.target_ratio,
+            mean_fraction=lt.interp_mean_fraction,
+            seed=seed,
+        )
+    return synthesize_balanced(
+        features,
+        labels,
+        num_classes,
+        target=lt.fr_target,
+        target_ratio=lt.target_ratio,
+        shrinkage=lt.fr_shrinkage,
+        seed=seed,
+    )
+
+
+def dlsa_settings(lt: LongTailConfig):
+    """The :class:`pipeline.models.classifier.dlsa.DLSASettings` of the ``longtail.dlsa_*`` keys."""
+    from pipeline.models.classifier.dlsa import DLSASettings
+
+    return DLSASettings(
+        stages=lt.dlsa_stages,
+        ratio=lt.dlsa_ratio,
+        flow_blocks=lt.dlsa_flow_blocks,
+        flow_hidden=lt.dlsa_flow_hidden,
+        flow_hidden_layers=lt.dlsa_flow_hidden_layers,
+        flow_epochs=lt.dlsa_flow_epochs,
+        flow_lr=lt.dlsa_flow_lr,
+        center_std=lt.dlsa_center_std,
+        weight_q=lt.dlsa_weight_q,
+        cls_epochs=lt.dlsa_cls_epochs,
+        cls_lr=lt.dlsa_cls_lr,
+    )
+
+
+def linear_of(head, dim: int):
+    """``(W, b)`` numpy arrays of ``head`` when it is a linear classifier on ``dim`` features (a
+    ``Linear``, or ``Dropout`` + ``Linear``), else ``None``."""
+    import torch
+
+    lins = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    if len(lins) != 1 or lins[0].in_features != dim:
+        return None
+    return lins[0].weight.detach().cpu().numpy(), lins[0].bias.detach().cpu().numpy()
+
+
+def fit_feature_head(
+    method: str,
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    lt: LongTailConfig | None = None,
+    *,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+):
+    """Fit a classifier on fixed features ``N x D`` with one long-tail ``method`` of
+    :data:`FEATURE_METHODS`: a linear head trained plainly, with class-balanced loss weights or
+    sampling (``lt.cb_beta``), on real + synthetic features (gaussian, interpolate), or the DLSA
+    cascade (started from the plain linear head, as DLSA starts from the trained classifier).
+    Head training uses ``lt.fr_epochs``, ``fr_lr``, ``fr_batch_size``.
 
     Returns:
-        ``{"counts_before", "counts_after"}`` (features per class), ``"n_synthetic"`` and
-        ``"head_loss_first_last"`` (mean loss of the first and last head epoch, or None).
+        ``(head, info)``: an ``nn.Module`` mapping ``N x D`` float32 features to ``N x C`` logits (eval
+        mode, CPU) and a dict (counts after synthesis, or the DLSA report).
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    import torch
+
+    if method not in FEATURE_METHODS:
+        raise ValueError(f"unknown method {method!r} (expected one of {', '.join(FEATURE_METHODS)})")
+    lt = lt or LongTailConfig()
+    x = np.asarray(features, np.float32)
+    y = np.asarray(labels, np.int64)
+    counts = np.bincount(y, minlength=num_classes)
+    train = dict(epochs=lt.fr_epochs, lr=lt.fr_lr, batch_size=lt.fr_batch_size, label_smoothing=label_smoothing)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], num_classes)
+    info: dict = {}
+    if method in ("gaussian", "interpolate"):
+        from dataclasses import replace
+
+        bal = synthesize(x, y, num_classes, replace(lt, feature_synthesis=method), seed)
+        x, y = bal.features, bal.labels
+        info["counts_after"] = bal.counts(num_classes).tolist()
+    cw = class_balanced_weights(np.maximum(counts, 1), lt.cb_beta)
+    retrain_head(
+        head,
+        x,
+        y,
+        seed=seed,
+        class_weights=cw if method == "reweight" else None,
+        sample_probs=sample_weights(y, cw) if method == "resample" else None,
+        **train,
+    )
+    if method == "dlsa":
+        from pipeline.models.classifier.dlsa import fit_dlsa
+
+        head, info = fit_dlsa(x, y, num_classes, dlsa_settings(lt), init=linear_of(head, x.shape[1]), seed=seed)
+    return head.eval(), info
+
+
+def longtail_step(model, train_set: ImageSet, cfg: ClassifierConfig, device: str) -> dict | None:
+    """The post-training long-tail step of ``cfg.longtail`` on a trained classifier, in place
+    (``model`` is left in eval mode); ``None`` when there is none.
+
+    - ``feature_synthesis`` (``gaussian``/``interpolate``): extract the pooled training features,
+      add synthetic tail features (module docstring, point 2) and retrain ``model.head``.
+    - ``method: dlsa``: fit the DLSA cascade on the features and make it ``model.head``; the report's
+      ``"head"`` is the :meth:`pipeline.models.classifier.dlsa.DLSAHead.spec` the checkpoint must keep
+      (:func:`pipeline.models.classifier.model.model_from_checkpoint` rebuilds the head from it).
+
+    Returns:
+        ``{"step", "counts_before", ...}``: for synthesis ``"counts_after"``, ``"n_synthetic"``,
+        ``"head_loss_first_last"``; for DLSA ``"head"``, ``"thresholds"``, ``"stage_counts"``,
+        ``"stages_used"``, ``"train_stage_sizes"``.
     """
     lt = cfg.longtail
+    if lt.synthesis == "none" and lt.method == "none":
+        return None
     feats = extract_features(model, train_set, cfg, device)
     labels = train_set.labels.numpy()
     n_classes = len(train_set.classes)
-    bal = synthesize_balanced(
-        feats, labels, n_classes, target=lt.fr_target, shrinkage=lt.fr_shrinkage, seed=cfg.train.seed
-    )
+    out: dict = {"counts_before": np.bincount(labels, minlength=n_classes).tolist()}
+    if lt.method == "dlsa":
+        from pipeline.models.classifier.dlsa import fit_dlsa
+
+        head, rep = fit_dlsa(
+            feats, labels, n_classes, dlsa_settings(lt), init=linear_of(model.head, feats.shape[1]), seed=cfg.train.seed
+        )
+        model.head = head.to(device)
+        model.eval()
+        stage_of = np.asarray(rep["stage_of"])
+        sizes = np.bincount(stage_of, minlength=lt.dlsa_stages + 1).tolist()
+        keep = ("thresholds", "stage_counts", "stages_used", "flow_loss_first_last")
+        return {"step": "dlsa", **out, "head": head.spec(), "train_stage_sizes": sizes, **{k: rep[k] for k in keep}}
+    bal = synthesize(feats, labels, n_classes, lt, cfg.train.seed)
     losses = retrain_head(
         model.head,
         bal.features,
@@ -249,7 +379,8 @@ def feature_rebalance(model, train_set: ImageSet, cfg: ClassifierConfig, device:
     )
     model.eval()
     return {
-        "counts_before": np.bincount(labels, minlength=n_classes).tolist(),
+        "step": lt.synthesis,
+        **out,
         "counts_after": bal.counts(n_classes).tolist(),
         "n_synthetic": int(bal.synthetic.sum()),
         "head_loss_first_last": [losses[0], losses[-1]] if losses else None,

@@ -23,7 +23,8 @@ BatchNorm layers in eval mode, so their parameters and running statistics never 
 
 A checkpoint (``weights/best.pt`` / ``weights/last.pt`` of a run folder) is a dict with at least
 ``model`` (state dict), ``config`` (:func:`pipeline.models.classifier.config.config_to_dict`),
-``classes``, ``task`` and ``weights`` (the initial-weights note).
+``classes``, ``task`` and ``weights`` (the initial-weights note); after ``longtail.method: dlsa`` also
+``longtail_head`` (the DLSA head's spec, from which :func:`model_from_checkpoint` rebuilds the head).
 """
 
 from __future__ import annotations
@@ -301,5 +302,9 @@ def model_from_checkpoint(ck: dict):
     """
     cfg = config_from_dict(ck["config"], source="checkpoint config")
     model = build_model(cfg.model, len(ck["classes"]))
+    if ck.get("longtail_head"):  # a DLSA cascade replaced the head (longtail.method: dlsa)
+        from pipeline.models.classifier.dlsa import build_head
+
+        model.head = build_head(ck["longtail_head"])
     model.load_state_dict(ck["model"])
     return model, cfg

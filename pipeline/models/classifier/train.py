@@ -4,7 +4,7 @@
 :func:`train_classifier` is ``main``: :func:`check_inputs`, :func:`resolve_runtime`,
 :func:`load_data`, :func:`build_training` (model, optimizer, scheduler, loss; :func:`resume_training`),
 then per epoch :func:`train_one_epoch`, :func:`evaluate` and :func:`save_checkpoints`, and
-:func:`finish` (best weights, optional feature rebalancing, val predictions, metrics). The model is in
+:func:`finish` (best weights, optional long-tail step, val predictions, metrics). The model is in
 ``model.py``, images in ``data.py``, optimizer / loss / evaluation in ``engine.py``, the state kept
 between epochs in ``checkpoint.py``, inference and prediction files in ``predict.py``.
 
@@ -56,7 +56,7 @@ from pipeline.models.classifier.engine import (
     selection_value,
     skips_batch,
 )
-from pipeline.models.classifier.longtail import feature_rebalance
+from pipeline.models.classifier.longtail import longtail_step
 from pipeline.models.classifier.model import (
     build_model,
     frozen_random_stages,
@@ -395,7 +395,8 @@ def finish(
     echo: bool,
 ) -> dict:
     """Rank 0, after the last epoch: reload the best weights, evaluate (before and after the optional
-    feature rebalancing), write ``val_predictions.json``, ``val_eval/``, curves and ``metrics.json``."""
+    long-tail step: feature synthesis or DLSA), write ``val_predictions.json``, ``val_eval/``, curves
+    and ``metrics.json``."""
     from pipeline.evaluation.classification import evaluate_classification, plot_history
 
     classes, note, model = inputs.classes, inputs.weights_note, t.model
@@ -415,19 +416,14 @@ def finish(
     if t.history:
         ips = [h["images_per_s"] for h in t.history if h.get("images_per_s")]
         metrics["train_images_per_s"] = float(np.median(ips)) if ips else None
-    metrics["val_before_feature_rebalance"] = (
-        evaluate(model, val_set, cfg, t.loss_fn, rt.device) if len(val_set) else None
-    )
-    if cfg.longtail.feature_rebalance:
-        fr = feature_rebalance(model, train_set, cfg, rt.device)
-        metrics["feature_rebalance"] = fr
-        atomic_torch_save(
-            run / BEST, {"model": model.state_dict(), "epoch": best["epoch"], "feature_rebalanced": True, **meta}
-        )
-        metrics["val_after_feature_rebalance"] = (
-            evaluate(model, val_set, cfg, t.loss_fn, rt.device) if len(val_set) else None
-        )
-        _log(run, f"feature rebalancing: {fr['counts_before']} -> {fr['counts_after']} features per class", echo)
+    metrics["val_before_longtail"] = evaluate(model, val_set, cfg, t.loss_fn, rt.device) if len(val_set) else None
+    lt = longtail_step(model, train_set, cfg, rt.device)
+    if lt is not None:  # the head is replaced or retrained: best.pt keeps it (and how to rebuild it)
+        metrics["longtail"] = lt
+        extra = {"longtail_step": lt["step"], "longtail_head": lt.get("head")}
+        atomic_torch_save(run / BEST, {"model": model.state_dict(), "epoch": best["epoch"], **extra, **meta})
+        metrics["val_after_longtail"] = evaluate(model, val_set, cfg, t.loss_fn, rt.device) if len(val_set) else None
+        _log(run, f"long tail ({lt['step']}): {lt['counts_before']} training features per class", echo)
     if len(val_set):
         pred_path = run / "val_predictions.json"
         write_predictions(
@@ -497,8 +493,8 @@ def train_classifier(
     DDP, NCCL on CUDA / gloo on CPU, SyncBatchNorm on CUDA, global batch ``train.batch_size`` split
     over ranks, metrics reduced over ranks, rank 0 alone writes). ``amp`` (bf16 autocast),
     ``channels_last`` (default: on for CUDA) and ``compile`` (``torch.compile``) act on CUDA only.
-    ``weights/best.pt`` is the best epoch by ``train.select_metric`` on val (with the rebalanced head
-    when ``longtail.feature_rebalance``).
+    ``weights/best.pt`` is the best epoch by ``train.select_metric`` on val (with the retrained head
+    after ``longtail.feature_synthesis``, or the DLSA cascade with ``longtail.method: dlsa``).
 
     Args:
         cfg: the validated configuration.
