@@ -202,17 +202,14 @@ def test_options_are_saved_and_used_by_predict(option_model, synth_category, tmp
         tmp_path / "model.pt",
         out=tmp_path / "pred",
         category_dir=synth_category,
+        subset="all",
         overlays=0,
         coco=False,
         progress=False,
     )
-    doc = json.loads(pred.read_text())
-    recs = {r["image"]: r for r in doc["predictions"]}
-    root = synth_category
+    recs = {r["image"]: r for r in json.loads(pred.read_text())["predictions"]}
     for p, m in zip(paths, m1):
-        rec = recs.get(p.relative_to(root).as_posix())
-        if rec is not None:
-            np.testing.assert_array_equal(np.load(pred.parent / rec["map"]), m)
+        np.testing.assert_array_equal(np.load(pred.parent / recs[p.relative_to(synth_category).as_posix()]["map"]), m)
     defaults = dataclasses.replace(re, config=dataclasses.replace(re.config, resize="area", upsample="bilinear"))
     _, m3, _ = defaults.score_paths(paths)
     assert np.abs(m3 - m1).max() > 1e-4
