@@ -280,3 +280,22 @@ def test_greedy_coreset_equals_brute_force_farthest_point_selection():
         chosen.append(j)
         d = np.minimum(d, np.linalg.norm(x64 - x64[j], axis=1))
     assert got.tolist() == chosen
+
+
+def test_cli_defaults_are_the_library_defaults():
+    import inspect
+
+    from pipeline.cli.train import finetune_anomaly_cmd
+
+    params = inspect.signature(finetune_anomaly_cmd).parameters
+    cfg = anomaly.PatchCoreConfig()
+    for opt, field in [
+        ("imgsz", "image_size"),
+        ("resize", "resize"),
+        ("upsample", "upsample"),
+        ("stages", "stages"),
+        ("coreset_ratio", "coreset_ratio"),
+        ("feature_dim", "feature_dim"),
+        ("neighbors", "num_neighbors"),
+    ]:
+        assert params[opt].default.default == getattr(cfg, field), opt
