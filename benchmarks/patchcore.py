@@ -3,7 +3,10 @@
 Usage::
 
     python benchmarks/patchcore.py [--category $MVTEC_ROOT/bottle] [--backbone efficientnet_lite0]
-        [--imgsz 224] [--ratios 0.001,0.0025,0.005,0.01,0.025] [--threads 2] [--json out.json]
+        [--imgsz 224] [--resize area] [--upsample bilinear] [--stages blocks.4,blocks.10]
+        [--ratios 0.001,0.0025,0.005,0.01,0.025] [--threads 2] [--json out.json]
+
+``--imgsz``, ``--resize``, ``--upsample`` and ``--stages`` default to ``finetune anomaly``'s defaults.
 
 Fits once on ``train/good`` with the largest ratio; greedy k-center selection is nested (the first
 ``n`` centres do not depend on how many follow, same seed and start), so every smaller ratio's memory
@@ -31,7 +34,10 @@ def main(argv=None) -> int:
     default_cat = Path(os.environ.get("MVTEC_ROOT", "../shared/data/mvtec_ad")) / "bottle"
     ap.add_argument("--category", type=Path, default=default_cat)
     ap.add_argument("--backbone", default=None, help="default: the best available")
-    ap.add_argument("--imgsz", type=int, default=224)
+    ap.add_argument("--imgsz", type=int, default=None)
+    ap.add_argument("--resize", default=None)
+    ap.add_argument("--upsample", default=None)
+    ap.add_argument("--stages", default=None)
     ap.add_argument("--ratios", default="0.001,0.0025,0.005,0.01,0.025")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -50,11 +56,15 @@ def main(argv=None) -> int:
     ratios = sorted(float(r) for r in args.ratios.split(","))
     cat = scan_category(args.category, check_pixels=False)
     name = args.backbone or backbones.default_backbone()
-    bb = backbones.load_backbone(name, device="cpu")
-    cfg = anomaly.PatchCoreConfig(backbone=name, image_size=args.imgsz, coreset_ratio=max(ratios))
+    given = {"image_size": args.imgsz, "resize": args.resize, "upsample": args.upsample, "stages": args.stages}
+    cfg = anomaly.PatchCoreConfig(backbone=name, coreset_ratio=max(ratios), **{k: v for k, v in given.items() if v})
+    cfg = anomaly.resolve_backbone(cfg)
+    bb = backbones.load_backbone_at(name, cfg.stage_names(), device="cpu")
+    args.imgsz = cfg.image_size
     print(
         f"category {cat.root.name}: {len(cat.train_good)} train/good, {len(cat.test)} test; backbone {name} "
-        f"({', '.join(bb.spec.layers)}), input {args.imgsz}x{args.imgsz}, torch threads {torch.get_num_threads()}, "
+        f"({', '.join(bb.spec.layers)}), input {args.imgsz}x{args.imgsz} ({cfg.resize} resize, {cfg.upsample} maps), "
+        f"torch threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
         flush=True,
     )
@@ -62,7 +72,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     feats = []
     for i in range(0, len(cat.train_good), cfg.batch_size):
-        x, _ = anomaly.load_batch(cat.train_good[i : i + cfg.batch_size], size=cfg.image_size, spec=bb.spec)
+        x, _ = anomaly.load_batch(
+            cat.train_good[i : i + cfg.batch_size], size=cfg.image_size, spec=bb.spec, resize=cfg.resize
+        )
         f, grid = anomaly.patch_features(bb, x)
         feats.append(f)
     feats = np.concatenate(feats)
@@ -91,7 +103,7 @@ def main(argv=None) -> int:
     t2 = time.perf_counter()
     imgs = [read_rgb(s.image) for s in cat.test]
     sizes = [im.shape[:2] for im in imgs]
-    x_test = anomaly.preprocess(imgs, size=cfg.image_size, spec=bb.spec)
+    x_test = anomaly.preprocess(imgs, size=cfg.image_size, spec=bb.spec, resize=cfg.resize)
     t_read = (time.perf_counter() - t2) / len(imgs)
     del imgs
     masks = [read_mask(s.mask) if s.mask else None for s in cat.test]

@@ -273,6 +273,18 @@ def finetune_anomaly_cmd(
     imgsz: int = typer.Option(
         224, "--imgsz", help="Square network input side; every image is resized to it (aspect ratio not kept)."
     ),
+    resize: str = typer.Option(
+        "area", "--resize", help="area (OpenCV, on the 8-bit image) or bilinear_aa (antialiased bilinear on floats)."
+    ),
+    upsample: str = typer.Option(
+        "bilinear", "--upsample", help="Patch scores -> map before the Gaussian blur: bilinear or nearest."
+    ),
+    stages: Optional[str] = typer.Option(
+        None,
+        "--stages",
+        help="The two backbone stages, shallower first, e.g. features.6,features.10 (mobilenet_v2) or "
+        "blocks.4,blocks.7 (efficientnet_lite0); default the backbone's pair (see the README).",
+    ),
     coreset_ratio: float = typer.Option(
         0.01,
         "--coreset-ratio",
@@ -298,6 +310,9 @@ def finetune_anomaly_cmd(
         backbone=backbone,
         weights=str(weights) if weights else None,
         image_size=imgsz,
+        resize=resize,
+        upsample=upsample,
+        stages=stages,
         coreset_ratio=coreset_ratio,
         feature_dim=feature_dim,
         num_neighbors=neighbors,
@@ -312,6 +327,7 @@ def finetune_anomaly_cmd(
     v = m["val"]
     echo(
         f"backbone {m['backbone']}: memory bank {m['memory_bank'][0]} x {m['memory_bank'][1]}, "
-        f"fit {m['fit_seconds']:.1f} s; val image AUROC {v['image_auroc']:.4f}, F1 {v['image_f1']:.4f}"
+        f"fit {m['fit_seconds']:.1f} s ({m['fit_wall_seconds']:.1f} s in all); "
+        f"val image AUROC {v['image_auroc']:.4f}, F1 {v['image_f1']:.4f}"
     )
     echo(f"wrote {out}")

@@ -3,7 +3,7 @@
 Each step reuses its family's own building blocks, so its numbers equal ``pipeline predict``'s on
 the same files: the same resize, normalisation and network.
 
-- :class:`AnomalyStep`: PatchCore :func:`~pipeline.models.anomaly.patchcore.preprocess` +
+- :class:`AnomalyStep`: PatchCore :meth:`~pipeline.models.anomaly.patchcore.PatchCore.preprocess` +
   ``score_batch``; regions from :func:`pipeline.models.anomaly.predict.map_to_coco`.
 - :class:`ClassifierStep`: the classifier's resize rule (area when shrinking, else bilinear, as in
   :func:`pipeline.models.classifier.data.load_resized`), ``normalize``, softmax.
@@ -38,7 +38,6 @@ class AnomalyStep:
         self.model = load_artefact(Path(artefact), device=device)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[dict]:
-        from pipeline.models.anomaly.patchcore import preprocess
         from pipeline.models.anomaly.predict import map_to_coco
 
         pc = self.model
@@ -48,7 +47,7 @@ class AnomalyStep:
         norm = (lo, hi) if lo is not None and hi is not None and hi > lo else None
         for i in range(0, len(images), bs):
             chunk = images[i : i + bs]
-            x = preprocess(chunk, size=pc.config.image_size, spec=pc.backbone.spec, device=pc.device)
+            x = pc.preprocess(chunk)
             scores, maps = pc.score_batch(x)
             for im, s, m in zip(chunk, scores, maps):
                 regions = []

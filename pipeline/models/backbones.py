@@ -518,3 +518,118 @@ def classifier_stages(name: str, *, weights: str | Path | None = None) -> list:
         nn.Sequential(*b[5:11]),
         nn.Sequential(*b[11:16], head),
     ]
+
+
+# ---------------------------------------------------------------- other stage pairs (PatchCore ``--stages``)
+# Every stage the cut extractor of build_stages already runs through can be returned instead of the
+# default pair: name -> (output stride, channels). Deeper stages would need a longer cut, so they are
+# not offered. MobileNetV2 ``features.k`` and EfficientNet-Lite0 ``blocks.k`` are the outputs of
+# inverted-residual block ``k``; ResNet ``layerN`` the output of that layer.
+STAGE_TAPS: dict[str, dict[str, tuple[int, int]]] = {
+    "mobilenet_v2": {
+        **{f"features.{k}": (4, 24) for k in (2, 3)},
+        **{f"features.{k}": (8, 32) for k in (4, 5, 6)},
+        **{f"features.{k}": (16, 64) for k in (7, 8, 9, 10)},
+        **{f"features.{k}": (16, 96) for k in (11, 12, 13)},
+    },
+    "efficientnet_lite0": {
+        **{f"blocks.{k}": (4, 24) for k in (1, 2)},
+        **{f"blocks.{k}": (8, 40) for k in (3, 4)},
+        **{f"blocks.{k}": (16, 80) for k in (5, 6, 7)},
+        **{f"blocks.{k}": (16, 112) for k in (8, 9, 10)},
+    },
+    "resnet18": {"layer1": (4, 64), "layer2": (8, 128), "layer3": (16, 256)},
+    "wide_resnet50_2": {"layer1": (4, 256), "layer2": (8, 512), "layer3": (16, 1024)},
+}
+
+
+def _tap_unit(name: str, layer: str) -> int:
+    """Index, in the flat unit list of :func:`build_stages_at`, of the unit whose output is ``layer``."""
+    k = layer.split(".")[-1]
+    if name == "mobilenet_v2":  # units: features.0 ... features.13
+        return int(k)
+    if name == "efficientnet_lite0":  # units: stem, blocks.0 ... blocks.10
+        return int(k) + 1
+    return {"layer1": 4, "layer2": 5, "layer3": 6}[layer]  # units: conv1, bn1, relu, maxpool, layer1..3
+
+
+def stage_spec(name: str, layers: tuple[str, ...] | list[str] | None = None) -> BackboneSpec:
+    """The :class:`BackboneSpec` of backbone ``name`` returning the stages ``layers`` (two names of
+    :data:`STAGE_TAPS`, shallower first; ``None`` = the default pair), with their channels and strides.
+
+    Raises:
+        PipelineError: unknown backbone, not two known stage names, or not shallower first.
+    """
+    import dataclasses
+
+    spec = _spec(name)
+    if layers is None:
+        return spec
+    layers = tuple(layers)
+    taps = STAGE_TAPS[name]
+    if len(layers) != 2 or any(t not in taps for t in layers):
+        raise PipelineError(
+            f"stages {','.join(layers)!r} for backbone {name!r}: expected two of {', '.join(taps)} (shallower first)"
+        )
+    if _tap_unit(name, layers[0]) >= _tap_unit(name, layers[1]):
+        raise PipelineError(f"stages {','.join(layers)!r} for backbone {name!r}: expected the shallower stage first")
+    return dataclasses.replace(
+        spec, layers=layers, channels=tuple(taps[t][1] for t in layers), strides=tuple(taps[t][0] for t in layers)
+    )
+
+
+def build_stages_at(
+    name: str,
+    layers: tuple[str, ...] | list[str] | None = None,
+    *,
+    full_state: dict | None = None,
+    stages_state: dict | None = None,
+    source: Path | str = "artefact",
+):
+    """:func:`build_stages` returning the stages ``layers`` (:func:`stage_spec`) instead of the default
+    pair. The default pair is exactly :func:`build_stages` (same ``state_dict`` keys); another pair re-cuts
+    that extractor's units, so ``full_state`` loads strictly as before and ``stages_state`` is the re-cut
+    extractor's own ``state_dict()``.
+
+    Raises:
+        PipelineError: bad stage names (see :func:`stage_spec`) or weights that do not load strictly.
+    """
+    import torch
+
+    spec = stage_spec(name, layers)
+    if spec.layers == SPECS[name].layers:
+        return build_stages(name, full_state=full_state, stages_state=stages_state, source=source)
+    base = build_stages(name, full_state=full_state, source=source)
+    first, second = base.stages
+    units = list(first) + ([second] if name in ("resnet18", "wide_resnet50_2") else list(second))
+    a, b = (_tap_unit(name, t) for t in spec.layers)
+    model = _Stages([torch.nn.Sequential(*units[: a + 1]), torch.nn.Sequential(*units[a + 1 : b + 1])])
+    if stages_state is not None:
+        _strict_load(model, stages_state, Path(source), name)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_backbone_at(
+    name: str | None = None,
+    layers: tuple[str, ...] | list[str] | None = None,
+    *,
+    weights: str | Path | None = None,
+    allow_download: bool = False,
+    device: str | None = None,
+) -> Backbone:
+    """:func:`load_backbone` returning the stages ``layers`` (``None`` = the default pair); the
+    :class:`Backbone`'s ``spec`` names those stages, their channels and strides.
+
+    Raises:
+        PipelineError: unknown name or stages, weights missing, or weights that do not load strictly.
+    """
+    name = name or default_backbone()
+    spec = stage_spec(name, layers)
+    path = weights_file(name, weights=weights, allow_download=allow_download)
+    model = build_stages_at(name, spec.layers, full_state=_load_state(path), source=path)
+    if device:
+        model = model.to(device)
+    return Backbone(spec=spec, model=model, weights_path=path)

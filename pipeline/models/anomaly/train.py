@@ -2,7 +2,7 @@
 
 The run folder holds ``model.pt`` (the artefact, :func:`pipeline.models.anomaly.patchcore.save_artefact`),
 ``config.yaml`` (category, split and every :class:`PatchCoreConfig` field), ``metrics.json`` (fit
-time, memory-bank size, validation metrics), ``split.json`` (the manifest used, so that ``predict
+times, memory-bank size, validation metrics), ``split.json`` (the manifest used, so that ``predict
 anomaly RUN`` finds its images) and ``log.txt``. A fit has no resumable state: ``--force`` starts again,
 and Ctrl-C stops at once and removes the run folder.
 """
@@ -48,7 +48,10 @@ def fit_run(
 
     Returns:
         The metrics dict (``{}`` on ``torchrun`` ranks other than 0, which only share the feature
-        extraction; rank 0 writes the run).
+        extraction; rank 0 writes the run). Two times, in seconds: ``fit_seconds`` (features and
+        coreset, from :func:`fit_patchcore`) and ``fit_wall_seconds``, the whole command from this call
+        on: checks, imports, backbone loading, the fit, scoring and calibrating on val, and writing the
+        run folder (every file but ``metrics.json``, which holds the number).
 
     Raises:
         PipelineError: neither a category nor a split, missing/empty ``train/good``, empty ``val``,
@@ -57,6 +60,7 @@ def fit_run(
         Interrupted: Ctrl-C (the first one: a fit cannot resume, so it stops at once), after the run
             folder was removed (``interrupted: nothing kept; start again with: ...``).
     """
+    t_start = time.perf_counter()
     from pipeline.core import distributed as D
     from pipeline.data.split import write_split
 
@@ -87,12 +91,13 @@ def fit_run(
             save_artefact(model, run / "model.pt")
             write_split(split.manifest, run / "split.json")
             run.write_config({"category": str(split.root), "split": str(split.path), **asdict(model.config)})
-            run.write_metrics(metrics)
             run.log(
                 f"threshold {model.threshold:.4g} (F1-optimal on {len(val)} val images), "
                 f"pixel threshold {model.pixel_threshold:.4g}",
                 echo=echo,
             )
+            metrics["fit_wall_seconds"] = round(time.perf_counter() - t_start, 3)
+            run.write_metrics(metrics)
     except KeyboardInterrupt:  # one pass, nothing to resume: the run folder is removed, start again
         run.discard()
         raise Interrupted(None, resumable=False) from None
@@ -125,6 +130,10 @@ def model_facts(model: PatchCore) -> dict:
     return {
         "backbone": model.config.backbone,
         "layers": list(model.backbone.spec.layers),
+        "image_size": model.config.image_size,
+        "resize": model.config.resize,
+        "upsample": model.config.upsample,
+        "feature_dim": model.memory_bank.shape[1],
         "weights": str(model.backbone.weights_path),
         "memory_bank": list(model.memory_bank.shape),
         "memory_bank_mb": round(model.memory_bank.nbytes / 2**20, 2),
