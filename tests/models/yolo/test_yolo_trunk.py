@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
@@ -129,6 +130,7 @@ def test_frozen_trunk_stays_bit_identical(yolo_data, tmp_path, monkeypatch, one_
         epochs=1,
         imgsz=64,
         batch=8,
+        close_mosaic=1,
     )
     (start, neck0), (after1, neck1) = snapshots
     registry = torch.load(backbones.weights_file("efficientnet_lite0"), map_location="cpu", weights_only=True)
@@ -139,6 +141,9 @@ def test_frozen_trunk_stays_bit_identical(yolo_data, tmp_path, monkeypatch, one_
     config = (out / "config.yaml").read_text()
     assert "backbone: efficientnet_lite0" in config and "freeze_trunk_epochs: 1" in config
     assert (out / "yolov8n-worldv2-efficientnet_lite0.yaml").is_file()
+    args = yaml.safe_load((out / "args.yaml").read_text())  # what ultralytics trained with
+    assert args["freeze"] == [0] and args["close_mosaic"] == 1
+    assert args["model"] == str(out / "yolov8n-worldv2-efficientnet_lite0.yaml")
 
 
 def test_bad_trunk_options_are_refused_before_anything_is_written(yolo_data, tmp_path):
