@@ -15,8 +15,19 @@ finetune_app = typer.Typer(no_args_is_help=True, help="Train a model: yolo, sam,
 @finetune_app.command("yolo")
 def finetune_yolo(
     data: Path = typer.Option(..., help="YOLO data.yaml written by convert-masks (annotations/<cat>/yolo/data.yaml)."),
-    model: str = typer.Option(
-        "yolov8s-worldv2.pt", help="Weights (path or yolov8s-worldv2.pt) or a model YAML (random init)."
+    model: Optional[str] = typer.Option(
+        None,
+        help="Weights (path or yolov8s-worldv2.pt) or a model YAML (random init). "
+        "Default: yolov8s-worldv2.pt; with --backbone, yolov8n-worldv2.yaml (its neck and head).",
+    ),
+    backbone: Optional[str] = typer.Option(
+        None,
+        help="mobilenet_v2 | efficientnet_lite0: replace the YAML's backbone by this ImageNet trunk "
+        "(registry weights, no download). Default: the backbone of --model.",
+    ),
+    freeze_trunk_epochs: int = typer.Option(0, help="With --backbone: keep the trunk frozen for the first N epochs."),
+    close_mosaic: Optional[int] = typer.Option(
+        None, help="Last N epochs without mosaic (ultralytics' close_mosaic; default 10; >= --epochs: no mosaic)."
     ),
     out: Path = typer.Option(Path("runs/yolo"), help="Run folder."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -38,9 +49,14 @@ def finetune_yolo(
     """Fine-tune YOLO-World (ultralytics) to localise defects; works offline."""
     from pipeline.models.yolo.train import train_yolo_world
 
+    if model is None:
+        model = "yolov8n-worldv2.yaml" if backbone else "yolov8s-worldv2.pt"
     run = train_yolo_world(
         data_yaml=data,
         model=model,
+        backbone=backbone,
+        freeze_trunk_epochs=freeze_trunk_epochs,
+        close_mosaic=close_mosaic,
         out_dir=out,
         epochs=epochs,
         imgsz=imgsz,

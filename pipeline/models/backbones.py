@@ -633,3 +633,49 @@ def load_backbone_at(
     if device:
         model = model.to(device)
     return Backbone(spec=spec, model=model, weights_path=path)
+
+
+# ---------------------------------------------------------------- detection trunks (strides 8, 16, 32)
+#: backbone -> (indices of the stride-8, 16 and 32 outputs in :func:`detection_trunk`'s list, their
+#: channels). Index 0 of that list is the input (ultralytics' ``TorchVision(split=True)`` convention),
+#: index i + 1 the output of stage i: MobileNetV2 ``features.6`` / ``features.13`` / ``features.17``,
+#: EfficientNet-Lite0 ``blocks.4`` / ``blocks.10`` / ``blocks.15`` (after the stem, index 1).
+DETECTION_TAPS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "mobilenet_v2": ((7, 14, 18), (32, 96, 320)),
+    "efficientnet_lite0": ((6, 12, 17), (40, 112, 320)),
+}
+
+
+def detection_trunk(name: str, *, pretrained: bool = True) -> list:
+    """The stages of backbone ``name`` up to stride 32, for a detector's feature pyramid.
+
+    MobileNetV2: ``features.0`` ... ``features.17`` (the 1280-channel ``features.18`` is dropped);
+    EfficientNet-Lite0: the stem (``_conv_stem``, ``_bn0``, ReLU6) then ``_blocks.0`` ... ``_blocks.15``
+    (``_conv_head`` and ``_fc`` dropped). With ``pretrained`` the registry ImageNet weights
+    (:func:`weights_file`) are loaded strictly into the whole network before it is cut. Each stage
+    takes and returns ``BxCxHxW`` float tensors; the first expects RGB normalised with the spec's
+    ``mean``/``std``. Stages stay in training mode with gradients on (the caller decides).
+
+    Raises:
+        PipelineError: a backbone without detection taps, missing weights, weights that do not fit.
+    """
+    import torch
+
+    if name not in DETECTION_TAPS:
+        raise PipelineError(f"backbone {name!r} has no detection trunk (expected one of {', '.join(DETECTION_TAPS)})")
+    path = weights_file(name) if pretrained else None
+    full_state = _load_state(path) if path else None
+    if name == "mobilenet_v2":
+        import torchvision
+
+        feats = torchvision.models.mobilenet_v2(weights=None).features
+        if full_state is not None:
+            tsd = feats.state_dict()
+            sd = remap_mobilenetv2_bottle(full_state, list(tsd), [tuple(v.shape) for v in tsd.values()])
+            _strict_load(feats, sd, path, name)
+        return list(feats[:18])
+    net = EfficientNetLite0()
+    if full_state is not None:
+        _strict_load(net, full_state, path, name)
+    stem = torch.nn.Sequential(net._conv_stem, net._bn0, torch.nn.ReLU6())
+    return [stem, *net._blocks[:16]]

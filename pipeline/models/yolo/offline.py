@@ -46,6 +46,7 @@ from pipeline.models.yolo.prompts import (
     text_dim,
     text_table,
 )
+from pipeline.models.yolo.trunk import restore_trunk_batchnorm  # also registers ImageNetTrunk with ultralytics
 
 LOG = logging.getLogger("pipeline.models.yolo")  # the family's log lines, copied into the run's log.txt
 _LOGGER_SETTINGS_OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
@@ -207,8 +208,10 @@ def set_ema_classes(trainer: OfflineWorldTrainer) -> None:
 class OfflineWorldTrainer(WorldTrainer):
     """``WorldTrainer`` whose text embeddings come from :meth:`text_table`, never from CLIP calls it makes itself.
 
-    Two hooks, nothing else changed: ``generate_text_embeddings`` (the training prompts; no cache
-    file beside the data) and the ``on_pretrain_routine_end`` callback (:func:`set_ema_classes`).
+    Three hooks, nothing else changed: ``generate_text_embeddings`` (the training prompts; no cache
+    file beside the data), the ``on_pretrain_routine_end`` callback (:func:`set_ema_classes`), and
+    ``get_model``, which also puts an ImageNet trunk's BatchNorm settings back after ultralytics'
+    weight init (:func:`pipeline.models.yolo.trunk.restore_trunk_batchnorm`).
     Set :attr:`use_clip` (and optionally :meth:`use_stored_prompts`) before ``train()``.
     """
 
@@ -232,6 +235,7 @@ class OfflineWorldTrainer(WorldTrainer):
 
     def get_model(self, cfg=None, weights=None, verbose=True):  # noqa: ANN001 - ultralytics signature
         model = super().get_model(cfg, weights, verbose)
+        restore_trunk_batchnorm(model)
         hooks = self.callbacks["on_pretrain_routine_end"]
         hooks[:] = [h for h in hooks if h is not on_pretrain_routine_end]
         if set_ema_classes not in hooks:

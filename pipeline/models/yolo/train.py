@@ -52,6 +52,9 @@ def train_yolo_world(
     workers: int = 0,
     optimizer: str = "auto",
     lr0: float = 0.01,
+    backbone: str | None = None,
+    freeze_trunk_epochs: int = 0,
+    close_mosaic: int | None = None,
     allow_download: bool = False,
     resume: bool = False,
     force: bool = False,
@@ -82,6 +85,15 @@ def train_yolo_world(
             ultralytics picks the optimizer and learning rate itself and ignores ``lr0``; short
             fine-tunes from real weights are steadier with e.g. ``AdamW`` and a small ``lr0``.
         lr0: initial learning rate (used unless ``optimizer="auto"``).
+        backbone: ``None`` keeps the backbone of ``model``; ``"mobilenet_v2"`` or ``"efficientnet_lite0"``
+            replaces the CSPDarknet rows of the model YAML ``model`` (its neck, text attention and
+            WorldDetect head, at its scale) by that ImageNet trunk with its registry weights
+            (:mod:`pipeline.models.yolo.trunk`); the model YAML built is written into ``out_dir``.
+        freeze_trunk_epochs: with ``backbone``, the trunk's weights and BatchNorm statistics stay fixed
+            for the first N epochs (ultralytics' ``freeze=[0]``), then train; 0: trains from the start.
+        close_mosaic: epochs at the end trained without mosaic (ultralytics' ``close_mosaic``; ``None``:
+            its default 10; ``>= epochs``: no mosaic at all). A category whose augmentation policy turns
+            mosaic off never gets it.
         allow_download: let missing weights (and CLIP weights, when ``clip`` is installed) download.
         resume: continue ``out_dir/weights/last.pt`` with its stored arguments (ultralytics resume).
         force: replace the files of an earlier ``finetune yolo`` run in ``out_dir``.
@@ -98,6 +110,7 @@ def train_yolo_world(
     out_dir = Path(out_dir).expanduser().resolve()
     run = RunDir.open(out_dir, kind="yolo", force=force, resume=resume, resume_file=RESUME_FILE)
     _check_numbers(epochs=epochs, imgsz=imgsz, batch=batch, workers=workers)
+    _check_trunk_options(model, backbone=backbone, freeze_trunk_epochs=freeze_trunk_epochs, close_mosaic=close_mosaic)
     if resume and not (out_dir / "data.yaml").is_file():
         raise PipelineError(
             f"{out_dir / 'data.yaml'}: not found (resume needs the run folder of an earlier train_yolo_world)"
@@ -106,11 +119,24 @@ def train_yolo_world(
         data = _check_dataset(Path(data_yaml))
         model_ref = _resolve_model(model, allow_download=allow_download)
         device = _training_device(device, batch=batch)
+        if freeze_trunk_epochs and len(device.split(",")) > 1:
+            raise PipelineError(
+                f"--freeze-trunk-epochs {freeze_trunk_epochs}: single-process training only "
+                f"(device {device!r} runs DDP, which cannot unfreeze parameters during training)"
+            )
+        trunk_yaml = None
+        if backbone:
+            from pipeline.models.yolo.trunk import trunk_model_yaml
+
+            trunk_yaml = out_dir / trunk_model_yaml(model_ref, backbone)[0]
         policy = policy_for(data["category"])
         config = {
             "data_yaml": str(Path(data_yaml).resolve()),
             "model": str(model),
-            "model_resolved": model_ref,
+            "model_resolved": str(trunk_yaml) if trunk_yaml else model_ref,
+            "backbone": backbone,
+            "freeze_trunk_epochs": int(freeze_trunk_epochs),
+            "close_mosaic": None if close_mosaic is None else int(close_mosaic),
             "out_dir": str(out_dir),
             "epochs": int(epochs),
             "imgsz": int(imgsz),
@@ -129,6 +155,10 @@ def train_yolo_world(
         }
         with run, run_log(run / "log.txt"), torch_determinism_restored(), ddp_launch():
             _write_config(run, config, data, resume=resume)
+            if backbone and not resume:
+                from pipeline.models.yolo.trunk import write_trunk_yaml
+
+                write_trunk_yaml(out_dir, model_ref, backbone)
             LOG.info(
                 "augmentation for %r from %s: %s",
                 data["category"],
@@ -147,6 +177,26 @@ def _check_numbers(**values: int) -> None:
     for name, value in values.items():
         if int(value) < lows[name]:
             raise PipelineError(f"{name}={value}: expected an integer >= {lows[name]}")
+
+
+def _check_trunk_options(
+    model: str, *, backbone: str | None, freeze_trunk_epochs: int, close_mosaic: int | None
+) -> None:
+    from pipeline.models.backbones import DETECTION_TAPS
+
+    if backbone is not None and backbone not in DETECTION_TAPS:
+        raise PipelineError(f"--backbone {backbone}: expected one of {', '.join(DETECTION_TAPS)}")
+    if backbone and Path(model).suffix.lower() not in {".yaml", ".yml"}:
+        raise PipelineError(
+            f"--model {model}: --backbone {backbone} replaces the backbone of a model YAML "
+            "(e.g. yolov8n-worldv2.yaml), not of weights"
+        )
+    if int(freeze_trunk_epochs) < 0 or (freeze_trunk_epochs and not backbone):
+        raise PipelineError(
+            f"--freeze-trunk-epochs {freeze_trunk_epochs}: expected an integer >= 0, and a --backbone to freeze"
+        )
+    if close_mosaic is not None and int(close_mosaic) < 0:
+        raise PipelineError(f"--close-mosaic {close_mosaic}: expected an integer >= 0")
 
 
 def _check_dataset(data_yaml: Path) -> dict:
@@ -259,6 +309,8 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
             "deterministic": True,
             "optimizer": config["optimizer"],
             "lr0": config["lr0"],
+            **({"freeze": [0]} if config["freeze_trunk_epochs"] else {}),
+            **({} if config["close_mosaic"] is None else {"close_mosaic": config["close_mosaic"]}),
             "project": str(out_dir.parent),
             "name": out_dir.name,
             "exist_ok": True,
@@ -273,6 +325,11 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
         trainer = OfflineWorldTrainer(overrides=overrides)
     except (FileNotFoundError, ValueError) as exc:  # e.g. an unknown device: select_device raises ValueError
         raise PipelineError(f"{out_dir}: cannot start training ({first_line(exc)})") from None
+    freeze = _stored_config(out_dir).get("freeze_trunk_epochs", 0) if resume else config["freeze_trunk_epochs"]
+    if freeze:
+        from pipeline.models.yolo.trunk import trunk_unfreezer
+
+        trainer.add_callback("on_train_epoch_start", trunk_unfreezer(int(freeze)))
     trainer.use_clip = clip_usable(allow_download)
     trainer.embedding_source = CLIP_VARIANT if trainer.use_clip else HASH_SOURCE
     stored = out_dir / "weights" / EMBEDDINGS_FILE
@@ -287,6 +344,16 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
         warnings.warn(msg, UserWarning, stacklevel=3)  # on the console, once per process
     trainer.store_prompts_on_start(stored)
     return trainer
+
+
+def _stored_config(out_dir: Path) -> dict:
+    """The ``config.yaml`` of the run being resumed (empty when absent or unreadable)."""
+    import yaml
+
+    try:
+        return yaml.safe_load((out_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
 
 
 class _StopAfterEpoch(Exception):
