@@ -62,6 +62,8 @@ def run_one(args, attempt: str, backbone: str, weights: str, imgsz: int, seed: i
             "data.max_train_good": args.max_train_good,
             **_parse_set(args.set),
         }
+        if args.lr_scale != 1.0:  # each attempt's own (published) lr, scaled
+            overrides["train.lr"] = load_config(attempt).train.lr * args.lr_scale
         cfg = load_config(attempt, overrides)
         train_classifier(cfg, split, out, weights=weights, force=True, progress=False, echo=False)
     train_s = time.perf_counter() - t0
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--imgsz", type=int, default=224)
     ap.add_argument("--max-train-good", type=int, default=48, help="train/good images added as good (-1 = all 209)")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="multiply each attempt's train.lr by this")
     ap.add_argument("--set", action="append", default=[], help="extra dotted override, repeatable")
     ap.add_argument("--val-only", action="store_true", help="exploration: no test predictions")
     ap.add_argument("--threads", type=int, default=2)
@@ -163,7 +166,7 @@ def main(argv=None) -> int:
     lines = [
         f"Bottle, split seeds {args.seeds}, {args.imgsz} px, {args.epochs} epochs, "
         f"max_train_good {args.max_train_good}, "
-        f"overrides {args.set or 'none'}, {args.threads} threads: {wall / 60:.1f} min",
+        f"lr x {args.lr_scale}, overrides {args.set or 'none'}, {args.threads} threads: {wall / 60:.1f} min",
         "",
         *summarise(rows, classes),
     ]
