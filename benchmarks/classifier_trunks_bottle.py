@@ -94,7 +94,7 @@ def summarise(rows: list[dict], classes: list[str]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     best, best_key = -1.0, None
-    for (attempt, trunk), rs in groups.items():
+    for (attempt, trunk), rs in sorted(groups.items()):
         subsets = [m for r in rs for m in (r["val"], r["test"]) if m is not None]
         acc = [m["accuracy"] for m in subsets]
         lines.append(
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra dotted override, repeatable")
     ap.add_argument("--val-only", action="store_true", help="exploration: no test predictions")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--existing-only", action="store_true", help="summarise the runs already there, train nothing")
     args = ap.parse_args(argv)
 
     import torch
@@ -148,9 +149,14 @@ def main(argv=None) -> int:
         split = args.out / f"split_seed{seed}.json"
         if not split.is_file():
             write_split(make_split(scan_category(args.category), seed=seed), split)
-        for backbone, weights, imgsz in trunks:
-            for a in (int(x) for x in args.attempts.split(",")):
+    # attempt-major, in the order given: a table cut short still has whole attempts
+    for a in (int(x) for x in args.attempts.split(",")):
+        for seed in seeds:
+            split = args.out / f"split_seed{seed}.json"
+            for backbone, weights, imgsz in trunks:
                 run = args.out / f"seed{seed}" / f"{backbone}_{weights}" / ATTEMPTS[a]
+                if args.existing_only and not (run / "metrics.json").is_file():
+                    continue
                 r = run_one(args, ATTEMPTS[a], backbone, weights, int(imgsz), seed, split, run)
                 classes = list(r["val"]["per_class"])
                 trunk = f"{backbone} ({weights}, {imgsz} px)"
