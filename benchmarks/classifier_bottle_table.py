@@ -25,7 +25,7 @@ RUNS = [
     ("attempt4_gem", "-", {}),
     ("attempt4_gem", "reweight (Cui)", {"longtail.balance": "reweight"}),
     ("attempt4_gem", "resample (Cui)", {"longtail.balance": "resample"}),
-    ("attempt4_gem", "feature rebalance (Xu)", {"longtail.feature_rebalance": True}),
+    ("attempt4_gem", "gaussian synthesis", {"longtail.feature_synthesis": "gaussian"}),
 ]
 
 
