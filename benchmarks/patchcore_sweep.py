@@ -5,7 +5,9 @@ Usage::
     python benchmarks/patchcore_sweep.py [--category $MVTEC_ROOT/bottle] [--split split.json]
         [--backbones efficientnet_lite0,mobilenet_v2] [--threads 2] [--fit-budget 60] [--json out.json]
 
-Choices are made on the split's ``val`` images only (default: the seed-0 60/20/20 split that
+The sweep starts from the settings before it (224 px, area resize, bilinear maps, ``blocks.4,blocks.10``
+/ ``features.6,features.13``, full feature width); the settings it chose are now ``finetune anomaly``'s
+defaults. Choices are made on the split's ``val`` images only (default: the seed-0 60/20/20 split that
 ``convert-masks`` and ``finetune anomaly`` draw); the score of a setting is val pixel AUROC + val PRO
 (the two pixel metrics the goal names), among settings whose val image AUROC is the best seen and
 whose estimated fit time is within ``--fit-budget`` seconds. A coordinate sweep from the current
@@ -13,7 +15,7 @@ default, per trunk:
 
 1. ``--resize`` area vs bilinear_aa (224 px, default stages);
 2. ``--imgsz`` 224 / 256 / 320 with the better resize;
-3. ``--stages``: the default pair and its neighbouring stride-8 / stride-16 stages;
+3. ``--stages``: the starting pair and its neighbouring stride-8 / stride-16 stages;
 4. ``--feature-dim``: the full width and half of it.
 
 Features depend on (trunk, size, resize, stages) and are extracted once per such setting from
@@ -43,7 +45,7 @@ import numpy as np
 
 RESIZES = ("area", "bilinear_aa")
 SIZES = (224, 256, 320)
-STAGE_CHOICES = {  # the default pair first, then its neighbours (one stage moved to the next tap)
+STAGE_CHOICES = {  # the starting pair first, then its neighbours (one stage moved to the next tap)
     "efficientnet_lite0": ("blocks.4,blocks.10", "blocks.4,blocks.7", "blocks.3,blocks.10"),
     "mobilenet_v2": ("features.6,features.13", "features.6,features.10", "features.5,features.13"),
 }

@@ -287,19 +287,22 @@ def finetune_anomaly_cmd(
         help="Backbone weights file (default: torch cache / $PIPELINE_WEIGHTS, or the installed weights package).",
     ),
     imgsz: int = typer.Option(
-        224, "--imgsz", help="Square network input side; every image is resized to it (aspect ratio not kept)."
+        256, "--imgsz", help="Square network input side; every image is resized to it (aspect ratio not kept)."
     ),
-    resize: str = typer.Option(
-        "area", "--resize", help="area (OpenCV, on the 8-bit image) or bilinear_aa (antialiased bilinear on floats)."
+    resize: Optional[str] = typer.Option(
+        None,
+        "--resize",
+        help="area (OpenCV, on the 8-bit image) or bilinear_aa (antialiased bilinear on floats); "
+        "default per backbone: bilinear_aa for mobilenet_v2, area for the others.",
     ),
     upsample: str = typer.Option(
-        "bilinear", "--upsample", help="Patch scores -> map before the Gaussian blur: bilinear or nearest."
+        "nearest", "--upsample", help="Patch scores -> map before the Gaussian blur: nearest or bilinear."
     ),
     stages: Optional[str] = typer.Option(
         None,
         "--stages",
-        help="The two backbone stages, shallower first, e.g. features.6,features.10 (mobilenet_v2) or "
-        "blocks.4,blocks.7 (efficientnet_lite0); default the backbone's pair (see the README).",
+        help="The two backbone stages, shallower first; default per backbone: blocks.4,blocks.7 "
+        "(efficientnet_lite0), features.6,features.10 (mobilenet_v2), layer2,layer3 (ResNets).",
     ),
     coreset_ratio: float = typer.Option(
         0.01,

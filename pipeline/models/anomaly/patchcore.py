@@ -4,7 +4,7 @@ Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022, 
 paper:
 
 1. Features: two mid-level stages of an ImageNet CNN (:mod:`pipeline.models.backbones`; ``stages``,
-   default the trunk's pair in :data:`DEFAULT_STAGES`, strides 8 and 16), each locally aggregated by
+   default the trunk's pair in :data:`TRUNK_DEFAULTS`, strides 8 and 16), each locally aggregated by
    a ``3x3`` average pool (stride 1, the paper's neighbourhood ``p = 3``), the deeper one upsampled
    bilinearly to the shallower one's grid, concatenated per patch, and optionally
    reduced to ``feature_dim`` channels by adaptive average pooling over channels (the paper's
@@ -60,12 +60,15 @@ ARTEFACT_VERSION = 2
 # Version 1 artefacts predate these settings; they were fitted and must be scored this way.
 V1_SETTINGS = {"resize": "area", "upsample": "bilinear"}
 
-# The stage pair each trunk uses unless ``stages`` says otherwise (names of backbones.STAGE_TAPS).
-DEFAULT_STAGES: dict[str, str] = {
-    "wide_resnet50_2": "layer2,layer3",
-    "resnet18": "layer2,layer3",
-    "efficientnet_lite0": "blocks.4,blocks.10",
-    "mobilenet_v2": "features.6,features.13",
+# Per trunk, the stage pair (names of backbones.STAGE_TAPS) and the resize method used unless the
+# config says otherwise. The two registry trunks' values were chosen on bottle's val split
+# (benchmarks/patchcore_sweep.py, README); the ResNets keep the paper's layer2 + layer3 and were not
+# swept (no weights here).
+TRUNK_DEFAULTS: dict[str, dict[str, str]] = {
+    "wide_resnet50_2": {"stages": "layer2,layer3", "resize": "area"},
+    "resnet18": {"stages": "layer2,layer3", "resize": "area"},
+    "efficientnet_lite0": {"stages": "blocks.4,blocks.7", "resize": "area"},
+    "mobilenet_v2": {"stages": "features.6,features.10", "resize": "bilinear_aa"},
 }
 
 
@@ -78,10 +81,11 @@ class PatchCoreConfig:
         weights: explicit weights file for the backbone (``None`` = its default location).
         image_size: side in pixels of the square network input.
         resize: ``"area"`` (8-bit) or ``"bilinear_aa"`` (antialiased bilinear on floats); see
-            :mod:`pipeline.models.anomaly.features`.
-        upsample: patch grid -> map before the blur, ``"bilinear"`` or ``"nearest"``.
+            :mod:`pipeline.models.anomaly.features` (``None`` = the trunk's :data:`TRUNK_DEFAULTS`;
+            :func:`resolve_backbone` fills it in).
+        upsample: patch grid -> map before the blur, ``"nearest"`` or ``"bilinear"``.
         stages: the two backbone stages, comma-separated, shallower first (``None`` = the trunk's
-            :data:`DEFAULT_STAGES`; :func:`resolve_backbone` fills it in).
+            :data:`TRUNK_DEFAULTS`; :func:`resolve_backbone` fills it in).
         coreset_ratio: fraction of training patches kept in the memory bank, in ``(0, 1]``.
         projection_dim: random-projection dimension used only for coreset selection.
         feature_dim: channels after the optional adaptive-average-pool projection (``None`` = keep).
@@ -93,9 +97,9 @@ class PatchCoreConfig:
 
     backbone: str | None = None
     weights: str | None = None
-    image_size: int = 224
-    resize: str = "area"
-    upsample: str = "bilinear"
+    image_size: int = 256
+    resize: str | None = None
+    upsample: str = "nearest"
     stages: str | None = None
     coreset_ratio: float = 0.01
     projection_dim: int = 128
@@ -115,7 +119,8 @@ class PatchCoreConfig:
             raise PipelineError("num_neighbors, batch_size and projection_dim must be positive")
         if self.feature_dim is not None and self.feature_dim < 1:
             raise PipelineError(f"feature_dim {self.feature_dim}: expected a positive number of channels")
-        check_choice("resize", self.resize, RESIZE_METHODS)
+        if self.resize is not None:
+            check_choice("resize", self.resize, RESIZE_METHODS)
         check_choice("upsample", self.upsample, UPSAMPLE_METHODS)
 
     def stage_names(self) -> tuple[str, ...] | None:
@@ -363,10 +368,10 @@ def resolve_backbone(config: PatchCoreConfig, *, allow_download: bool = False) -
 
     config.check()
     name = config.backbone or backbones.default_backbone()
-    stages = config.stages or DEFAULT_STAGES[backbones.stage_spec(name).name]
-    spec = backbones.stage_spec(name, tuple(t.strip() for t in stages.split(",")))
+    trunk = TRUNK_DEFAULTS[backbones.stage_spec(name).name]
+    spec = backbones.stage_spec(name, tuple(t.strip() for t in (config.stages or trunk["stages"]).split(",")))
     backbones.weights_file(name, weights=config.weights, allow_download=allow_download)
-    return replace(config, backbone=name, stages=",".join(spec.layers))
+    return replace(config, backbone=name, stages=",".join(spec.layers), resize=config.resize or trunk["resize"])
 
 
 def fit_patchcore(

@@ -299,3 +299,16 @@ def test_cli_defaults_are_the_library_defaults():
         ("neighbors", "num_neighbors"),
     ]:
         assert params[opt].default.default == getattr(cfg, field), opt
+
+
+@needs_mnv2
+@needs_lite0
+def test_trunk_defaults_are_filled_in_and_explicit_values_kept():
+    r = anomaly.resolve_backbone(anomaly.PatchCoreConfig(backbone="mobilenet_v2"))
+    assert (r.image_size, r.resize, r.upsample, r.stages) == (256, "bilinear_aa", "nearest", "features.6,features.10")
+    r = anomaly.resolve_backbone(anomaly.PatchCoreConfig(backbone="efficientnet_lite0"))
+    assert (r.resize, r.stages) == ("area", "blocks.4,blocks.7")
+    r = anomaly.resolve_backbone(
+        anomaly.PatchCoreConfig(backbone="mobilenet_v2", resize="area", stages="features.6, features.13")
+    )
+    assert (r.resize, r.stages) == ("area", "features.6,features.13")
