@@ -131,6 +131,7 @@ def test_frozen_trunk_stays_bit_identical(yolo_data, tmp_path, monkeypatch, one_
         imgsz=64,
         batch=8,
         close_mosaic=1,
+        nbs=8,
     )
     (start, neck0), (after1, neck1) = snapshots
     registry = torch.load(backbones.weights_file("efficientnet_lite0"), map_location="cpu", weights_only=True)
@@ -142,7 +143,7 @@ def test_frozen_trunk_stays_bit_identical(yolo_data, tmp_path, monkeypatch, one_
     assert "backbone: efficientnet_lite0" in config and "freeze_trunk_epochs: 1" in config
     assert (out / "yolov8n-worldv2-efficientnet_lite0.yaml").is_file()
     args = yaml.safe_load((out / "args.yaml").read_text())  # what ultralytics trained with
-    assert args["freeze"] == [0] and args["close_mosaic"] == 1
+    assert args["freeze"] == [0] and args["close_mosaic"] == 1 and args["nbs"] == 8
     assert args["model"] == str(out / "yolov8n-worldv2-efficientnet_lite0.yaml")
 
 
