@@ -41,6 +41,8 @@ def run(mvtec_root, tmp_path_factory):
         TRUNK,
         "--close-mosaic",
         2,
+        "--nbs",
+        8,
         "--epochs",
         2,
         "--imgsz",

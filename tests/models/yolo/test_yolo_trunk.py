@@ -213,7 +213,8 @@ def test_trunk_run_interrupted_resumed_and_predicted_offline(tmp_path):
         assert code == 0, err[-2000:]
     args = [
         *("finetune", "yolo", "--data", ann / "yolo/data.yaml", "--backbone", "mobilenet_v2"),
-        *("--freeze-trunk-epochs", 1, "--epochs", 2, "--imgsz", 64, "--batch", 8, "--device", "cpu", "--out", run),
+        *("--freeze-trunk-epochs", 1, "--close-mosaic", 2, "--nbs", 8),
+        *("--epochs", 2, "--imgsz", 64, "--batch", 8, "--device", "cpu", "--out", run),
     ]
     with open(tmp_path / "cut.out", "w") as out, open(tmp_path / "cut.err", "w") as errf:
         proc = subprocess.Popen(
@@ -236,6 +237,8 @@ def test_trunk_run_interrupted_resumed_and_predicted_offline(tmp_path):
     assert code == 0, err[-2000:]
     assert not _running_means_close(_ema_trunk_stats(run / "weights/last.pt"), registry)  # epoch 2: trains
     assert len((run / "results.csv").read_text().splitlines()) == 3  # header + epochs 1, 2
+    trained = yaml.safe_load((run / "args.yaml").read_text())
+    assert (trained["freeze"], trained["close_mosaic"], trained["nbs"]) == ([0], 2, 8)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["embedding_source"] == HASH_SOURCE
 
