@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--close-mosaic", type=int, default=None, help=">= --epochs: no mosaic (default ultralytics' 10)")
     ap.add_argument("--freeze-trunk-epochs", type=int, default=0)
+    ap.add_argument("--nbs", type=int, default=None, help="ultralytics' nominal batch size (default 64)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--splits", default="val,test", help="val only while choosing settings")
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+    import ultralytics.utils.torch_utils as ul_torch_utils
 
     from pipeline.data.convert import convert_category
     from pipeline.evaluation.evaluate import evaluate_file
@@ -48,11 +50,13 @@ def main(argv=None) -> int:
     from pipeline.models.yolo.train import train_yolo_world
 
     torch.set_num_threads(args.threads)
+    ul_torch_utils.NUM_THREADS = args.threads  # its select_device sets min(8, cores - 1) threads: 1 here
     ann = args.out / "annotations" / args.category.name
     convert_category(args.category, ann, force=True)
     print(
         f"{args.category.name}: {args.epochs} epochs @ {args.imgsz} px, batch {args.batch}, close_mosaic "
-        f"{args.close_mosaic}, freeze_trunk_epochs {args.freeze_trunk_epochs}, seed {args.seed}, torch threads "
+        f"{args.close_mosaic}, nbs {args.nbs}, freeze_trunk_epochs {args.freeze_trunk_epochs}, seed {args.seed}, "
+        f"torch threads "
         f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
         flush=True,
     )
@@ -66,6 +70,7 @@ def main(argv=None) -> int:
             backbone=None if name == "cspdarknet" else name,
             freeze_trunk_epochs=0 if name == "cspdarknet" else args.freeze_trunk_epochs,
             close_mosaic=args.close_mosaic,
+            nbs=args.nbs,
             out_dir=run,
             epochs=args.epochs,
             imgsz=args.imgsz,

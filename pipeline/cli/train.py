@@ -29,6 +29,11 @@ def finetune_yolo(
     close_mosaic: Optional[int] = typer.Option(
         None, help="Last N epochs without mosaic (ultralytics' close_mosaic; default 10; >= --epochs: no mosaic)."
     ),
+    nbs: Optional[int] = typer.Option(
+        None,
+        help="Nominal batch size: gradients of round(nbs / batch) batches per optimizer step "
+        "(ultralytics' nbs, default 64; --nbs equal to --batch steps after every batch).",
+    ),
     out: Path = typer.Option(Path("runs/yolo"), help="Run folder."),
     epochs: int = typer.Option(30, help="Training epochs."),
     imgsz: int = typer.Option(640, help="Training image size (pixels, longest side)."),
@@ -57,6 +62,7 @@ def finetune_yolo(
         backbone=backbone,
         freeze_trunk_epochs=freeze_trunk_epochs,
         close_mosaic=close_mosaic,
+        nbs=nbs,
         out_dir=out,
         epochs=epochs,
         imgsz=imgsz,

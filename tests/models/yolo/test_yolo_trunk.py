@@ -131,6 +131,7 @@ def test_frozen_trunk_stays_bit_identical(yolo_data, tmp_path, monkeypatch, one_
         imgsz=64,
         batch=8,
         close_mosaic=1,
+        nbs=8,
     )
     (start, neck0), (after1, neck1) = snapshots
     registry = torch.load(backbones.weights_file("efficientnet_lite0"), map_location="cpu", weights_only=True)
@@ -142,7 +143,7 @@ def test_frozen_trunk_stays_bit_identical(yolo_data, tmp_path, monkeypatch, one_
     assert "backbone: efficientnet_lite0" in config and "freeze_trunk_epochs: 1" in config
     assert (out / "yolov8n-worldv2-efficientnet_lite0.yaml").is_file()
     args = yaml.safe_load((out / "args.yaml").read_text())  # what ultralytics trained with
-    assert args["freeze"] == [0] and args["close_mosaic"] == 1
+    assert args["freeze"] == [0] and args["close_mosaic"] == 1 and args["nbs"] == 8
     assert args["model"] == str(out / "yolov8n-worldv2-efficientnet_lite0.yaml")
 
 
@@ -212,7 +213,8 @@ def test_trunk_run_interrupted_resumed_and_predicted_offline(tmp_path):
         assert code == 0, err[-2000:]
     args = [
         *("finetune", "yolo", "--data", ann / "yolo/data.yaml", "--backbone", "mobilenet_v2"),
-        *("--freeze-trunk-epochs", 1, "--epochs", 2, "--imgsz", 64, "--batch", 8, "--device", "cpu", "--out", run),
+        *("--freeze-trunk-epochs", 1, "--close-mosaic", 2, "--nbs", 8),
+        *("--epochs", 2, "--imgsz", 64, "--batch", 8, "--device", "cpu", "--out", run),
     ]
     with open(tmp_path / "cut.out", "w") as out, open(tmp_path / "cut.err", "w") as errf:
         proc = subprocess.Popen(
@@ -235,6 +237,8 @@ def test_trunk_run_interrupted_resumed_and_predicted_offline(tmp_path):
     assert code == 0, err[-2000:]
     assert not _running_means_close(_ema_trunk_stats(run / "weights/last.pt"), registry)  # epoch 2: trains
     assert len((run / "results.csv").read_text().splitlines()) == 3  # header + epochs 1, 2
+    trained = yaml.safe_load((run / "args.yaml").read_text())
+    assert (trained["freeze"], trained["close_mosaic"], trained["nbs"]) == ([0], 2, 8)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["embedding_source"] == HASH_SOURCE
 
