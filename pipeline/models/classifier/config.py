@@ -55,7 +55,7 @@ class ModelConfig:
         gem_p: initial GeM exponent (Radenovic et al., TPAMI 2018); learnable.
         gem_eps: clamp of activations before the power.
         backbone: the trunk, cut into ``stem`` and four stages ``layer1``-``layer4`` ending at output
-            strides 4, 8, 16, 32 (``pipeline.models.backbones.classifier_stages``): ``resnet18`` (the
+            strides 4, 8, 16, 32 (``pipeline.models.trunks.classifier_stages``): ``resnet18`` (the
             published attempts), ``efficientnet_lite0`` or ``mobilenet_v2`` (ImageNet weights installed
             from the package registry, so they work offline).
     """

@@ -5,7 +5,7 @@ strides 4, 8, 16, 32, so a variant's per-stage design lands at the same resoluti
 
 - ``resnet18`` (He et al., CVPR 2016; the published attempts): ``conv1 + bn1 + relu + maxpool`` and
   ``layer1``-``layer4`` (64, 64, 128, 256, 512 channels); ImageNet file ``resnet18-f37072fd.pth``.
-- ``efficientnet_lite0``, ``mobilenet_v2``: :func:`pipeline.models.backbones.classifier_stages`
+- ``efficientnet_lite0``, ``mobilenet_v2``: :func:`pipeline.models.trunks.classifier_stages`
   (stem at stride 2; 1280 pooled channels), ImageNet weights from the installed registry packages.
 
 Variants (``ModelConfig.variant``):
@@ -52,7 +52,7 @@ OFFLINE_ALTERNATIVE = (
 
 def stage_widths(backbone: str) -> dict[str, int]:
     """Output channels of ``stem`` and ``layer1``-``layer4`` of a trunk."""
-    from pipeline.models.backbones import CLASSIFIER_STAGE_CHANNELS
+    from pipeline.models.trunks import CLASSIFIER_STAGE_CHANNELS
 
     if backbone == "resnet18":
         return dict(STAGE_WIDTHS)
@@ -246,13 +246,13 @@ def build_model(cfg: ModelConfig, num_classes: int, *, init_weights: Path | None
     """Build the classifier for ``cfg``; ``init_weights`` is a full state dict of the trunk
     ``cfg.backbone``: for ResNet-18 a torchvision one (its ``fc.`` head is ignored; a ``module.``
     prefix or a ``{"state_dict": ...}`` wrapper is accepted), for the registry trunks the shipped file
-    (loaded strictly, :func:`pipeline.models.backbones.classifier_stages`).
+    (loaded strictly, :func:`pipeline.models.trunks.classifier_stages`).
 
     Raises:
         PipelineError: the weights file is not a state dict of that trunk.
     """
     if cfg.backbone != "resnet18":
-        from pipeline.models.backbones import classifier_stages
+        from pipeline.models.trunks import classifier_stages
 
         return TrunkClassifier(classifier_stages(cfg.backbone, weights=init_weights), cfg, num_classes)
     trunk = torchvision.models.resnet18(weights=None)

@@ -190,7 +190,7 @@ def _check_numbers(**values: int) -> None:
 def _check_trunk_options(
     model: str, *, backbone: str | None, freeze_trunk_epochs: int, close_mosaic: int | None
 ) -> None:
-    from pipeline.models.backbones import DETECTION_TAPS
+    from pipeline.models.trunks import DETECTION_TAPS
 
     if backbone is not None and backbone not in DETECTION_TAPS:
         raise PipelineError(f"--backbone {backbone}: expected one of {', '.join(DETECTION_TAPS)}")

@@ -37,10 +37,10 @@ import ultralytics.nn.tasks as ul_tasks
 from torch import nn
 
 from pipeline.core.errors import PipelineError
-from pipeline.models import backbones
+from pipeline.models import backbones, trunks
 
 #: backbones a YOLO-World detector can be built on (``finetune yolo --backbone``)
-TRUNKS = tuple(backbones.DETECTION_TAPS)
+TRUNKS = tuple(trunks.DETECTION_TAPS)
 #: rows of the CSPDarknet backbone the worldv2 head reads (P3, P4, P5 after SPPF) -> the new rows
 _OLD_TAPS = {4: 1, 6: 2, 9: 4}
 _OLD_BACKBONE_ROWS, _NEW_BACKBONE_ROWS = 10, 5
@@ -50,8 +50,8 @@ class ImageNetTrunk(nn.Module):
     """An ImageNet feature trunk as one ultralytics layer.
 
     ``forward(x)``: ``x`` ``Bx3xHxW`` float RGB in [0, 1] (ultralytics' input) -> a list: ``x`` itself,
-    then the output of every stage of :func:`pipeline.models.backbones.detection_trunk` on the
-    normalised input; :data:`pipeline.models.backbones.DETECTION_TAPS` says which entries are strides
+    then the output of every stage of :func:`pipeline.models.trunks.detection_trunk` on the
+    normalised input; :data:`pipeline.models.trunks.DETECTION_TAPS` says which entries are strides
     8, 16 and 32. With ``pretrained`` the registry ImageNet weights are loaded.
 
     Raises:
@@ -60,11 +60,11 @@ class ImageNetTrunk(nn.Module):
 
     def __init__(self, name: str, pretrained: bool = True):
         super().__init__()
-        if name not in backbones.DETECTION_TAPS:
+        if name not in trunks.DETECTION_TAPS:
             raise PipelineError(f"--backbone {name}: expected one of {', '.join(TRUNKS)}")
         spec = backbones.SPECS[name]
         self.name = name
-        self.stages = nn.ModuleList(backbones.detection_trunk(name, pretrained=pretrained))
+        self.stages = nn.ModuleList(trunks.detection_trunk(name, pretrained=pretrained))
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.batchnorm = [[m.eps, m.momentum] for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -138,7 +138,7 @@ def trunk_model_yaml(base: str, backbone: str) -> tuple[str, dict]:
         PipelineError: unknown backbone, or ``base`` is not a yolov8-worldv2-style YAML (10 backbone rows
             ending in SPPF, a WorldDetect head).
     """
-    if backbone not in backbones.DETECTION_TAPS:
+    if backbone not in trunks.DETECTION_TAPS:
         raise PipelineError(f"--backbone {backbone}: expected one of {', '.join(TRUNKS)}")
     cfg = ul_tasks.yaml_model_load(base)
     rows, head = cfg.get("backbone", []), cfg.get("head", [])
@@ -148,7 +148,7 @@ def trunk_model_yaml(base: str, backbone: str) -> tuple[str, dict]:
             "a WorldDetect head), e.g. yolov8n-worldv2.yaml"
         )
     scale = cfg.get("scale") or next(iter(cfg["scales"]))
-    (i3, i4, i5), (c3, c4, c5) = backbones.DETECTION_TAPS[backbone]
+    (i3, i4, i5), (c3, c4, c5) = trunks.DETECTION_TAPS[backbone]
     new_rows = [
         [-1, 1, "ImageNetTrunk", [backbone]],
         [0, 1, "Index", [c3, i3]],  # P3/8

@@ -21,7 +21,7 @@ import yaml
 torch = pytest.importorskip("torch")
 pytest.importorskip("ultralytics")
 
-from pipeline.models import backbones  # noqa: E402
+from pipeline.models import backbones, trunks  # noqa: E402
 
 TRUNKS = ("mobilenet_v2", "efficientnet_lite0")
 #: each trunk's own BatchNorm eps (torchvision MobileNetV2; TF EfficientNet-Lite0), not ultralytics' 1e-3
@@ -92,7 +92,7 @@ def test_trunk_normalises_its_input(name, one_torch_thread):
     assert out[1].shape == expected.shape == (1, 32, 32, 48)
     torch.testing.assert_close(out[1], expected, rtol=0, atol=1e-6)
     assert (out[1] - raw).abs().max() > 0.1  # normalising matters
-    taps, channels = backbones.DETECTION_TAPS[name]
+    taps, channels = trunks.DETECTION_TAPS[name]
     assert [tuple(out[i].shape[1:]) for i in taps] == [(c, 64 // s, 96 // s) for c, s in zip(channels, (8, 16, 32))]
 
 
