@@ -317,9 +317,10 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
             "deterministic": True,
             "optimizer": config["optimizer"],
             "lr0": config["lr0"],
-            **({"freeze": [0]} if config["freeze_trunk_epochs"] else {}),
-            **({} if config["close_mosaic"] is None else {"close_mosaic": config["close_mosaic"]}),
-            **({} if config["nbs"] is None else {"nbs": config["nbs"]}),
+            # the trunk options are absent from configs written before they existed
+            **({"freeze": [0]} if config.get("freeze_trunk_epochs") else {}),
+            **({} if config.get("close_mosaic") is None else {"close_mosaic": config["close_mosaic"]}),
+            **({} if config.get("nbs") is None else {"nbs": config["nbs"]}),
             "project": str(out_dir.parent),
             "name": out_dir.name,
             "exist_ok": True,
@@ -334,7 +335,7 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
         trainer = OfflineWorldTrainer(overrides=overrides)
     except (FileNotFoundError, ValueError) as exc:  # e.g. an unknown device: select_device raises ValueError
         raise PipelineError(f"{out_dir}: cannot start training ({first_line(exc)})") from None
-    freeze = _stored_config(out_dir).get("freeze_trunk_epochs", 0) if resume else config["freeze_trunk_epochs"]
+    freeze = (_stored_config(out_dir) if resume else config).get("freeze_trunk_epochs", 0)
     if freeze:
         from pipeline.models.yolo.trunk import trunk_unfreezer
 
