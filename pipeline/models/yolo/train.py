@@ -35,6 +35,7 @@ from pipeline.models.yolo.offline import (
     ultralytics_device,
 )
 from pipeline.models.yolo.prompts import CLIP_VARIANT, EMBEDDINGS_FILE, HASH_SOURCE, clip_usable, clip_weights_path
+from pipeline.models.yolo.trunk import TRUNKS, trunk_model_yaml, trunk_unfreezer, write_trunk_yaml
 
 RESUME_FILE = "weights/last.pt"
 
@@ -133,8 +134,6 @@ def train_yolo_world(
             )
         trunk_yaml = None
         if backbone:
-            from pipeline.models.yolo.trunk import trunk_model_yaml
-
             trunk_yaml = out_dir / trunk_model_yaml(model_ref, backbone)[0]
         policy = policy_for(data["category"])
         config = {
@@ -164,8 +163,6 @@ def train_yolo_world(
         with run, run_log(run / "log.txt"), torch_determinism_restored(), ddp_launch():
             _write_config(run, config, data, resume=resume)
             if backbone and not resume:
-                from pipeline.models.yolo.trunk import write_trunk_yaml
-
                 write_trunk_yaml(out_dir, model_ref, backbone)
             LOG.info(
                 "augmentation for %r from %s: %s",
@@ -190,10 +187,8 @@ def _check_numbers(**values: int) -> None:
 def _check_trunk_options(
     model: str, *, backbone: str | None, freeze_trunk_epochs: int, close_mosaic: int | None
 ) -> None:
-    from pipeline.models.trunks import DETECTION_TAPS
-
-    if backbone is not None and backbone not in DETECTION_TAPS:
-        raise PipelineError(f"--backbone {backbone}: expected one of {', '.join(DETECTION_TAPS)}")
+    if backbone is not None and backbone not in TRUNKS:
+        raise PipelineError(f"--backbone {backbone}: expected one of {', '.join(TRUNKS)}")
     if backbone and Path(model).suffix.lower() not in {".yaml", ".yml"}:
         raise PipelineError(
             f"--model {model}: --backbone {backbone} replaces the backbone of a model YAML "
@@ -317,9 +312,10 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
             "deterministic": True,
             "optimizer": config["optimizer"],
             "lr0": config["lr0"],
-            **({"freeze": [0]} if config["freeze_trunk_epochs"] else {}),
-            **({} if config["close_mosaic"] is None else {"close_mosaic": config["close_mosaic"]}),
-            **({} if config["nbs"] is None else {"nbs": config["nbs"]}),
+            # the trunk options are absent from configs written before they existed
+            **({"freeze": [0]} if config.get("freeze_trunk_epochs") else {}),
+            **({} if config.get("close_mosaic") is None else {"close_mosaic": config["close_mosaic"]}),
+            **({} if config.get("nbs") is None else {"nbs": config["nbs"]}),
             "project": str(out_dir.parent),
             "name": out_dir.name,
             "exist_ok": True,
@@ -334,10 +330,8 @@ def _build_trainer(config: dict, out_dir: Path, *, resume: bool, allow_download:
         trainer = OfflineWorldTrainer(overrides=overrides)
     except (FileNotFoundError, ValueError) as exc:  # e.g. an unknown device: select_device raises ValueError
         raise PipelineError(f"{out_dir}: cannot start training ({first_line(exc)})") from None
-    freeze = _stored_config(out_dir).get("freeze_trunk_epochs", 0) if resume else config["freeze_trunk_epochs"]
+    freeze = (_stored_config(out_dir) if resume else config).get("freeze_trunk_epochs", 0)
     if freeze:
-        from pipeline.models.yolo.trunk import trunk_unfreezer
-
         trainer.add_callback("on_train_epoch_start", trunk_unfreezer(int(freeze)))
     trainer.use_clip = clip_usable(allow_download)
     trainer.embedding_source = CLIP_VARIANT if trainer.use_clip else HASH_SOURCE
