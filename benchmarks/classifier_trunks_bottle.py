@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra dotted override, repeatable")
     ap.add_argument("--val-only", action="store_true", help="exploration: no test predictions")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stop-after-min", type=float, default=0, help="start no new training after this (0: no limit)")
     ap.add_argument("--existing-only", action="store_true", help="summarise the runs already there, train nothing")
     args = ap.parse_args(argv)
 
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     trunks = [(t.split(":") + [str(args.imgsz)])[:3] for t in args.trunks.split(",")]
     t_all = time.perf_counter()
-    rows, classes = [], []
+    rows, classes, skipped = [], [], []
     for seed in seeds:
         split = args.out / f"split_seed{seed}.json"
         if not split.is_file():
@@ -155,7 +156,9 @@ def main(argv=None) -> int:
             split = args.out / f"split_seed{seed}.json"
             for backbone, weights, imgsz in trunks:
                 run = args.out / f"seed{seed}" / f"{backbone}_{weights}" / ATTEMPTS[a]
-                if args.existing_only and not (run / "metrics.json").is_file():
+                late = args.stop_after_min and time.perf_counter() - t_all > 60 * args.stop_after_min
+                if (args.existing_only or late) and not (run / "metrics.json").is_file():
+                    skipped.append(f"{ATTEMPTS[a]} {backbone} seed {seed}")
                     continue
                 r = run_one(args, ATTEMPTS[a], backbone, weights, int(imgsz), seed, split, run)
                 classes = list(r["val"]["per_class"])
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
         f"Bottle, split seeds {args.seeds}, {args.imgsz} px, {args.epochs} epochs, "
         f"max_train_good {args.max_train_good}, "
         f"lr x {args.lr_scale}, overrides {args.set or 'none'}, {args.threads} threads: {wall / 60:.1f} min",
+        *([f"not run (time limit): {', '.join(skipped)}"] if skipped else []),
         "",
         *summarise(rows, classes),
     ]
