@@ -4,6 +4,7 @@ cascade, the methods against plain training on a known problem, and ``finetune c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -296,3 +297,14 @@ def test_finetune_with_a_longtail_option_then_predict(monkeypatch, capsys, split
     first = {p["image"]: p["scores"] for p in json.loads((run / "val_predictions.json").read_text())["predictions"]}
     assert again.keys() == first.keys() and len(first) > 0
     assert all(np.allclose(list(again[k].values()), list(first[k].values()), atol=1e-4) for k in first)
+
+
+def test_dlsa_config_defaults_are_the_settings_defaults():
+    """The ``longtail.dlsa_*`` config keys and :class:`DLSASettings` state the same defaults once each:
+    a default changed in one place only would silently change the method for config users."""
+    from pipeline.models.classifier.config import LongTailConfig
+    from pipeline.models.classifier.dlsa import DLSASettings
+    from pipeline.models.classifier.longtail import dlsa_settings
+
+    from_config = dataclasses.asdict(dlsa_settings(LongTailConfig()))
+    assert from_config == dataclasses.asdict(DLSASettings())
